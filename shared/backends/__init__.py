@@ -1,0 +1,1 @@
+"""Fine-tune backends behind the `FineTuneBackend` port (`base.py`)."""

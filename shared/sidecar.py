@@ -1,0 +1,221 @@
+"""Per-dataset settings: the `NAME.config.json` sidecar, validated with clear errors.
+
+One sidecar drives both backends: fine-tune parameter names are the `chat_completion_pipeline`
+component's input names. Precedence (lowest to highest): the component's own defaults, the app's
+defaults (`NOTEBOOK_DEFAULTS`, as in the seed notebook), the base model's `model_specific_defaults`
+tag, then the values the user wrote in the sidecar.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.errors import InvalidInput
+
+_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+_BOOL_STR = ("true", "false")
+
+# name -> (kind, constraint). kind: int | float | bool | str | choice. Booleans are sent as the
+# strings "true"/"false", as the component expects.
+FINETUNE_PARAMS: Mapping[str, tuple[str, Any]] = {
+    "num_train_epochs": ("int", (1, 1000)),
+    "max_steps": ("int", (-1, 10_000_000)),
+    "per_device_train_batch_size": ("int", (1, 4096)),
+    "per_device_eval_batch_size": ("int", (1, 4096)),
+    "auto_find_batch_size": ("bool", None),
+    "optim": ("choice", ("adamw_hf", "adamw_torch", "adafactor")),
+    "learning_rate": ("float", (0.0, 1.0)),
+    "warmup_steps": ("int", (0, 10_000_000)),
+    "weight_decay": ("float", (0.0, 1.0)),
+    "adam_beta1": ("float", (0.0, 1.0)),
+    "adam_beta2": ("float", (0.0, 1.0)),
+    "adam_epsilon": ("float", (0.0, 1.0)),
+    "gradient_accumulation_steps": ("int", (1, 4096)),
+    "eval_accumulation_steps": ("int", (-1, 4096)),
+    "lr_scheduler_type": ("choice", _SCHEDULERS),
+    "precision": ("choice", ("32", "16")),
+    "seed": ("int", (0, 2**31 - 1)),
+    "enable_full_determinism": ("bool", None),
+    "dataloader_num_workers": ("int", (0, 64)),
+    "ignore_mismatched_sizes": ("bool", None),
+    "max_grad_norm": ("float", (0.0, 1e6)),
+    "evaluation_strategy": ("choice", ("epoch", "steps")),
+    "eval_steps": ("int", (1, 10_000_000)),
+    "logging_strategy": ("choice", ("epoch", "steps")),
+    "logging_steps": ("int", (1, 10_000_000)),
+    "metric_for_best_model": ("str", None),
+    "resume_from_checkpoint": ("bool", None),
+    "save_total_limit": ("int", (-1, 1000)),
+    "apply_early_stopping": ("bool", None),
+    "early_stopping_patience": ("int", (1, 1000)),
+    "early_stopping_threshold": ("float", (0.0, 1e6)),
+    "apply_lora": ("bool", None),
+    "merge_lora_weights": ("bool", None),
+    "lora_alpha": ("int", (1, 4096)),
+    "lora_r": ("int", (1, 4096)),
+    "lora_dropout": ("float", (0.0, 1.0)),
+    "apply_deepspeed": ("bool", None),
+    "deepspeed_stage": ("choice", ("2", "3")),
+    "apply_ort": ("bool", None),
+    "max_seq_length": ("int", (-1, 1_000_000)),
+    "pad_to_max_length": ("bool", None),
+    "batch_size": ("int", (1, 1_000_000)),
+}
+
+NOTEBOOK_DEFAULTS: Mapping[str, Any] = {
+    "num_train_epochs": 3,
+    "per_device_train_batch_size": 1,
+    "per_device_eval_batch_size": 1,
+    "learning_rate": 5e-6,
+    "lr_scheduler_type": "cosine",
+    "apply_lora": "true",
+    "apply_deepspeed": "true",
+    "deepspeed_stage": "2",
+}
+"""The seed notebook's fine-tune parameters: the app's defaults for the Azure ML backend."""
+
+COMPUTE_KEYS: Mapping[str, str] = {
+    "cluster": "str",
+    "instance_type_model_import": "str",
+    "instance_type_preprocess": "str",
+    "instance_type_finetune": "str",
+    "instance_type_model_evaluation": "str",
+    "num_nodes_finetune": "int",
+    "gpus_per_node": "int",
+}
+DEPLOYMENT_KEYS: Mapping[str, str] = {
+    "instance_type": "str",
+    "instance_count": "int",
+    "request_timeout_ms": "int",
+    "liveness_initial_delay_s": "int",
+    "max_concurrent_requests_per_instance": "int",
+    "mirror_traffic_percent": "int",
+}
+TOP_KEYS = ("model", "model_label", "model_version", "local_model", "compute", "finetune", "deployment", "test_split_percent")
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """The parsed sidecar. Absent keys stay absent so the precedence rules can apply later."""
+
+    model: str | None = None
+    model_label: str | None = None
+    model_version: str | None = None
+    local_model: str | None = None
+    compute: Mapping[str, Any] = field(default_factory=dict)
+    finetune: Mapping[str, Any] = field(default_factory=dict)
+    deployment: Mapping[str, Any] = field(default_factory=dict)
+    test_split_percent: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v not in (None, {}, ())}
+
+
+def _coerce(path: str, kind: str, constraint: Any, value: Any) -> Any:
+    if kind == "bool":
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str) and value.lower() in _BOOL_STR:
+            return value.lower()
+        raise InvalidInput(f"{path}: expected true or false, got {value!r}")
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidInput(f"{path}: expected an integer, got {value!r}")
+        lo, hi = constraint
+        if not lo <= value <= hi:
+            raise InvalidInput(f"{path}: {value} is outside [{lo}, {hi}]")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidInput(f"{path}: expected a number, got {value!r}")
+        lo, hi = constraint
+        if not lo <= float(value) <= hi:
+            raise InvalidInput(f"{path}: {value} is outside [{lo}, {hi}]")
+        return float(value)
+    if kind == "choice":
+        text = str(value) if isinstance(value, int | str) and not isinstance(value, bool) else None
+        if text not in constraint:
+            raise InvalidInput(f"{path}: expected one of {', '.join(constraint)}, got {value!r}")
+        return text
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"{path}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def validate_finetune_params(params: Mapping[str, Any], *, where: str = "finetune") -> dict[str, Any]:
+    """Check names and types of fine-tune parameters; returns them normalised (bools as strings)."""
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        spec = FINETUNE_PARAMS.get(name)
+        if spec is None:
+            known = ", ".join(sorted(FINETUNE_PARAMS))
+            raise InvalidInput(f"{where}.{name}: unknown fine-tune parameter (known: {known})")
+        out[name] = _coerce(f"{where}.{name}", spec[0], spec[1], value)
+    return out
+
+
+def _section(doc: Mapping[str, Any], key: str, kinds: Mapping[str, str]) -> dict[str, Any]:
+    raw = doc.get(key, {})
+    if not isinstance(raw, dict):
+        raise InvalidInput(f"{key}: expected an object, got {type(raw).__name__}")
+    out: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in kinds:
+            raise InvalidInput(f"{key}.{name}: unknown key (known: {', '.join(sorted(kinds))})")
+        out[name] = _coerce(f"{key}.{name}", kinds[name], (0, 10_000_000), value)
+    return out
+
+
+def parse_sidecar(text: str | bytes | None) -> Sidecar:
+    """Parse and validate a sidecar document; `None` (no sidecar) gives all defaults."""
+    if text is None:
+        return Sidecar()
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"sidecar is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise InvalidInput("sidecar must be a JSON object")
+    unknown = sorted(set(doc) - set(TOP_KEYS))
+    if unknown:
+        raise InvalidInput(f"sidecar: unknown keys {', '.join(unknown)} (known: {', '.join(TOP_KEYS)})")
+    for key in ("model", "model_label", "model_version", "local_model"):
+        if key in doc and doc[key] is not None and (not isinstance(doc[key], str) or not doc[key].strip()):
+            raise InvalidInput(f"{key}: expected a non-empty string, got {doc[key]!r}")
+    split = doc.get("test_split_percent")
+    if split is not None and (isinstance(split, bool) or not isinstance(split, int) or not 1 <= split <= 50):
+        raise InvalidInput(f"test_split_percent: expected an integer in [1, 50], got {split!r}")
+    finetune = doc.get("finetune", {})
+    if not isinstance(finetune, dict):
+        raise InvalidInput(f"finetune: expected an object, got {type(finetune).__name__}")
+    deployment = _section(doc, "deployment", DEPLOYMENT_KEYS)
+    timeout = deployment.get("request_timeout_ms")
+    if timeout is not None and not 1 <= timeout <= 180_000:
+        raise InvalidInput(f"deployment.request_timeout_ms: {timeout} is outside [1, 180000]")
+    mirror = deployment.get("mirror_traffic_percent")
+    if mirror is not None and not 0 <= mirror <= 50:
+        raise InvalidInput(f"deployment.mirror_traffic_percent: {mirror} is outside [0, 50]")
+    return Sidecar(
+        model=doc.get("model"),
+        model_label=doc.get("model_label"),
+        model_version=doc.get("model_version"),
+        local_model=doc.get("local_model"),
+        compute=_section(doc, "compute", COMPUTE_KEYS),
+        finetune=validate_finetune_params(finetune),
+        deployment=deployment,
+        test_split_percent=split,
+    )
+
+
+def merge_finetune_params(
+    *, user: Mapping[str, Any], model_defaults: Mapping[str, Any] | None = None, app_defaults: Mapping[str, Any] = NOTEBOOK_DEFAULTS
+) -> dict[str, Any]:
+    """app defaults < model_specific_defaults < the user's explicit sidecar values."""
+    merged: dict[str, Any] = dict(app_defaults)
+    for name, value in (model_defaults or {}).items():
+        merged[name] = value
+    merged.update(user)
+    return merged
