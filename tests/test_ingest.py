@@ -1,0 +1,229 @@
+"""Ingest against a real Azurite: upload -> report -> ledger -> exactly one submission."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from azure.core.exceptions import ServiceRequestError
+from azure.storage.blob import BlobServiceClient
+
+from shared.errors import ComputeError
+from shared.ingest import ingest_dataset, job_name_for, holdout_indices
+from shared.ledger import RunState, TableRunLedger, run_id_for
+from shared.settings import LEDGER_TABLE, PREPARED_CONTAINER, REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
+from shared.storage import BlobStore
+from tests.fakes import FakeBackend
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+def _rows(name: str, n: int) -> bytes:
+    lines = (SAMPLES / name).read_bytes().splitlines()[:n]
+    return b"\n".join(lines) + b"\n"
+
+
+@pytest.fixture
+def env(storage: Any, storage_conn: str, unique: str) -> dict[str, Any]:
+    settings = Settings.from_env({"DataStorage": storage_conn, "FINETUNE_BACKEND": "local", "TUNEGRID_INSTANCE": "test"})
+    ledger = TableRunLedger(storage.tables.get_table_client(LEDGER_TABLE))  # type: ignore[attr-defined]
+    blobs = BlobStore(storage.blobs)  # type: ignore[attr-defined]
+    return {"settings": settings, "ledger": ledger, "blobs": blobs, "backend": FakeBackend(), "prefix": f"t{unique}/", "service": storage.blobs}  # type: ignore[attr-defined]
+
+
+def _upload(env: dict[str, Any], name: str, data: bytes) -> str:
+    env["blobs"].upload(TRAINING_CONTAINER, env["prefix"] + name, data)
+    return env["prefix"] + name
+
+
+def _ingest(env: dict[str, Any], name: str, **overrides: Any) -> Any:
+    kwargs = {k: env[k] for k in ("blobs", "ledger", "backend", "settings")}
+    kwargs.update(overrides)
+    return ingest_dataset(container=TRAINING_CONTAINER, name=name, **kwargs)
+
+
+def test_valid_dataset_is_reported_prepared_and_submitted_once(env: dict[str, Any]) -> None:
+    """A real ultrachat slice yields a stored report, a 95/5 split and exactly one submission."""
+    name = _upload(env, "chat.jsonl", _rows("ultrachat_small.jsonl", 200))
+    outcome = _ingest(env, name)
+    assert outcome.action == "submitted", outcome
+    record = env["ledger"].get(outcome.run_id)
+    assert record.state == RunState.SUBMITTED
+    assert [s for s, _ in record.timeline] == ["received", "validating", "submitting", "submitted"]
+    assert record.job_name == job_name_for(record.run_id)
+    report = json.loads(env["blobs"].read_bytes(REPORTS_CONTAINER, f"{name}/{record.run_id}.report.json"))
+    assert report["valid"] is True and report["rows"] == 200
+    assert env["blobs"].read_bytes(REPORTS_CONTAINER, f"{name}/{record.run_id}.report.md").startswith(b"#")
+    train = env["blobs"].read_bytes(PREPARED_CONTAINER, f"{record.run_id}/train.jsonl", limit=10**8).splitlines()
+    test = env["blobs"].read_bytes(PREPARED_CONTAINER, f"{record.run_id}/test.jsonl", limit=10**8).splitlines()
+    assert (len(train), len(test)) == (190, 10)
+    assert set(train).isdisjoint(test)
+    [request] = env["backend"].submissions
+    assert request.run_id == record.run_id and request.train.blob == f"{record.run_id}/train.jsonl"
+    assert request.tags["tunegridrunid"] == record.run_id and "." not in "".join(request.tags)
+
+
+def test_ten_concurrent_deliveries_submit_exactly_once(env: dict[str, Any]) -> None:
+    """The same blob version delivered 10 times at once gives one run and one submission."""
+    name = _upload(env, "dup.jsonl", _rows("azureml_chat_train.jsonl", 40))
+    with ThreadPoolExecutor(10) as pool:
+        outcomes = list(pool.map(lambda _: _ingest(env, name), range(10)))
+    actions = sorted(o.action for o in outcomes)
+    assert actions.count("submitted") == 1 and actions.count("duplicate") == 9, actions
+    assert len(env["backend"].submissions) == 1
+    assert _ingest(env, name).action == "duplicate"
+    assert len(env["backend"].submissions) == 1
+
+
+def test_new_blob_version_is_a_new_run(env: dict[str, Any]) -> None:
+    """Overwriting the blob (new ETag) starts a new run; the old one is untouched."""
+    name = _upload(env, "v.jsonl", _rows("azureml_chat_train.jsonl", 30))
+    first = _ingest(env, name)
+    _upload(env, "v.jsonl", _rows("azureml_chat_train.jsonl", 31))
+    second = _ingest(env, name)
+    assert first.run_id != second.run_id
+    assert len(env["backend"].submissions) == 2
+
+
+def test_invalid_dataset_is_terminal_with_line_numbers(env: dict[str, Any]) -> None:
+    """An invalid file is reported with line numbers, recorded as invalid, never submitted."""
+    good = _rows("azureml_chat_train.jsonl", 12).splitlines()
+    bad = [*good[:3], b'{"messages": [{"role": "user", "content": "hi"}]}', b"{not json", *good[3:]]
+    name = _upload(env, "bad.jsonl", b"\n".join(bad) + b"\n")
+    outcome = _ingest(env, name)
+    assert outcome.action == "invalid"
+    record = env["ledger"].get(outcome.run_id)
+    assert record.state == RunState.INVALID and "invalid_json" in record.error
+    report = json.loads(env["blobs"].read_bytes(REPORTS_CONTAINER, f"{name}/{record.run_id}.report.json"))
+    lines = {(e["line"], e["code"]) for e in report["errors"]}
+    assert (4, "too_few_messages") in lines and (5, "invalid_json") in lines
+    assert env["backend"].submissions == []
+    assert _ingest(env, name).action == "duplicate"
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [("notes.txt", "not a .jsonl file"), ("x.test.jsonl", "companion test/validation file"), ("missing.jsonl", "blob not found")],
+)
+def test_ignored_blobs(env: dict[str, Any], name: str, reason: str) -> None:
+    """Non-datasets and companion files are ignored with a reason; nothing is recorded."""
+    if name != "missing.jsonl":
+        _upload(env, name, b"{}")
+    outcome = _ingest(env, env["prefix"] + name)
+    assert (outcome.action, outcome.reason) == ("ignored", reason)
+    assert env["backend"].submissions == []
+
+
+def test_user_test_file_and_sidecar_are_used(env: dict[str, Any]) -> None:
+    """NAME.test.jsonl replaces the split; NAME.config.json reaches the backend as params."""
+    _upload(env, "s.test.jsonl", _rows("azureml_conversation_system.jsonl", 5))
+    _upload(env, "s.config.json", json.dumps({"finetune": {"learning_rate": 0.0002, "num_train_epochs": 1, "apply_lora": True}, "deployment": {"instance_count": 2}}).encode())
+    name = _upload(env, "s.jsonl", _rows("azureml_conversation_system.jsonl", 20))
+    outcome = _ingest(env, name)
+    assert outcome.action == "submitted", outcome
+    [request] = env["backend"].submissions
+    assert dict(request.params) == {"learning_rate": 0.0002, "num_train_epochs": 1, "apply_lora": "true"}
+    record = env["ledger"].get(outcome.run_id)
+    assert record.extra["split"]["test_rows"] == 5 and record.extra["split"]["train_rows"] == 20
+    assert record.extra["sidecar"]["deployment"] == {"instance_count": 2}
+
+
+@pytest.mark.parametrize(
+    ("sidecar", "needle"),
+    [
+        ('{"finetune": {"learning_rat": 0.1}}', "unknown fine-tune parameter"),
+        ('{"finetune": {"num_train_epochs": "three"}}', "expected an integer"),
+        ("{nope", "not valid JSON"),
+        ('{"deployment": {"request_timeout_ms": 999999}}', "outside [1, 180000]"),
+    ],
+)
+def test_bad_sidecar_makes_the_run_invalid(env: dict[str, Any], sidecar: str, needle: str) -> None:
+    """A malformed sidecar is a clear, recorded error in the report; nothing is submitted."""
+    _upload(env, "c.config.json", sidecar.encode())
+    name = _upload(env, "c.jsonl", _rows("azureml_chat_train.jsonl", 20))
+    outcome = _ingest(env, name)
+    assert outcome.action == "invalid"
+    report = json.loads(env["blobs"].read_bytes(REPORTS_CONTAINER, f"{name}/{outcome.run_id}.report.json"))
+    [problem] = [e for e in report["errors"] if e["code"] == "invalid_config"]
+    assert needle in problem["message"]
+    assert env["backend"].submissions == []
+
+
+def test_too_few_training_rows_after_split(env: dict[str, Any]) -> None:
+    """10 valid rows minus the held-out test row leave 9: refused before any GPU time."""
+    name = _upload(env, "ten.jsonl", _rows("azureml_chat_train.jsonl", 10))
+    outcome = _ingest(env, name)
+    assert outcome.action == "invalid"
+    assert "too_few_rows" in env["ledger"].get(outcome.run_id).error
+
+
+class _FlakyBlobs:
+    """Wraps a BlobStore and fails the first prepared-data upload with a network error."""
+
+    def __init__(self, inner: BlobStore) -> None:
+        self.inner, self.failed = inner, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def upload(self, container: str, name: str, data: Any, **kw: Any) -> str:
+        if container == PREPARED_CONTAINER and not self.failed:
+            self.failed = True
+            raise ServiceRequestError("connection reset by peer")
+        return self.inner.upload(container, name, data, **kw)
+
+
+def test_transient_storage_error_reraises_and_retry_completes(env: dict[str, Any]) -> None:
+    """A transient failure re-raises (platform retry) and releases the claim so the retry finishes."""
+    name = _upload(env, "flaky.jsonl", _rows("azureml_chat_train.jsonl", 30))
+    flaky = _FlakyBlobs(env["blobs"])
+    with pytest.raises(ServiceRequestError):
+        _ingest(env, name, blobs=flaky)
+    run_id = run_id_for(TRAINING_CONTAINER, name, env["blobs"].properties(TRAINING_CONTAINER, name)["etag"])
+    assert env["ledger"].get(run_id).state == RunState.VALIDATING
+    assert _ingest(env, name, blobs=flaky).action == "submitted"
+    assert len(env["backend"].submissions) == 1
+
+
+class _RefusingBackend(FakeBackend):
+    def submit_finetune(self, request: Any) -> Any:
+        raise ComputeError("compute gpu-cluster is in state Failed")
+
+
+def test_backend_refusal_is_recorded_not_retried(env: dict[str, Any]) -> None:
+    """A submission refused by the backend ends in `error` with the backend's reason."""
+    name = _upload(env, "refused.jsonl", _rows("azureml_chat_train.jsonl", 30))
+    outcome = _ingest(env, name, backend=_RefusingBackend())
+    assert outcome.action == "error"
+    record = env["ledger"].get(outcome.run_id)
+    assert record.state == RunState.ERROR and "state Failed" in record.error
+
+
+@pytest.mark.parametrize(("rows", "pct", "expected"), [(200, 5, 10), (20, 5, 1), (1000, 10, 100), (11, 5, 1)])
+def test_split_is_exact_and_deterministic(rows: int, pct: int, expected: int) -> None:
+    """The held-out count is exact and the chosen rows are the same every time."""
+    count, is_test = holdout_indices(rows, pct)
+    chosen = [i for i in range(rows) if is_test(i)]
+    assert count == expected == len(chosen)
+    assert chosen == [i for i in range(rows) if holdout_indices(rows, pct)[1](i)]
+
+
+def test_trigger_function_streams_the_blob(env: dict[str, Any], storage_conn: str) -> None:
+    """The real blob-trigger function, called with an SDK BlobClient, runs the use case."""
+    from function_app import app
+    from shared.appindex import functions_of
+    from shared.bootstrap import AppContext, set_app_context
+
+    name = _upload(env, "trig.jsonl", _rows("ultrachat_small.jsonl", 30))
+    ctx = AppContext(env["settings"], overrides={"ledger": env["ledger"], "blobs": env["blobs"], "backend": env["backend"]})
+    set_app_context(ctx)
+    try:
+        [fn] = [f for f in functions_of(app) if f.get_function_name() == "ingest_dataset"]
+        client = BlobServiceClient.from_connection_string(storage_conn).get_blob_client(TRAINING_CONTAINER, name)
+        fn.get_user_function()(client)
+    finally:
+        set_app_context(None)
+    assert len(env["backend"].submissions) == 1
