@@ -55,10 +55,24 @@ def run_azurite(*, log_path: Path | None = None, timeout_s: float = 30.0) -> Ite
     ports = [free_port(), free_port(), free_port()]
     workdir = Path(tempfile.mkdtemp(prefix="azurite-"))
     cmd = [
-        "node", str(AZURITE_JS),
-        "--blobHost", "127.0.0.1", "--queueHost", "127.0.0.1", "--tableHost", "127.0.0.1",
-        "--blobPort", str(ports[0]), "--queuePort", str(ports[1]), "--tablePort", str(ports[2]),
-        "--inMemoryPersistence", "--skipApiVersionCheck", "--loose", "--disableTelemetry",
+        "node",
+        str(AZURITE_JS),
+        "--blobHost",
+        "127.0.0.1",
+        "--queueHost",
+        "127.0.0.1",
+        "--tableHost",
+        "127.0.0.1",
+        "--blobPort",
+        str(ports[0]),
+        "--queuePort",
+        str(ports[1]),
+        "--tablePort",
+        str(ports[2]),
+        "--inMemoryPersistence",
+        "--skipApiVersionCheck",
+        "--loose",
+        "--disableTelemetry",
     ]
     log_file = (log_path or workdir / "azurite.log").open("wb")
     proc = subprocess.Popen(cmd, cwd=workdir, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)

@@ -42,7 +42,16 @@ class Blobs(Protocol):
     def properties(self, container: str, name: str) -> dict[str, Any] | None: ...
     def chunks(self, container: str, name: str, *, etag: str | None = None) -> Iterator[bytes]: ...
     def read_bytes(self, container: str, name: str, *, limit: int = ...) -> bytes | None: ...
-    def upload(self, container: str, name: str, data: bytes | Iterable[bytes], *, content_type: str = ..., overwrite: bool = ..., metadata: Mapping[str, str] | None = ...) -> str: ...
+    def upload(
+        self,
+        container: str,
+        name: str,
+        data: bytes | Iterable[bytes],
+        *,
+        content_type: str = ...,
+        overwrite: bool = ...,
+        metadata: Mapping[str, str] | None = ...,
+    ) -> str: ...
     def url(self, container: str, name: str) -> str: ...
 
 
@@ -96,7 +105,9 @@ def _claim_is_stale(record: RunRecord, now: datetime) -> bool:
 UPLOAD_CHUNK = 4 * 1024 * 1024
 
 
-def _split_stream(lines: Iterable[tuple[int, bytes | None]], rows: int, percent: int) -> tuple[Iterator[bytes], Iterator[bytes], dict[str, int]]:
+def _split_stream(
+    lines: Iterable[tuple[int, bytes | None]], rows: int, percent: int
+) -> tuple[Iterator[bytes], Iterator[bytes], dict[str, int]]:
     """One pass over the dataset into two temporary files (disk, not memory), then streamed to storage."""
     import tempfile
 
@@ -139,7 +150,12 @@ def _store_report(blobs: Blobs, *, name: str, run_id: str, report: dict[str, Any
     import orjson
 
     base = f"{name}/{run_id}"
-    url = blobs.upload(REPORTS_CONTAINER, f"{base}.report.json", orjson.dumps(report, option=orjson.OPT_INDENT_2), content_type="application/json")
+    url = blobs.upload(
+        REPORTS_CONTAINER,
+        f"{base}.report.json",
+        orjson.dumps(report, option=orjson.OPT_INDENT_2),
+        content_type="application/json",
+    )
     blobs.upload(REPORTS_CONTAINER, f"{base}.report.md", markdown.encode(), content_type="text/markdown; charset=utf-8")
     return url
 
@@ -154,16 +170,27 @@ def _claim(ledger: Ledger, container: str, name: str, etag: str, settings: Setti
     if created:
         return record
     if record.state not in (RunState.RECEIVED, RunState.VALIDATING, RunState.SUBMITTING):
-        log.info("duplicate delivery of %s/%s: run %s is already %s", container, name, run_id, record.state.value, extra={"run_id": run_id})
+        log.info(
+            "duplicate delivery of %s/%s: run %s is already %s",
+            container,
+            name,
+            run_id,
+            record.state.value,
+            extra={"run_id": run_id},
+        )
         return None
     if not _claim_is_stale(record, now):
-        log.info("duplicate delivery of %s/%s: run %s is being processed", container, name, run_id, extra={"run_id": run_id})
+        log.info(
+            "duplicate delivery of %s/%s: run %s is being processed", container, name, run_id, extra={"run_id": run_id}
+        )
         return None
     try:
         taken = ledger.update(record, claimed_at=now.isoformat())
     except ConflictError:
         return None
-    log.warning("taking over run %s (state %s, stale or released claim)", run_id, record.state.value, extra={"run_id": run_id})
+    log.warning(
+        "taking over run %s (state %s, stale or released claim)", run_id, record.state.value, extra={"run_id": run_id}
+    )
     return taken
 
 
@@ -200,7 +227,9 @@ def ingest_dataset(
     etag = str(props["etag"])
     record = _claim(ledger, container, name, etag, settings, now())
     if record is None:
-        return IngestOutcome("duplicate", "this blob version was already delivered", run_id=run_id_for(container, name, etag))
+        return IngestOutcome(
+            "duplicate", "this blob version was already delivered", run_id=run_id_for(container, name, etag)
+        )
     run_id = record.run_id
     try:
         return _process(record, blobs=blobs, ledger=ledger, backend=backend, settings=settings, etag=etag)
@@ -235,7 +264,9 @@ def _fail(ledger: Ledger, run_id: str, reason: str) -> None:
         log.warning("run %s moved while recording its error", run_id, extra={"run_id": run_id})
 
 
-def _process(record: RunRecord, *, blobs: Blobs, ledger: Ledger, backend: FineTuneBackend, settings: Settings, etag: str) -> IngestOutcome:
+def _process(
+    record: RunRecord, *, blobs: Blobs, ledger: Ledger, backend: FineTuneBackend, settings: Settings, etag: str
+) -> IngestOutcome:
     run_id, container, name = record.run_id, record.container, record.blob
     extra = {"run_id": run_id, "blob": f"{container}/{name}"}
     if record.state == RunState.RECEIVED:
@@ -262,11 +293,17 @@ def _process(record: RunRecord, *, blobs: Blobs, ledger: Ledger, backend: FineTu
         log.info("job %s already exists (%s): not submitting again", record.job_name, job.raw_status, extra=extra)
         job_url = job.studio_url or ""
         base_model = record.base_model
-    ledger.transition(run_id, RunState.SUBMITTED, expect=[RunState.SUBMITTING], job_url=job_url, base_model=base_model, claimed_at="")
-    return IngestOutcome("submitted", "fine-tune job submitted", run_id=run_id, report_url=record.report_url, job_name=record.job_name)
+    ledger.transition(
+        run_id, RunState.SUBMITTED, expect=[RunState.SUBMITTING], job_url=job_url, base_model=base_model, claimed_at=""
+    )
+    return IngestOutcome(
+        "submitted", "fine-tune job submitted", run_id=run_id, report_url=record.report_url, job_name=record.job_name
+    )
 
 
-def _validate_and_prepare(record: RunRecord, *, blobs: Blobs, ledger: Ledger, settings: Settings, etag: str) -> IngestOutcome | None:
+def _validate_and_prepare(
+    record: RunRecord, *, blobs: Blobs, ledger: Ledger, settings: Settings, etag: str
+) -> IngestOutcome | None:
     """Validate, store the report, split and upload; returns an outcome when the run ends here."""
     run_id, container, name = record.run_id, record.container, record.blob
     extra = {"run_id": run_id, "blob": f"{container}/{name}"}
@@ -287,20 +324,26 @@ def _validate_and_prepare(record: RunRecord, *, blobs: Blobs, ledger: Ledger, se
     test_props = blobs.properties(container, test_name)
     test_report: ValidationReport | None = None
     if test_props is not None:
-        test_report = validate_chunks(blobs.chunks(container, test_name, etag=str(test_props["etag"])), replace(options, min_rows=1))
+        test_report = validate_chunks(
+            blobs.chunks(container, test_name, etag=str(test_props["etag"])), replace(options, min_rows=1)
+        )
         doc["test_file"] = {"name": test_name, **test_report.to_dict()}
         if not test_report.valid:
             problems.append(Issue(line=None, code="invalid_test_file", message=f"{test_name}: {_summary(test_report)}"))
 
-    percent = (sidecar.test_split_percent if sidecar and sidecar.test_split_percent else None) or settings.test_split_percent
+    percent = (
+        sidecar.test_split_percent if sidecar and sidecar.test_split_percent else None
+    ) or settings.test_split_percent
     if report.valid and test_report is None:
         test_rows, _ = holdout_indices(report.valid_rows, percent)
         if report.valid_rows - test_rows < MIN_TRAIN_ROWS:
-            problems.append(Issue(
-                line=None,
-                code="too_few_rows",
-                message=f"holding out {test_rows} test rows ({percent} %) leaves {report.valid_rows - test_rows} training rows; the pipeline needs {MIN_TRAIN_ROWS}. Upload more rows or a {test_name}.",
-            ))
+            problems.append(
+                Issue(
+                    line=None,
+                    code="too_few_rows",
+                    message=f"holding out {test_rows} test rows ({percent} %) leaves {report.valid_rows - test_rows} training rows; the pipeline needs {MIN_TRAIN_ROWS}. Upload more rows or a {test_name}.",
+                )
+            )
     for issue in problems:
         doc["errors"].append({"line": issue.line, "code": issue.code, "message": issue.message})
         doc["error_counts"][issue.code] = doc["error_counts"].get(issue.code, 0) + 1
@@ -311,25 +354,52 @@ def _validate_and_prepare(record: RunRecord, *, blobs: Blobs, ledger: Ledger, se
     if problems:
         markdown += "\n## Other problems\n" + "\n".join(f"- `{p.code}`: {p.message}" for p in problems) + "\n"
     report_url = _store_report(blobs, name=name, run_id=run_id, report=doc, markdown=markdown)
-    log.info("validated %s: valid=%s rows=%d errors=%d", name, valid, report.rows, sum(doc["error_counts"].values()), extra=extra)
+    log.info(
+        "validated %s: valid=%s rows=%d errors=%d",
+        name,
+        valid,
+        report.rows,
+        sum(doc["error_counts"].values()),
+        extra=extra,
+    )
 
     if not valid:
         summary = ", ".join(f"{c}×{n}" for c, n in sorted(doc["error_counts"].items()))
-        ledger.transition(run_id, RunState.INVALID, expect=[RunState.VALIDATING], report_url=report_url, error=f"invalid dataset: {summary}"[:4000], claimed_at="", sha256=str(report.stats.get("sha256", "")))
+        ledger.transition(
+            run_id,
+            RunState.INVALID,
+            expect=[RunState.VALIDATING],
+            report_url=report_url,
+            error=f"invalid dataset: {summary}"[:4000],
+            claimed_at="",
+            sha256=str(report.stats.get("sha256", "")),
+        )
         return IngestOutcome("invalid", summary, run_id=run_id, report_url=report_url)
 
     assert sidecar is not None
     prefix = f"{run_id}"
     train_blob, test_blob = f"{prefix}/train.jsonl", f"{prefix}/test.jsonl"
     if test_report is not None:
-        train_bytes = (line + b"\n" for _, line in iter_lines(blobs.chunks(container, name, etag=etag), max_line_bytes=options.max_line_bytes) if line is not None and line.strip())
+        train_bytes = (
+            line + b"\n"
+            for _, line in iter_lines(blobs.chunks(container, name, etag=etag), max_line_bytes=options.max_line_bytes)
+            if line is not None and line.strip()
+        )
         blobs.upload(PREPARED_CONTAINER, train_blob, train_bytes, content_type="application/jsonl")
-        test_bytes = (line + b"\n" for _, line in iter_lines(blobs.chunks(container, test_name, etag=str(test_props["etag"])), max_line_bytes=options.max_line_bytes) if line is not None and line.strip())  # type: ignore[index]
+        test_bytes = (
+            line + b"\n"
+            for _, line in iter_lines(
+                blobs.chunks(container, test_name, etag=str(test_props["etag"])), max_line_bytes=options.max_line_bytes
+            )
+            if line is not None and line.strip()
+        )  # type: ignore[index]
         blobs.upload(PREPARED_CONTAINER, test_blob, test_bytes, content_type="application/jsonl")
         counts = {"train_rows": report.valid_rows, "test_rows": test_report.valid_rows, "test_source": test_name}
     else:
         train_stream, test_stream, split_counts = _split_stream(
-            iter_lines(blobs.chunks(container, name, etag=etag), max_line_bytes=options.max_line_bytes), report.valid_rows, percent
+            iter_lines(blobs.chunks(container, name, etag=etag), max_line_bytes=options.max_line_bytes),
+            report.valid_rows,
+            percent,
         )
         blobs.upload(PREPARED_CONTAINER, train_blob, train_stream, content_type="application/jsonl")
         blobs.upload(PREPARED_CONTAINER, test_blob, test_stream, content_type="application/jsonl")
@@ -342,13 +412,23 @@ def _validate_and_prepare(record: RunRecord, *, blobs: Blobs, ledger: Ledger, se
         report_url=report_url,
         sha256=str(report.stats.get("sha256", "")),
         job_name=job_name_for(run_id),
-        base_model=(sidecar.model or settings.base_model_name) if settings.backend == "azureml" else (sidecar.local_model or settings.local_base_model),
+        base_model=(sidecar.model or settings.base_model_name)
+        if settings.backend == "azureml"
+        else (sidecar.local_model or settings.local_base_model),
         params=dict(sidecar.finetune),
         extra={
             "sidecar": sidecar.to_dict(),
             "split": counts,
-            "train": {"container": PREPARED_CONTAINER, "blob": train_blob, "url": blobs.url(PREPARED_CONTAINER, train_blob)},
-            "test": {"container": PREPARED_CONTAINER, "blob": test_blob, "url": blobs.url(PREPARED_CONTAINER, test_blob)},
+            "train": {
+                "container": PREPARED_CONTAINER,
+                "blob": train_blob,
+                "url": blobs.url(PREPARED_CONTAINER, train_blob),
+            },
+            "test": {
+                "container": PREPARED_CONTAINER,
+                "blob": test_blob,
+                "url": blobs.url(PREPARED_CONTAINER, test_blob),
+            },
             "stats": report.stats,
         },
     )

@@ -69,8 +69,18 @@ TRANSITIONS: Mapping[RunState, frozenset[RunState]] = {
 
 # States that only ever move forward along this order; used to ignore stale events.
 ORDER = [
-    S.RECEIVED, S.VALIDATING, S.SUBMITTING, S.SUBMITTED, S.RUNNING, S.SUCCEEDED, S.REGISTERING,
-    S.DEPLOYING, S.SMOKE_TESTING, S.SHIFTING_TRAFFIC, S.LIVE, S.RETIRED,
+    S.RECEIVED,
+    S.VALIDATING,
+    S.SUBMITTING,
+    S.SUBMITTED,
+    S.RUNNING,
+    S.SUCCEEDED,
+    S.REGISTERING,
+    S.DEPLOYING,
+    S.SMOKE_TESTING,
+    S.SHIFTING_TRAFFIC,
+    S.LIVE,
+    S.RETIRED,
 ]
 
 
@@ -197,11 +207,15 @@ def new_record(*, run_id: str, container: str, blob: str, blob_version: str, bac
     )
 
 
-def apply_transition(record: RunRecord, to: RunState, expect: Iterable[RunState] | None, fields: Mapping[str, Any]) -> RunRecord:
+def apply_transition(
+    record: RunRecord, to: RunState, expect: Iterable[RunState] | None, fields: Mapping[str, Any]
+) -> RunRecord:
     """Check a move is legal and return the moved record (pure; storage adapters persist it)."""
     allowed = set(expect) if expect is not None else None
     if allowed is not None and record.state not in allowed:
-        raise ConflictError(f"run {record.run_id} is {record.state.value}, expected one of {sorted(s.value for s in allowed)}")
+        raise ConflictError(
+            f"run {record.run_id} is {record.state.value}, expected one of {sorted(s.value for s in allowed)}"
+        )
     if to not in TRANSITIONS.get(record.state, frozenset()):
         raise ConflictError(f"run {record.run_id}: illegal move {record.state.value} -> {to.value}")
     now = utcnow()
@@ -249,7 +263,10 @@ class TableRunLedger:
 
         try:
             meta = self._table.update_entity(
-                record.to_entity(), mode=UpdateMode.REPLACE, etag=record.etag, match_condition=MatchConditions.IfNotModified
+                record.to_entity(),
+                mode=UpdateMode.REPLACE,
+                etag=record.etag,
+                match_condition=MatchConditions.IfNotModified,
             )
         except ResourceModifiedError as exc:
             raise ConflictError(f"run {record.run_id} changed concurrently") from exc

@@ -57,7 +57,16 @@ REPORT_STATES = frozenset({RunState.LIVE, RunState.ROLLED_BACK, RunState.FAILED,
 
 class RolloutBlobs(Protocol):
     def chunks(self, container: str, name: str, *, etag: str | None = None) -> Iterator[bytes]: ...
-    def upload(self, container: str, name: str, data: bytes | Iterable[bytes], *, content_type: str = ..., overwrite: bool = ..., metadata: Mapping[str, str] | None = ...) -> str: ...
+    def upload(
+        self,
+        container: str,
+        name: str,
+        data: bytes | Iterable[bytes],
+        *,
+        content_type: str = ...,
+        overwrite: bool = ...,
+        metadata: Mapping[str, str] | None = ...,
+    ) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -122,10 +131,17 @@ def handle_run_event(event: RunEvent, rollout: Rollout) -> EventOutcome:
         log.info("ignoring event %s: run %s was not submitted by this app", event.id, event.run_id)
         return EventOutcome("ignored", "foreign run")
     if record.job_name and event.run_id and record.job_name != event.run_id:
-        log.info("ignoring event %s: run %s is not job %s of run %s", event.id, event.run_id, record.job_name, record.run_id)
+        log.info(
+            "ignoring event %s: run %s is not job %s of run %s", event.id, event.run_id, record.job_name, record.run_id
+        )
         return EventOutcome("ignored", "not the parent job", run_id=record.run_id)
     log.info(
-        "event %s: job %s %s (run %s is %s)", event.id, event.run_id, event.run_status or event.event_type, record.run_id, record.state.value,
+        "event %s: job %s %s (run %s is %s)",
+        event.id,
+        event.run_id,
+        event.run_status or event.event_type,
+        record.run_id,
+        record.state.value,
         extra={"run_id": record.run_id},
     )
     final = advance_run(record.run_id, rollout)
@@ -146,7 +162,12 @@ def tick(rollout: Rollout) -> list[RunRecord]:
         try:
             moved.append(advance_run(record.run_id, rollout))
         except TransientError:
-            log.warning("run %s: transient error, next tick retries", record.run_id, exc_info=True, extra={"run_id": record.run_id})
+            log.warning(
+                "run %s: transient error, next tick retries",
+                record.run_id,
+                exc_info=True,
+                extra={"run_id": record.run_id},
+            )
     return moved
 
 
@@ -203,7 +224,7 @@ def _lease(record: RunRecord, rollout: Rollout) -> RunRecord | None:
     """Take the step lease on this record (ETag-conditional); None when someone else holds it."""
     now = rollout.now()
     if record.operation:
-        state, _, stamp = (record.operation.split("|") + ["", ""])[:3]
+        state, _, stamp = ([*record.operation.split("|"), "", ""])[:3]
         try:
             fresh = state == record.state.value and now - datetime.fromisoformat(stamp) < LEASE_TTL
         except ValueError:
@@ -237,7 +258,9 @@ def _move(record: RunRecord, rollout: Rollout, to: RunState, **fields: Any) -> R
 def _step_job(record: RunRecord, rollout: Rollout) -> RunRecord | None:
     status = rollout.backend.get_job(record.job_name)
     if status is None:
-        log.warning("run %s: job %s not found at the backend", record.run_id, record.job_name, extra={"run_id": record.run_id})
+        log.warning(
+            "run %s: job %s not found at the backend", record.run_id, record.job_name, extra={"run_id": record.run_id}
+        )
         return None
     if status.state == JobState.RUNNING and record.state == RunState.SUBMITTED:
         return _move(record, rollout, RunState.RUNNING)
@@ -247,7 +270,14 @@ def _step_job(record: RunRecord, rollout: Rollout) -> RunRecord | None:
     if status.state in (JobState.FAILED, JobState.CANCELED):
         to = RunState.FAILED if status.state == JobState.FAILED else RunState.CANCELED
         reason = status.error or f"job {status.raw_status.lower()} (no reason given by the backend)"
-        log.warning("run %s: job %s %s: %s", record.run_id, record.job_name, status.raw_status, reason, extra={"run_id": record.run_id})
+        log.warning(
+            "run %s: job %s %s: %s",
+            record.run_id,
+            record.job_name,
+            status.raw_status,
+            reason,
+            extra={"run_id": record.run_id},
+        )
         return _move(record, rollout, to, error=reason[:4000], metrics=_final_metrics(record, rollout))
     return None
 
@@ -261,7 +291,12 @@ def _final_metrics(record: RunRecord, rollout: Rollout) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, points in series.items():
         if points:
-            out[name] = {"last": points[-1].value, "first": points[0].value, "steps": len(points), "last_step": points[-1].step}
+            out[name] = {
+                "last": points[-1].value,
+                "first": points[0].value,
+                "steps": len(points),
+                "last_step": points[-1].step,
+            }
     return out
 
 
@@ -281,10 +316,24 @@ def _step_register(record: RunRecord, rollout: Rollout) -> RunRecord | None:
             name=name,
             version=version,
             description=f"Fine-tuned by Tunegrid run {record.run_id} from {record.base_model} on {record.container}/{record.blob} (sha256 {record.sha256[:16]}), job {record.job_name}.",
-            tags={RUN_TAG: record.run_id, OWNER_TAG: rollout.settings.instance, "tunegridjob": record.job_name, "tunegridbasemodel": record.base_model},
+            tags={
+                RUN_TAG: record.run_id,
+                OWNER_TAG: rollout.settings.instance,
+                "tunegridjob": record.job_name,
+                "tunegridbasemodel": record.base_model,
+            },
         )
     endpoint = endpoint_name_for(model.name, rollout.settings)
-    return _move(leased, rollout, RunState.DEPLOYING, model_name=model.name, model_version=model.version, model_id=model.id, endpoint=endpoint, deployment=deployment_name_for(record))
+    return _move(
+        leased,
+        rollout,
+        RunState.DEPLOYING,
+        model_name=model.name,
+        model_version=model.version,
+        model_id=model.id,
+        endpoint=endpoint,
+        deployment=deployment_name_for(record),
+    )
 
 
 def _deployment_spec(record: RunRecord, settings: Settings) -> DeploymentSpec:
@@ -297,7 +346,9 @@ def _deployment_spec(record: RunRecord, settings: Settings) -> DeploymentSpec:
         instance_count=overrides.get("instance_count", settings.inference_instance_count),
         request_timeout_ms=min(overrides.get("request_timeout_ms", settings.request_timeout_ms), 180_000),
         liveness_initial_delay_s=overrides.get("liveness_initial_delay_s", settings.liveness_initial_delay_s),
-        max_concurrent_requests_per_instance=overrides.get("max_concurrent_requests_per_instance", settings.max_concurrent_requests_per_instance),
+        max_concurrent_requests_per_instance=overrides.get(
+            "max_concurrent_requests_per_instance", settings.max_concurrent_requests_per_instance
+        ),
         tags={RUN_TAG: record.run_id, OWNER_TAG: settings.instance},
     )
 
@@ -329,7 +380,13 @@ def _step_deploy(record: RunRecord, rollout: Rollout) -> RunRecord | None:
     deployment = backend.get_deployment(record.endpoint, record.deployment)
     if deployment is None:
         backend.begin_create_deployment(_deployment_spec(leased, rollout.settings))
-        log.info("run %s: creating deployment %s/%s at 0 %% traffic", record.run_id, record.endpoint, record.deployment, extra={"run_id": record.run_id})
+        log.info(
+            "run %s: creating deployment %s/%s at 0 %% traffic",
+            record.run_id,
+            record.endpoint,
+            record.deployment,
+            extra={"run_id": record.run_id},
+        )
         return _release(leased, rollout)
     if deployment.provisioning_state.in_progress:
         return _release(leased, rollout)
@@ -347,7 +404,9 @@ def _smoke_conversations(record: RunRecord, rollout: Rollout, rows: int) -> list
     out: list[list[dict[str, Any]]] = []
     if not test:
         return out
-    for _, line in iter_lines(rollout.blobs.chunks(test["container"], test["blob"]), max_line_bytes=rollout.settings.validation_max_line_bytes):
+    for _, line in iter_lines(
+        rollout.blobs.chunks(test["container"], test["blob"]), max_line_bytes=rollout.settings.validation_max_line_bytes
+    ):
         if line is None or not line.strip():
             continue
         messages = [m for m in orjson.loads(line)["messages"] if isinstance(m, dict)]
@@ -367,7 +426,7 @@ def _answer_text(response: Any) -> str:
     if isinstance(response, list):
         return _answer_text(response[0]) if response else ""
     if isinstance(response, dict):
-        if "choices" in response and response["choices"]:
+        if response.get("choices"):
             choice = response["choices"][0]
             return str((choice.get("message") or {}).get("content") or choice.get("text") or "")
         for key in ("output", "0", "generated_text", "content", "answer"):
@@ -385,10 +444,20 @@ def _step_smoke(record: RunRecord, rollout: Rollout) -> RunRecord | None:
     results: list[dict[str, Any]] = []
     failure = "" if conversations else "no test rows to smoke-test with"
     for i, conversation in enumerate(conversations):
-        body = {"input_data": {"input_string": [conversation], "parameters": {"temperature": 0.6, "top_p": 0.9, "do_sample": True, "max_new_tokens": 32}}, "params": {}}
+        body = {
+            "input_data": {
+                "input_string": [conversation],
+                "parameters": {"temperature": 0.6, "top_p": 0.9, "do_sample": True, "max_new_tokens": 32},
+            },
+            "params": {},
+        }
         started = time.perf_counter()
         try:
-            answer = _answer_text(rollout.backend.invoke(record.endpoint, body, deployment=record.deployment, timeout_s=settings.smoke_timeout_s))
+            answer = _answer_text(
+                rollout.backend.invoke(
+                    record.endpoint, body, deployment=record.deployment, timeout_s=settings.smoke_timeout_s
+                )
+            )
             error = "" if answer.strip() else "empty answer"
         except TransientError:
             raise  # throttling or a blip says nothing about the model: retry on the next tick
@@ -400,16 +469,34 @@ def _step_smoke(record: RunRecord, rollout: Rollout) -> RunRecord | None:
             failure = f"smoke row {i}: {error}"
             break
     latencies = [r["latency_ms"] for r in results]
-    smoke = {"rows": results, "passed": not failure, "p50_ms": sorted(latencies)[len(latencies) // 2] if latencies else None}
+    smoke = {
+        "rows": results,
+        "passed": not failure,
+        "p50_ms": sorted(latencies)[len(latencies) // 2] if latencies else None,
+    }
     if failure:
-        log.warning("run %s: smoke test failed (%s): rolling back", record.run_id, failure, extra={"run_id": record.run_id})
+        log.warning(
+            "run %s: smoke test failed (%s): rolling back", record.run_id, failure, extra={"run_id": record.run_id}
+        )
         rollout.backend.begin_delete_deployment(record.endpoint, record.deployment)
-        return _move(leased, rollout, RunState.ROLLED_BACK, smoke=smoke, error=f"smoke test failed: {failure}; previous traffic kept")
-    mirror = (record.extra.get("sidecar") or {}).get("deployment", {}).get("mirror_traffic_percent", settings.mirror_traffic_percent)
+        return _move(
+            leased,
+            rollout,
+            RunState.ROLLED_BACK,
+            smoke=smoke,
+            error=f"smoke test failed: {failure}; previous traffic kept",
+        )
+    mirror = (
+        (record.extra.get("sidecar") or {})
+        .get("deployment", {})
+        .get("mirror_traffic_percent", settings.mirror_traffic_percent)
+    )
     if mirror and record.previous_deployment:
         endpoint = rollout.backend.get_endpoint(record.endpoint)
         if endpoint is not None:
-            rollout.backend.begin_set_traffic(record.endpoint, dict(endpoint.traffic), mirror_traffic={record.deployment: int(mirror)})
+            rollout.backend.begin_set_traffic(
+                record.endpoint, dict(endpoint.traffic), mirror_traffic={record.deployment: int(mirror)}
+            )
     return _move(leased, rollout, RunState.SHIFTING_TRAFFIC, smoke=smoke)
 
 
@@ -420,20 +507,37 @@ def _step_shift(record: RunRecord, rollout: Rollout) -> RunRecord | None:
     backend = rollout.backend
     endpoint = backend.get_endpoint(record.endpoint)
     if endpoint is None:
-        return _move(leased, rollout, RunState.ERROR, error=f"endpoint {record.endpoint} disappeared during the traffic shift")
+        return _move(
+            leased, rollout, RunState.ERROR, error=f"endpoint {record.endpoint} disappeared during the traffic shift"
+        )
     if endpoint.provisioning_state.in_progress:
         return _release(leased, rollout)
     if endpoint.traffic.get(record.deployment, 0) != 100 or endpoint.mirror_traffic:
         traffic = {name: 0 for name in endpoint.traffic}
         traffic[record.deployment] = 100
         backend.begin_set_traffic(record.endpoint, traffic, mirror_traffic={})
-        log.info("run %s: shifting 100 %% of %s to %s", record.run_id, record.endpoint, record.deployment, extra={"run_id": record.run_id})
+        log.info(
+            "run %s: shifting 100 %% of %s to %s",
+            record.run_id,
+            record.endpoint,
+            record.deployment,
+            extra={"run_id": record.run_id},
+        )
         return _release(leased, rollout)
     previous = record.previous_deployment
-    if previous and previous != record.deployment and endpoint.traffic.get(previous, 0) == 0:
-        if backend.get_deployment(record.endpoint, previous) is not None:
-            backend.begin_delete_deployment(record.endpoint, previous)
-            log.info("run %s: deleting previous deployment %s (0 %% traffic)", record.run_id, previous, extra={"run_id": record.run_id})
+    if (
+        previous
+        and previous != record.deployment
+        and endpoint.traffic.get(previous, 0) == 0
+        and backend.get_deployment(record.endpoint, previous) is not None
+    ):
+        backend.begin_delete_deployment(record.endpoint, previous)
+        log.info(
+            "run %s: deleting previous deployment %s (0 %% traffic)",
+            record.run_id,
+            previous,
+            extra={"run_id": record.run_id},
+        )
     live = _move(leased, rollout, RunState.LIVE)
     _retire_replaced(live, rollout)
     return live
@@ -443,7 +547,9 @@ def _retire_replaced(live: RunRecord, rollout: Rollout) -> None:
     for other in rollout.ledger.list():
         if other.run_id != live.run_id and other.state == RunState.LIVE and other.endpoint == live.endpoint:
             try:
-                rollout.ledger.transition(other.run_id, RunState.RETIRED, expect=[RunState.LIVE], error=f"replaced by run {live.run_id}")
+                rollout.ledger.transition(
+                    other.run_id, RunState.RETIRED, expect=[RunState.LIVE], error=f"replaced by run {live.run_id}"
+                )
             except ConflictError:
                 continue
 
@@ -481,9 +587,16 @@ def run_report_markdown(record: RunRecord) -> str:
     if record.error:
         lines.append(f"- Reason: {record.error}")
     if record.metrics:
-        lines += ["", "## Final metrics", ""] + [f"- {k}: {v.get('last') if isinstance(v, dict) else v}" for k, v in sorted(record.metrics.items())]
+        lines += ["", "## Final metrics", ""] + [
+            f"- {k}: {v.get('last') if isinstance(v, dict) else v}" for k, v in sorted(record.metrics.items())
+        ]
     if record.smoke:
-        lines += ["", "## Smoke test", "", f"- passed: {record.smoke.get('passed')}, p50 {record.smoke.get('p50_ms')} ms"]
+        lines += [
+            "",
+            "## Smoke test",
+            "",
+            f"- passed: {record.smoke.get('passed')}, p50 {record.smoke.get('p50_ms')} ms",
+        ]
     lines += ["", "## Timeline", "", "| state | at |", "|---|---|"] + [f"| {s} | {t} |" for s, t in record.timeline]
     return "\n".join(lines) + "\n"
 
@@ -494,13 +607,24 @@ def write_run_report(record: RunRecord, rollout: Rollout) -> str:
         metrics: dict[str, Any] = {}
         if record.job_name:
             try:
-                metrics = {k: [[p.step, p.value] for p in v] for k, v in rollout.backend.get_job_metrics(record.job_name).items()}
+                metrics = {
+                    k: [[p.step, p.value] for p in v]
+                    for k, v in rollout.backend.get_job_metrics(record.job_name).items()
+                }
             except Exception:
                 metrics = {}
         url = rollout.blobs.upload(
-            RUN_REPORTS_CONTAINER, f"{record.run_id}/report.json", orjson.dumps(run_report(record, metrics), option=orjson.OPT_INDENT_2), content_type="application/json"
+            RUN_REPORTS_CONTAINER,
+            f"{record.run_id}/report.json",
+            orjson.dumps(run_report(record, metrics), option=orjson.OPT_INDENT_2),
+            content_type="application/json",
         )
-        rollout.blobs.upload(RUN_REPORTS_CONTAINER, f"{record.run_id}/report.md", run_report_markdown(record).encode(), content_type="text/markdown; charset=utf-8")
+        rollout.blobs.upload(
+            RUN_REPORTS_CONTAINER,
+            f"{record.run_id}/report.md",
+            run_report_markdown(record).encode(),
+            content_type="text/markdown; charset=utf-8",
+        )
         current = rollout.ledger.get(record.run_id)
         if current is not None and current.run_report_url != url:
             rollout.ledger.update(current, run_report_url=url)

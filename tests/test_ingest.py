@@ -12,7 +12,7 @@ from azure.core.exceptions import ServiceRequestError
 from azure.storage.blob import BlobServiceClient
 
 from shared.errors import ComputeError
-from shared.ingest import ingest_dataset, job_name_for, holdout_indices
+from shared.ingest import holdout_indices, ingest_dataset, job_name_for
 from shared.ledger import RunState, TableRunLedger, run_id_for
 from shared.settings import LEDGER_TABLE, PREPARED_CONTAINER, REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
 from shared.storage import BlobStore
@@ -28,10 +28,19 @@ def _rows(name: str, n: int) -> bytes:
 
 @pytest.fixture
 def env(storage: Any, storage_conn: str, unique: str) -> dict[str, Any]:
-    settings = Settings.from_env({"DataStorage": storage_conn, "FINETUNE_BACKEND": "local", "TUNEGRID_INSTANCE": "test"})
+    settings = Settings.from_env(
+        {"DataStorage": storage_conn, "FINETUNE_BACKEND": "local", "TUNEGRID_INSTANCE": "test"}
+    )
     ledger = TableRunLedger(storage.tables.get_table_client(LEDGER_TABLE))  # type: ignore[attr-defined]
     blobs = BlobStore(storage.blobs)  # type: ignore[attr-defined]
-    return {"settings": settings, "ledger": ledger, "blobs": blobs, "backend": FakeBackend(), "prefix": f"t{unique}/", "service": storage.blobs}  # type: ignore[attr-defined]
+    return {
+        "settings": settings,
+        "ledger": ledger,
+        "blobs": blobs,
+        "backend": FakeBackend(),
+        "prefix": f"t{unique}/",
+        "service": storage.blobs,
+    }  # type: ignore[attr-defined]
 
 
 def _upload(env: dict[str, Any], name: str, data: bytes) -> str:
@@ -106,7 +115,11 @@ def test_invalid_dataset_is_terminal_with_line_numbers(env: dict[str, Any]) -> N
 
 @pytest.mark.parametrize(
     ("name", "reason"),
-    [("notes.txt", "not a .jsonl file"), ("x.test.jsonl", "companion test/validation file"), ("missing.jsonl", "blob not found")],
+    [
+        ("notes.txt", "not a .jsonl file"),
+        ("x.test.jsonl", "companion test/validation file"),
+        ("missing.jsonl", "blob not found"),
+    ],
 )
 def test_ignored_blobs(env: dict[str, Any], name: str, reason: str) -> None:
     """Non-datasets and companion files are ignored with a reason; nothing is recorded."""
@@ -120,7 +133,16 @@ def test_ignored_blobs(env: dict[str, Any], name: str, reason: str) -> None:
 def test_user_test_file_and_sidecar_are_used(env: dict[str, Any]) -> None:
     """NAME.test.jsonl replaces the split; NAME.config.json reaches the backend as params."""
     _upload(env, "s.test.jsonl", _rows("azureml_conversation_system.jsonl", 5))
-    _upload(env, "s.config.json", json.dumps({"finetune": {"learning_rate": 0.0002, "num_train_epochs": 1, "apply_lora": True}, "deployment": {"instance_count": 2}}).encode())
+    _upload(
+        env,
+        "s.config.json",
+        json.dumps(
+            {
+                "finetune": {"learning_rate": 0.0002, "num_train_epochs": 1, "apply_lora": True},
+                "deployment": {"instance_count": 2},
+            }
+        ).encode(),
+    )
     name = _upload(env, "s.jsonl", _rows("azureml_conversation_system.jsonl", 20))
     outcome = _ingest(env, name)
     assert outcome.action == "submitted", outcome
@@ -218,7 +240,9 @@ def test_trigger_function_streams_the_blob(env: dict[str, Any], storage_conn: st
     from shared.bootstrap import AppContext, set_app_context
 
     name = _upload(env, "trig.jsonl", _rows("ultrachat_small.jsonl", 30))
-    ctx = AppContext(env["settings"], overrides={"ledger": env["ledger"], "blobs": env["blobs"], "backend": env["backend"]})
+    ctx = AppContext(
+        env["settings"], overrides={"ledger": env["ledger"], "blobs": env["blobs"], "backend": env["backend"]}
+    )
     set_app_context(ctx)
     try:
         [fn] = [f for f in functions_of(app) if f.get_function_name() == "ingest_dataset"]

@@ -29,11 +29,23 @@ def world(storage: Any, storage_conn: str, unique: str) -> dict[str, Any]:
     ledger = TableRunLedger(storage.tables.get_table_client(LEDGER_TABLE))
     blobs = BlobStore(storage.blobs)
     backend = FakeBackend()
-    return {"settings": settings, "ledger": ledger, "blobs": blobs, "backend": backend, "prefix": f"r{unique}/", "conn": storage_conn}
+    return {
+        "settings": settings,
+        "ledger": ledger,
+        "blobs": blobs,
+        "backend": backend,
+        "prefix": f"r{unique}/",
+        "conn": storage_conn,
+    }
 
 
 def _rollout(world: dict[str, Any], **kw: Any) -> Rollout:
-    return Rollout(ledger=kw.get("ledger", world["ledger"]), backend=kw.get("backend", world["backend"]), blobs=world["blobs"], settings=world["settings"])
+    return Rollout(
+        ledger=kw.get("ledger", world["ledger"]),
+        backend=kw.get("backend", world["backend"]),
+        blobs=world["blobs"],
+        settings=world["settings"],
+    )
 
 
 def _submit(world: dict[str, Any], name: str = "family.jsonl", rows: int = 40, backend: Any = None) -> Any:
@@ -41,7 +53,14 @@ def _submit(world: dict[str, Any], name: str = "family.jsonl", rows: int = 40, b
     offset = random.Random(name + world["prefix"]).randrange(0, 900)
     blob = world["prefix"] + name
     world["blobs"].upload(TRAINING_CONTAINER, blob, b"\n".join(lines[offset : offset + rows]) + b"\n")
-    outcome = ingest_dataset(container=TRAINING_CONTAINER, name=blob, blobs=world["blobs"], ledger=world["ledger"], backend=backend or world["backend"], settings=world["settings"])
+    outcome = ingest_dataset(
+        container=TRAINING_CONTAINER,
+        name=blob,
+        blobs=world["blobs"],
+        ledger=world["ledger"],
+        backend=backend or world["backend"],
+        settings=world["settings"],
+    )
     assert outcome.action == "submitted", outcome
     return world["ledger"].get(outcome.run_id)
 
@@ -76,13 +95,21 @@ def test_completed_job_goes_live_with_report(world: dict[str, Any]) -> None:
     live = _drive(world, record.run_id)
     assert live.state == RunState.LIVE, live.error
     states = [s for s, _ in live.timeline]
-    assert states[-7:] == ["running", "succeeded", "registering", "deploying", "smoke-testing", "shifting-traffic", "live"] or states[-6:] == ["succeeded", "registering", "deploying", "smoke-testing", "shifting-traffic", "live"]
+    assert states[-7:] == [
+        "running",
+        "succeeded",
+        "registering",
+        "deploying",
+        "smoke-testing",
+        "shifting-traffic",
+        "live",
+    ] or states[-6:] == ["succeeded", "registering", "deploying", "smoke-testing", "shifting-traffic", "live"]
     assert backend.calls["register_model"] == 1 and backend.calls["begin_create_deployment"] == 1
     endpoint = backend.get_endpoint(live.endpoint)
     assert endpoint.traffic == {live.deployment: 100}
     assert endpoint.tags["tunegrid-owner"] == world["settings"].instance
     created = [args for m, args in backend.log if m == "begin_create_deployment"]
-    first_traffic = [args for m, args in backend.log if m == "begin_set_traffic"][0]
+    first_traffic = next(args for m, args in backend.log if m == "begin_set_traffic")
     assert created and first_traffic[1] == {live.deployment: 100}
     assert live.smoke["passed"] is True and len(live.smoke["rows"]) == 2
     assert all(r["latency_ms"] >= 0 for r in live.smoke["rows"])
@@ -132,17 +159,30 @@ def test_failed_provisioning_rolls_back(world: dict[str, Any]) -> None:
     assert final.state == RunState.ROLLED_BACK and "image failed to start" in final.error
 
 
-@pytest.mark.parametrize(("file", "state", "expected"), [("parent_failed.json", JobState.FAILED, RunState.FAILED), ("parent_canceled.json", JobState.CANCELED, RunState.CANCELED)])
-def test_failed_and_canceled_jobs_are_recorded_with_reason(world: dict[str, Any], file: str, state: JobState, expected: RunState) -> None:
+@pytest.mark.parametrize(
+    ("file", "state", "expected"),
+    [
+        ("parent_failed.json", JobState.FAILED, RunState.FAILED),
+        ("parent_canceled.json", JobState.CANCELED, RunState.CANCELED),
+    ],
+)
+def test_failed_and_canceled_jobs_are_recorded_with_reason(
+    world: dict[str, Any], file: str, state: JobState, expected: RunState
+) -> None:
     """The reason comes from the backend (the failed step's message), not from the event."""
     record = _submit(world)
-    world["backend"].set_job(record.job_name, state, error="finetune step: CUDA out of memory" if state == JobState.FAILED else None)
+    world["backend"].set_job(
+        record.job_name, state, error="finetune step: CUDA out of memory" if state == JobState.FAILED else None
+    )
     [event] = _event(file, record)
     handle_run_event(event, _rollout(world))
     final = world["ledger"].get(record.run_id)
     assert final.state == expected
     assert ("CUDA out of memory" in final.error) if state == JobState.FAILED else ("canceled" in final.error)
-    assert json.loads(world["blobs"].read_bytes(RUN_REPORTS_CONTAINER, f"{record.run_id}/report.json"))["state"] == expected.value
+    assert (
+        json.loads(world["blobs"].read_bytes(RUN_REPORTS_CONTAINER, f"{record.run_id}/report.json"))["state"]
+        == expected.value
+    )
 
 
 @pytest.mark.parametrize("file", ["child_completed.json", "child_failed.json", "foreign_completed.json"])
@@ -167,7 +207,11 @@ def test_ten_duplicate_events_concurrently_and_shuffled(world: dict[str, Any]) -
     """10 copies of the completion (and stale running events), concurrently: 1 version, 1 deployment, 1 shift."""
     record = _submit(world)
     world["backend"].set_job(record.job_name, JobState.COMPLETED)
-    events = _event("duplicate_completed.json", record) * 4 + _event("parent_completed.json", record) * 2 + _event("parent_running.json", record) * 2
+    events = (
+        _event("duplicate_completed.json", record) * 4
+        + _event("parent_completed.json", record) * 2
+        + _event("parent_running.json", record) * 2
+    )
     random.Random(3).shuffle(events)
     rollout = _rollout(world)
     with ThreadPoolExecutor(10) as pool:
@@ -211,7 +255,12 @@ def test_deploying_run_completes_after_a_restart(world: dict[str, Any]) -> None:
     advance_run(record.run_id, _rollout(world, backend=backend))
     assert world["ledger"].get(record.run_id).state == RunState.DEPLOYING
     fresh = StorageClients.from_connection({"": world["conn"]})
-    rollout2 = Rollout(ledger=TableRunLedger(fresh.tables.get_table_client(LEDGER_TABLE)), backend=backend, blobs=BlobStore(fresh.blobs), settings=world["settings"])
+    rollout2 = Rollout(
+        ledger=TableRunLedger(fresh.tables.get_table_client(LEDGER_TABLE)),
+        backend=backend,
+        blobs=BlobStore(fresh.blobs),
+        settings=world["settings"],
+    )
     for _ in range(15):
         tick(rollout2)
     assert world["ledger"].get(record.run_id).state == RunState.LIVE

@@ -19,7 +19,9 @@ def _runs(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     cols = ("run_id", "state", "dataset", "created_at", "updated_at", "model", "endpoint")
-    table = [cols] + [tuple(str(r[c])[:40] if c != "created_at" and c != "updated_at" else str(r[c])[:19] for c in cols) for r in rows]
+    table = [cols] + [
+        tuple(str(r[c])[:40] if c != "created_at" and c != "updated_at" else str(r[c])[:19] for c in cols) for r in rows
+    ]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     for row in table:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
@@ -47,11 +49,27 @@ def _status(args: argparse.Namespace) -> int:
 def _print_status(doc: dict[str, Any]) -> None:
     print(f"run {doc['run_id']}: {doc['state']}")
     print(f"  dataset   {doc['container']}/{doc['blob']}")
-    for label, key in (("job", "job_name"), ("job link", "job_url"), ("model", "model_id"), ("endpoint", "endpoint"), ("deployment", "deployment"), ("report", "report_url"), ("run report", "run_report_url"), ("reason", "error")):
+    for label, key in (
+        ("job", "job_name"),
+        ("job link", "job_url"),
+        ("model", "model_id"),
+        ("endpoint", "endpoint"),
+        ("deployment", "deployment"),
+        ("report", "report_url"),
+        ("run report", "run_report_url"),
+        ("reason", "error"),
+    ):
         if doc.get(key):
             print(f"  {label:<10}{doc[key]}")
     if doc.get("metrics"):
-        print("  metrics   " + ", ".join(f"{k}={v.get('last'):.4g}" for k, v in sorted(doc["metrics"].items()) if isinstance(v, dict) and isinstance(v.get("last"), int | float)))
+        print(
+            "  metrics   "
+            + ", ".join(
+                f"{k}={v.get('last'):.4g}"
+                for k, v in sorted(doc["metrics"].items())
+                if isinstance(v, dict) and isinstance(v.get("last"), int | float)
+            )
+        )
     if doc.get("smoke"):
         print(f"  smoke     passed={doc['smoke'].get('passed')} p50={doc['smoke'].get('p50_ms')} ms")
     if doc.get("loss_curve"):
