@@ -47,9 +47,17 @@ class AppContext:
 
     @cached_property
     def storage(self) -> StorageClients:
+        return self._get("storage", self._build_storage)
+
+    def _build_storage(self) -> StorageClients:
         from shared.storage import StorageClients
 
-        return self._get("storage", lambda: StorageClients.from_connection(self.settings.storage_connection))
+        clients = StorageClients.from_connection(self.settings.storage_connection)
+        if self.settings.storage_connection.get(""):
+            # A connection string means an emulator or a dev account: create what the app uses, as
+            # `infra/` does in Azure (identity connections never get here).
+            clients.ensure_resources()
+        return clients
 
     @cached_property
     def blobs(self) -> BlobStore:
