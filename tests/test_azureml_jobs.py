@@ -1,0 +1,512 @@
+"""Azure ML backend, jobs: the exact HTTP requests azure-ai-ml sends, answered with service-shaped JSON.
+
+Submission (check-before-act, compute checks, the pipeline job PUT field by field against the
+notebook), status with the failed step's error, cancel, metrics, and the error and retry paths.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import stamina
+
+from shared.backends.base import DataRef, FineTuneRequest, JobState
+from shared.errors import ComputeError, ConfigError, ConflictError, NotFound, PermissionDenied, TransientError
+from tests import azureml_rig as rig_module
+from tests.azureml_rig import (
+    API_HOST,
+    MLFLOW_PATH,
+    REGISTRY_PATH,
+    SUBSCRIPTION,
+    WS_PATH,
+    AzureMLRig,
+    Reply,
+    error_reply,
+    load,
+)
+
+azureml_rig = rig_module.azureml_rig  # fixtures: the rig (no socket may open) and the socket guard alone
+no_sockets = rig_module.no_sockets
+
+NOTEBOOK_MODEL_ID = "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/15"
+NOTEBOOK_COMPONENT_ID = "azureml://registries/azureml/components/chat_completion_pipeline/versions/0.0.82"
+
+
+def _request(**kwargs: Any) -> FineTuneRequest:
+    base: dict[str, Any] = {
+        "run_id": "r1",
+        "job_name": "tunegrid-r1",
+        "dataset": "ultrachat.jsonl",
+        "train": DataRef(
+            "prepared-data", "r1/train.jsonl", "https://sttunegrid.blob.core.windows.net/prepared-data/r1/train.jsonl"
+        ),
+        "test": DataRef(
+            "prepared-data", "r1/test.jsonl", "https://sttunegrid.blob.core.windows.net/prepared-data/r1/test.jsonl"
+        ),
+        "tags": {"tunegridrunid": "r1", "tunegriddataset": "ultrachat.jsonl", "tunegrid-owner": "tunegrid"},
+    }
+    return FineTuneRequest(**{**base, **kwargs})
+
+
+def _model_without_defaults() -> Any:
+    model = load("model_phi3_mini.json")
+    del model["properties"]["tags"]["model_specific_defaults"]
+    return model
+
+
+def _literals(node: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.get("value", v.get("uri")) for k, v in node["inputs"].items()}
+
+
+def test_submission_puts_the_notebooks_pipeline_job(azureml_rig: AzureMLRig) -> None:
+    """The PUT body is the notebook's pipeline, field by field; the job name is ours and nothing waits."""
+    rig = azureml_rig
+    rig.serve_registry(model=_model_without_defaults())
+    rig.serve_vm_sizes()
+    put = rig.accept_job_submission()
+    backend = rig.backend(rig.settings(AZUREML_DATASTORE="prepareddata"))
+
+    ref = backend.submit_finetune(_request())
+
+    assert ref.name == "tunegrid-r1" and ref.base_model_id == NOTEBOOK_MODEL_ID
+    assert ref.studio_url and "tunegrid-r1" in ref.studio_url
+    assert rig.summary() == [
+        "GET {ws}/jobs/tunegrid-r1",  # check before act
+        "GET /registrymanagement/v1.0/registries/azureml/discovery",
+        "GET {registry}/models/Phi-3-mini-4k-instruct/versions",  # label latest
+        "GET {registry}/models/Phi-3-mini-4k-instruct/versions/15",
+        "GET {ws}",  # the workspace's location, for list_sizes
+        f"GET /subscriptions/{SUBSCRIPTION}/providers/Microsoft.MachineLearningServices/locations/eastus/vmSizes",
+        "GET {registry}/components/chat_completion_pipeline/versions",
+        "GET {ws}",
+        "PUT {ws}/jobs/tunegrid-r1",
+    ]
+    call = put.calls[0]
+    assert call.query["api-version"] == "2024-01-01-preview"
+    props = call.json["properties"]
+    assert props["jobType"] == "Pipeline"
+    assert props["experimentName"] == "chat_completion_Phi-3-mini-4k-instruct"
+    assert props["displayName"] == "Phi-3-mini-4k-instruct-ultrachat-bs4-cosine-ds2-lora-save_limit-1-seqlen-1"
+    assert props["settings"] == {"continue_on_step_failure": False, "force_rerun": True, "_source": "DSL"}
+    assert props["tags"] == {
+        "tunegridrunid": "r1",
+        "tunegriddataset": "ultrachat.jsonl",
+        "tunegrid-owner": "tunegrid",
+        "tunegridbasemodelid": NOTEBOOK_MODEL_ID,
+    }
+    assert props["outputs"] == {"trained_model": {"mode": "ReadWriteMount", "jobOutputType": "mlflow_model"}}
+    node = props["jobs"]["chat_completion_pipeline"]
+    assert node["componentId"] == NOTEBOOK_COMPONENT_ID and node["type"] == "pipeline"
+    assert node["outputs"] == {"mlflow_model_folder": {"value": "${{parent.outputs.trained_model}}", "type": "literal"}}
+    assert node["inputs"]["mlflow_model_path"] == {"uri": NOTEBOOK_MODEL_ID, "job_input_type": "mlflow_model"}
+    assert node["inputs"]["train_file_path"] == {
+        "uri": "azureml://datastores/prepareddata/paths/r1/train.jsonl",
+        "job_input_type": "uri_file",
+    }
+    assert node["inputs"]["test_file_path"] == {
+        "uri": "azureml://datastores/prepareddata/paths/r1/test.jsonl",
+        "job_input_type": "uri_file",
+    }
+    assert _literals(node) == {
+        # the notebook's compute inputs (serverless here, with the component's instance types)
+        "compute_model_import": "serverless",
+        "compute_preprocess": "serverless",
+        "compute_finetune": "serverless",
+        "compute_model_evaluation": "serverless",
+        "instance_type_model_import": "Standard_d12_v2",
+        "instance_type_preprocess": "Standard_d12_v2",
+        "instance_type_finetune": "Standard_nc24rs_v3",
+        "instance_type_model_evaluation": "Standard_nc24rs_v3",
+        "mlflow_model_path": NOTEBOOK_MODEL_ID,
+        "train_file_path": "azureml://datastores/prepareddata/paths/r1/train.jsonl",
+        "test_file_path": "azureml://datastores/prepareddata/paths/r1/test.jsonl",
+        # GPUs per node from list_sizes() for Standard_nc24rs_v3
+        "number_of_gpu_to_use_finetuning": "4",
+        "num_nodes_finetune": "1",
+        # the notebook's finetune_parameters
+        "num_train_epochs": "3",
+        "per_device_train_batch_size": "1",
+        "per_device_eval_batch_size": "1",
+        "learning_rate": "5e-06",
+        "lr_scheduler_type": "cosine",
+        "apply_lora": "true",
+        "apply_deepspeed": "true",
+        "deepspeed_stage": "2",
+    }
+
+
+def test_model_specific_defaults_and_sidecar_values_reach_the_job(azureml_rig: AzureMLRig) -> None:
+    """model_specific_defaults override the notebook's defaults; the user's sidecar values override both."""
+    rig = azureml_rig
+    rig.serve_registry()  # its tag: apply_deepspeed/apply_lora true, precision 16, ignore_mismatched_sizes false, max_seq_length 2048
+    rig.serve_vm_sizes()
+    put = rig.accept_job_submission()
+    rig.backend().submit_finetune(_request(params={"max_seq_length": 1024, "learning_rate": 1e-4}))
+    inputs = _literals(put.calls[0].json["properties"]["jobs"]["chat_completion_pipeline"])
+    assert inputs["precision"] == "16" and inputs["ignore_mismatched_sizes"] == "false"
+    assert inputs["max_seq_length"] == "1024" and inputs["learning_rate"] == "0.0001"
+    assert inputs["num_train_epochs"] == "3"
+
+
+def test_an_existing_job_is_returned_not_resubmitted(azureml_rig: AzureMLRig) -> None:
+    """Check before act: a job with our name exists, so nothing else is read or sent."""
+    rig = azureml_rig
+    rig.serve_job("tunegrid-r1", status="Running")
+    ref = rig.backend().submit_finetune(_request())
+    assert ref.name == "tunegrid-r1" and ref.base_model_id == NOTEBOOK_MODEL_ID
+    assert rig.summary() == ["GET {ws}/jobs/tunegrid-r1", "GET {ws}"]
+    assert not rig.requests("PUT")
+
+
+def test_a_concurrent_submission_409_reads_the_job_created_first(azureml_rig: AzureMLRig) -> None:
+    """A 409 on the PUT (someone submitted it meanwhile) returns the existing job."""
+    rig = azureml_rig
+    rig.serve_registry()
+    rig.serve_vm_sizes()
+    job = load("job_pipeline.json", job_name="tunegrid-r1", status="NotStarted", run_id="r1")
+    rig.on("GET", re.escape(f"{WS_PATH}/jobs/tunegrid-r1"), error_reply(404, "UserError", "not found"), Reply(200, job))
+    rig.on(
+        "PUT",
+        re.escape(f"{WS_PATH}/jobs/tunegrid-r1"),
+        error_reply(409, "Conflict", "A job with this name already exists"),
+    )
+    assert rig.backend().submit_finetune(_request()).name == "tunegrid-r1"
+    assert len(rig.requests("PUT")) == 1
+
+
+@pytest.mark.parametrize(
+    ("cluster_state", "vm_size", "model_tags", "error"),
+    [
+        (None, "", None, "compute cluster 'gpu-cluster-big' does not exist"),
+        ("Failed", "STANDARD_ND40RS_V2", None, "failed provisioning state"),
+        ("Succeeded", "Standard_NC6", "none", r"Standard_NC6 .*K80"),
+        ("Succeeded", "STANDARD_NC6S_V3", None, r"STANDARD_NC6S_V3 .*not in the allow-listed computes"),
+        ("Succeeded", "Standard_E4s_v3", "none", r"GPUs of VM size Standard_E4s_v3 .*not found"),
+    ],
+)
+def test_compute_checks_refuse_before_submitting(
+    azureml_rig: AzureMLRig, cluster_state: str | None, vm_size: str, model_tags: str | None, error: str
+) -> None:
+    """Missing or failed clusters, K80 sizes and sizes outside the allow list stop the submission."""
+    rig = azureml_rig
+    model = load("model_phi3_mini.json")
+    if model_tags == "none":
+        del model["properties"]["tags"]["finetune_compute_allow_list"]
+    rig.serve_registry(model=model)
+    rig.serve_vm_sizes()
+    rig.accept_job_submission()
+    if cluster_state is None:
+        rig.on(
+            "GET",
+            re.escape(f"{WS_PATH}/computes/gpu-cluster-big"),
+            error_reply(404, "NotFound", "The compute gpu-cluster-big was not found"),
+        )
+    else:
+        rig.serve_cluster("gpu-cluster-big", vm_size=vm_size, state=cluster_state)
+    with pytest.raises(ComputeError, match=error):
+        rig.backend(rig.settings(AZUREML_COMPUTE="gpu-cluster-big")).submit_finetune(_request())
+    assert not rig.requests("PUT")
+
+
+def test_a_cluster_in_the_allow_list_gets_all_four_steps_and_its_gpu_count(azureml_rig: AzureMLRig) -> None:
+    """As in the notebook: the cluster name for the four compute inputs, GPUs from list_sizes(), no instance types."""
+    rig = azureml_rig
+    rig.serve_registry()
+    rig.serve_vm_sizes()
+    rig.serve_cluster("a100", vm_size="STANDARD_ND96ASR_V4")
+    put = rig.accept_job_submission()
+    rig.backend().submit_finetune(_request(compute={"cluster": "a100"}))
+    inputs = _literals(put.calls[0].json["properties"]["jobs"]["chat_completion_pipeline"])
+    assert {k: v for k, v in inputs.items() if k.startswith(("compute_", "instance_type_"))} == {
+        "compute_model_import": "a100",
+        "compute_preprocess": "a100",
+        "compute_finetune": "a100",
+        "compute_model_evaluation": "a100",
+    }
+    assert inputs["number_of_gpu_to_use_finetuning"] == "8"
+
+
+def test_more_gpus_than_the_size_has_is_refused(azureml_rig: AzureMLRig) -> None:
+    """An explicit gpus_per_node above what list_sizes() reports for the serverless size is a ComputeError."""
+    rig = azureml_rig
+    rig.serve_registry()
+    rig.serve_vm_sizes()
+    rig.accept_job_submission()
+    with pytest.raises(ComputeError, match="more than the 4 GPUs"):
+        rig.backend(rig.settings(AZUREML_GPUS_PER_NODE="8")).submit_finetune(_request())
+
+
+def test_malformed_model_tags_are_a_config_error(azureml_rig: AzureMLRig) -> None:
+    """A registry model whose tags cannot be parsed stops the submission with a clear ConfigError."""
+    rig = azureml_rig
+    model = load("model_phi3_mini.json")
+    model["properties"]["tags"]["model_specific_defaults"] = "{'apply_lora': 'true'"
+    rig.serve_registry(model=model)
+    rig.accept_job_submission()
+    with pytest.raises(ConfigError, match=r"Phi-3-mini-4k-instruct:15: tag 'model_specific_defaults'"):
+        rig.backend().submit_finetune(_request())
+    assert not rig.requests("PUT")
+
+
+@pytest.mark.parametrize(
+    ("route", "match"),
+    [
+        (
+            re.escape(REGISTRY_PATH) + "/models/Phi-3-mini-4k-instruct/versions",
+            r"base model Phi-3-mini-4k-instruct \(label latest\) in registry azureml: not found",
+        ),
+        (
+            re.escape(REGISTRY_PATH) + "/components/chat_completion_pipeline/versions",
+            r"pipeline component chat_completion_pipeline \(label latest\) in registry azureml: not found",
+        ),
+    ],
+)
+def test_a_missing_model_or_component_is_not_found_with_its_name(
+    azureml_rig: AzureMLRig, route: str, match: str
+) -> None:
+    """404 for the registry model or component is NotFound naming it."""
+    rig = azureml_rig
+    rig.serve_registry()
+    rig.serve_vm_sizes()
+    rig.accept_job_submission()
+    rig.on("GET", route, error_reply(404, "NotFound", "Could not find asset"))
+    with pytest.raises(NotFound, match=match):
+        rig.backend().submit_finetune(_request())
+
+
+def test_a_pinned_model_version_is_read_directly(azureml_rig: AzureMLRig) -> None:
+    """A pinned base model version skips the label lookup; 404 on it is NotFound with the version."""
+    rig = azureml_rig
+    rig.serve_registry()
+    rig.accept_job_submission()
+    rig.on(
+        "GET",
+        re.escape(REGISTRY_PATH) + "/models/Phi-3-mini-4k-instruct/versions/99",
+        error_reply(404, "NotFound", "no such version"),
+    )
+    with pytest.raises(NotFound, match=r"base model Phi-3-mini-4k-instruct \(version 99\)"):
+        rig.backend().submit_finetune(_request(base_model_version="99"))
+    assert not rig.requests("GET", r"/models/Phi-3-mini-4k-instruct/versions$")
+
+
+@pytest.mark.parametrize(
+    ("status", "route_registry", "role", "scope"),
+    [
+        (403, False, "AzureML Data Scientist", f"workspace {WS_PATH}"),
+        (401, False, "AzureML Data Scientist", f"workspace {WS_PATH}"),
+        (403, True, "AzureML Registry User", "registry azureml"),
+    ],
+)
+def test_permission_errors_name_the_missing_role_and_scope(
+    azureml_rig: AzureMLRig, status: int, route_registry: bool, role: str, scope: str
+) -> None:
+    """401/403 become PermissionDenied saying which role the identity lacks on which scope."""
+    rig = azureml_rig
+    rig.serve_registry()
+    code = "AuthorizationFailed" if status == 403 else "InvalidAuthenticationToken"
+    denied = error_reply(status, code, "The client 'tunegrid' does not have authorization to perform this action")
+    if route_registry:
+        rig.accept_job_submission()
+        rig.on("GET", re.escape(REGISTRY_PATH) + "/models/.*", denied)
+    else:
+        rig.on("GET", re.escape(f"{WS_PATH}/jobs/tunegrid-r1"), denied)
+    with pytest.raises(PermissionDenied) as info:
+        rig.backend().submit_finetune(_request())
+    message = str(info.value)
+    assert f"lacks the role '{role}' on the {scope}" in message and f"HTTP {status}" in message and code in message
+
+
+@pytest.fixture
+def retry_waits() -> Any:
+    """The waits stamina decided on, recorded through its instrumentation hook."""
+    waits: list[float] = []
+    previous = stamina.instrumentation.get_on_retry_hooks()
+    stamina.instrumentation.set_on_retry_hooks([lambda details: waits.append(details.wait_for)])
+    yield waits
+    stamina.instrumentation.set_on_retry_hooks(previous)
+
+
+def test_429_and_503_with_retry_after_are_retried_then_succeed(
+    azureml_rig: AzureMLRig, retry_waits: list[float]
+) -> None:
+    """Throttling is retried with the server's Retry-After as the wait, then the call succeeds."""
+    rig = azureml_rig
+    job = load("job_pipeline.json", job_name="tunegrid-r1", status="Running", run_id="r1")
+    rig.on(
+        "GET",
+        re.escape(f"{WS_PATH}/jobs/tunegrid-r1"),
+        error_reply(429, "TooManyRequests", "throttled", headers={"retry-after-ms": "20"}),
+        error_reply(503, "ServiceUnavailable", "busy", headers={"Retry-After": "0"}),
+        Reply(200, job),
+    )
+    status = rig.backend().get_job("tunegrid-r1")
+    assert status is not None and status.state == JobState.RUNNING
+    assert len(rig.requests("GET", r"/jobs/tunegrid-r1$")) == 3
+    assert retry_waits == [0.02, 0.0]
+
+
+def test_retries_are_bounded_then_transient(azureml_rig: AzureMLRig) -> None:
+    """A service that stays unavailable ends in TransientError after the configured attempts."""
+    rig = azureml_rig
+    rig.on(
+        "GET",
+        re.escape(f"{WS_PATH}/jobs/tunegrid-r1"),
+        error_reply(503, "ServiceUnavailable", "busy", headers={"retry-after-ms": "1"}),
+    )
+    with pytest.raises(TransientError, match=r"HTTP 503.*gave up after 3 attempts"):
+        rig.backend(attempts=3).get_job("tunegrid-r1")
+    assert len(rig.requests("GET", r"/jobs/tunegrid-r1$")) == 3
+
+
+def test_a_retry_after_longer_than_the_cap_is_not_slept(azureml_rig: AzureMLRig) -> None:
+    """Retry-After beyond the cap fails at once (the event or timer retries later) instead of blocking."""
+    rig = azureml_rig
+    rig.on(
+        "GET",
+        re.escape(f"{WS_PATH}/jobs/tunegrid-r1"),
+        error_reply(429, "TooManyRequests", "throttled", headers={"Retry-After": "600"}),
+    )
+    with pytest.raises(TransientError, match="HTTP 429"):
+        rig.backend(max_wait_s=30.0).get_job("tunegrid-r1")
+    assert len(rig.requests("GET", r"/jobs/tunegrid-r1$")) == 1
+
+
+def test_a_failed_job_reports_the_failed_steps_error(azureml_rig: AzureMLRig) -> None:
+    """The reason is the error of the deepest failed step (the pipeline node's failed child)."""
+    rig = azureml_rig
+    root = "tunegrid-r1"
+    rig.serve_job(root, status="Failed")
+    node = rig.run_doc("node-run", parent=root, root=root, status="Failed", display_name="chat_completion_pipeline")
+    rig.serve_job("node-run", status="Failed")
+    rig.serve_run_children(root, [node])
+    steps = [
+        rig.run_doc(
+            "step-validation", parent="node-run", root=root, status="Completed", display_name="ft_nlp_common_validation"
+        ),
+        rig.run_doc(
+            "step-finetune",
+            parent="node-run",
+            root=root,
+            status="Failed",
+            display_name="chat_completion_finetune",
+            failed_with=True,
+        ),
+    ]
+    rig.serve_run_children("node-run", steps)
+    rig.serve_job("step-finetune", status="Failed")
+    rig.serve_run_children("step-finetune", [])
+    rig.serve_run(steps[1])
+
+    status = rig.backend().get_job(root)
+
+    assert status is not None and status.state == JobState.FAILED and status.raw_status == "Failed"
+    assert status.error == (
+        "step chat_completion_finetune failed: UserError: torch.OutOfMemoryError: CUDA out of memory. "
+        "Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 15.77 GiB of which 1.02 GiB is free."
+    )
+    assert status.tags["tunegridrunid"] == "run-1"
+
+
+def test_a_missing_job_reads_as_none(azureml_rig: AzureMLRig) -> None:
+    """get_job on an unknown name is None (the rollout then logs and waits)."""
+    rig = azureml_rig
+    rig.on("GET", re.escape(f"{WS_PATH}/jobs/nope"), error_reply(404, "UserError", "not found"))
+    assert rig.backend().get_job("nope") is None
+
+
+def test_cancel_starts_the_cancellation_without_waiting(azureml_rig: AzureMLRig) -> None:
+    """A running job gets POST .../cancel (an LRO, accepted); a finished one is left alone."""
+    rig = azureml_rig
+    rig.serve_job("tunegrid-r1", status="Running")
+    rig.serve_job("tunegrid-r2", status="Completed")
+    rig.lro("POST", re.escape(f"{WS_PATH}/jobs/tunegrid-r1/cancel"), initial_status=202, header="Location")
+    backend = rig.backend()
+    op = backend.cancel_job("tunegrid-r1")
+    assert (op.kind, op.target, op.done) == ("cancel-job", "tunegrid-r1", False)
+    done = backend.cancel_job("tunegrid-r2")
+    assert done.done and done.status == "Completed"
+    assert [c.path for c in rig.requests("POST")] == [f"{WS_PATH}/jobs/tunegrid-r1/cancel"]
+
+
+def test_metrics_come_from_the_jobs_mlflow_run(azureml_rig: AzureMLRig) -> None:
+    """runs/get lists the metric keys, get-history gives each series, with an ARM token."""
+    rig = azureml_rig
+    rig.on(
+        "GET",
+        re.escape(f"{MLFLOW_PATH}/runs/get"),
+        Reply(200, load("mlflow_run.json", run_id="tunegrid-r1")),
+        host=API_HOST.removeprefix("https://"),
+    )
+
+    def history(call: Any) -> Reply:
+        key = call.query["metric_key"]
+        points = {
+            "loss": [(10, 1.61), (20, 1.22), (30, 0.98)],
+            "eval_loss": [(30, 1.04)],
+            "learning_rate": [(10, 5e-6), (30, 0.0)],
+        }[key]
+        return Reply(
+            200,
+            {
+                "metrics": [
+                    {"key": key, "value": v, "timestamp": 1717230000000 + s, "step": s} for s, v in reversed(points)
+                ]
+            },
+        )
+
+    rig.on("GET", re.escape(f"{MLFLOW_PATH}/metrics/get-history"), history, host=API_HOST.removeprefix("https://"))
+    metrics = rig.backend().get_job_metrics("tunegrid-r1")
+    assert sorted(metrics) == ["eval_loss", "learning_rate", "loss"]
+    assert [(p.step, p.value) for p in metrics["loss"]] == [(10, 1.61), (20, 1.22), (30, 0.98)]
+    history_call = rig.requests("GET", "get-history")[0]
+    assert history_call.query["run_id"] == "tunegrid-r1"
+    assert history_call.headers["Authorization"].startswith("Bearer ")
+    assert ("https://management.azure.com/.default",) in rig.credential.scopes
+
+
+def test_unreadable_metrics_are_empty_not_an_error(azureml_rig: AzureMLRig, caplog: pytest.LogCaptureFixture) -> None:
+    """Metrics are for the report: a run MLflow does not know gives {} and a log line saying why."""
+    rig = azureml_rig
+    rig.on(
+        "GET",
+        re.escape(f"{MLFLOW_PATH}/runs/get"),
+        error_reply(404, "RESOURCE_DOES_NOT_EXIST", "Run 'x' not found"),
+        host=API_HOST.removeprefix("https://"),
+    )
+    assert rig.backend().get_job_metrics("x") == {}
+    assert "metrics of job x unavailable" in caplog.text
+
+
+def test_conflict_maps_to_conflict_error(azureml_rig: AzureMLRig) -> None:
+    """Any other 409 becomes ConflictError (here: cancelling a job the service says cannot be)."""
+    rig = azureml_rig
+    rig.serve_job("tunegrid-r1", status="Running")
+    rig.on(
+        "POST",
+        re.escape(f"{WS_PATH}/jobs/tunegrid-r1/cancel"),
+        error_reply(409, "Conflict", "The job is already being canceled"),
+    )
+    with pytest.raises(ConflictError, match="already being canceled"):
+        rig.backend().cancel_job("tunegrid-r1")
+
+
+def test_no_token_for_the_identity_is_permission_denied_with_what_to_do(azureml_rig: AzureMLRig) -> None:
+    """A credential that cannot produce a token fails with a message saying how to sign in."""
+    from azure.identity import CredentialUnavailableError
+
+    rig = azureml_rig
+
+    class NoToken(type(rig.credential)):  # type: ignore[misc]
+        def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+            raise CredentialUnavailableError(
+                "ManagedIdentityCredential authentication unavailable, no response from the IMDS endpoint."
+            )
+
+        get_token_info = get_token
+
+    rig.credential = NoToken()
+    with pytest.raises(PermissionDenied, match=r"could not get a token .*IMDS endpoint\. Locally run `az login`"):
+        rig.backend().get_job("tunegrid-r1")
+    assert not rig.calls
