@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -277,7 +278,11 @@ def _run_loop(config: DemoConfig, env: dict[str, str], port: int, clock: Clock) 
 
 
 def _stop_local_endpoints(ctx: Any) -> None:
-    """Leave no serving process behind (the janitor normally deleted the endpoint already)."""
+    """Leave no process behind: cancel unfinished jobs, delete endpoints (the janitor normally did)."""
+    with contextlib.suppress(Exception):
+        for record in ctx.ledger.list():
+            if record.job_name and record.state.value in ("submitting", "submitted", "running"):
+                ctx.backend.cancel_job(record.job_name)
     with contextlib.suppress(Exception):
         for endpoint in ctx.backend.list_endpoints():
             ctx.backend.begin_delete_endpoint(endpoint.name)
@@ -294,6 +299,11 @@ def main(config: DemoConfig) -> int:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     print(f"full log: {config.workdir / 'demo.log'}", flush=True)
+
+    def _terminate(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         result = run_demo(config)
     except KeyboardInterrupt:
