@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 import time
 import uuid
@@ -92,11 +93,28 @@ class EventOutcome:
 # --- naming -----------------------------------------------------------------------------------
 
 
+_REGISTRY_MODEL = re.compile(r"/models/([^/]+)(?:/(?:versions|labels)/[^/]+)?/?$")
+
+
+def base_model_short_name(base_model: str) -> str:
+    """`Phi-3-mini-4k-instruct` from a registry id (`azureml://registries/r/models/NAME/versions/15`),
+    an `azureml:NAME:VERSION` reference, an HF id (`org/NAME`) or a local path."""
+    match = _REGISTRY_MODEL.search(base_model)
+    if match:
+        return match.group(1)
+    name = base_model.rstrip("/").rsplit("/", 1)[-1]
+    if name.startswith("azureml:"):
+        name = name.removeprefix("azureml:")
+    return name.split(":")[0] or "model"
+
+
+def dataset_stem_of(record: RunRecord) -> str:
+    return record.blob.rsplit("/", 1)[-1].removesuffix(".jsonl")
+
+
 def model_name_for(record: RunRecord) -> str:
-    stem = record.blob.rsplit("/", 1)[-1].removesuffix(".jsonl")
-    base = (record.base_model or "model").rsplit("/", 1)[-1]
-    base = base.split(":")[0]
-    return azure_model_name(base, stem)
+    """The fine-tuned model family: base model + dataset (one endpoint per family)."""
+    return azure_model_name(base_model_short_name(record.base_model or "model"), dataset_stem_of(record))
 
 
 def model_version_for(record: RunRecord) -> str:
@@ -104,10 +122,15 @@ def model_version_for(record: RunRecord) -> str:
     return str(int(hashlib.sha256(record.run_id.encode()).hexdigest()[:7], 16) + 1)
 
 
-def endpoint_name_for(model_name: str, settings: Settings) -> str:
-    """One endpoint per fine-tuned model family; unique per app instance and workspace, deterministic."""
+def endpoint_name_for(record: RunRecord, model_name: str, settings: Settings) -> str:
+    """One endpoint per fine-tuned model family; unique per app instance and workspace, deterministic.
+
+    Endpoint names are 3-32 characters and unique per Azure region, so the readable part (dataset
+    first, it is the distinctive one, then the base model) is cut to fit and a hash of the whole
+    scope keeps it unique."""
     scope = f"{settings.instance}/{settings.subscription_id}/{settings.workspace_name}/{model_name}"
-    return azure_resource_name("tg", model_name, suffix=hashlib.sha256(scope.encode()).hexdigest()[:6])
+    readable = f"{dataset_stem_of(record)}-{base_model_short_name(record.base_model or 'model')}"
+    return azure_resource_name(readable, suffix=hashlib.sha256(scope.encode()).hexdigest()[:6])
 
 
 def deployment_name_for(record: RunRecord) -> str:
@@ -323,7 +346,7 @@ def _step_register(record: RunRecord, rollout: Rollout) -> RunRecord | None:
                 "tunegridbasemodel": record.base_model,
             },
         )
-    endpoint = endpoint_name_for(model.name, rollout.settings)
+    endpoint = endpoint_name_for(record, model.name, rollout.settings)
     return _move(
         leased,
         rollout,
