@@ -13,13 +13,14 @@ import logging
 import pkgutil
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from shared import commands
 from shared.errors import ConfigError, TunegridError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2 on usage errors; keep it, with our prefix
+    def error(self, message: str) -> NoReturn:  # argparse exits 2 on usage errors; keep it, with our prefix
         self.print_usage(sys.stderr)
         self.exit(2, f"tunegrid: error: {message}\n")
 

@@ -379,7 +379,7 @@ def _validate_and_prepare(
     assert sidecar is not None
     prefix = f"{run_id}"
     train_blob, test_blob = f"{prefix}/train.jsonl", f"{prefix}/test.jsonl"
-    if test_report is not None:
+    if test_report is not None and test_props is not None:
         train_bytes = (
             line + b"\n"
             for _, line in iter_lines(blobs.chunks(container, name, etag=etag), max_line_bytes=options.max_line_bytes)
@@ -392,7 +392,7 @@ def _validate_and_prepare(
                 blobs.chunks(container, test_name, etag=str(test_props["etag"])), max_line_bytes=options.max_line_bytes
             )
             if line is not None and line.strip()
-        )  # type: ignore[index]
+        )
         blobs.upload(PREPARED_CONTAINER, test_blob, test_bytes, content_type="application/jsonl")
         counts = {"train_rows": report.valid_rows, "test_rows": test_report.valid_rows, "test_source": test_name}
     else:
