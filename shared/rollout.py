@@ -443,19 +443,11 @@ def _smoke_conversations(record: RunRecord, rollout: Rollout, rows: int) -> list
 
 
 def _answer_text(response: Any) -> str:
-    """The first answer in any of the serving images' response shapes."""
-    if isinstance(response, str):
-        return response
-    if isinstance(response, list):
-        return _answer_text(response[0]) if response else ""
-    if isinstance(response, dict):
-        if response.get("choices"):
-            choice = response["choices"][0]
-            return str((choice.get("message") or {}).get("content") or choice.get("text") or "")
-        for key in ("output", "0", "generated_text", "content", "answer"):
-            if key in response:
-                return _answer_text(response[key])
-    return ""
+    """The first answer, in whichever shape the serving image used (the proxy's normaliser)."""
+    from shared.scoring import normalise_output
+
+    texts = normalise_output(response).texts
+    return texts[0] if texts else ""
 
 
 def _step_smoke(record: RunRecord, rollout: Rollout) -> RunRecord | None:
