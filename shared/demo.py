@@ -138,14 +138,18 @@ def _wait_report(ctx: Any, name: str, timeout_s: float) -> dict[str, Any]:
             if r.blob == name and r.report_url:
                 blob = r.report_url.split(f"/{REPORTS_CONTAINER}/", 1)[1]
                 doc: dict[str, Any] = json.loads(ctx.blobs.read_bytes(REPORTS_CONTAINER, blob, limit=10**8) or b"{}")
-                doc["_markdown"] = (ctx.blobs.read_bytes(REPORTS_CONTAINER, blob.replace(".report.json", ".report.md")) or b"").decode()
+                doc["_markdown"] = (
+                    ctx.blobs.read_bytes(REPORTS_CONTAINER, blob.replace(".report.json", ".report.md")) or b""
+                ).decode()
                 doc["_state"] = r.state.value
                 return doc
         time.sleep(0.3)
     raise TimeoutError(f"no validation report for {name} within {timeout_s:.0f}s")
 
 
-def _follow_run(ctx: Any, name: str, clock: Clock, config: DemoConfig, upload_at: float) -> tuple[Any, dict[str, float]]:
+def _follow_run(
+    ctx: Any, name: str, clock: Clock, config: DemoConfig, upload_at: float
+) -> tuple[Any, dict[str, float]]:
     """Print each stage as the ledger reaches it, with training steps and loss from the job."""
     deadline = time.monotonic() + config.timeout_s
     seen: dict[str, float] = {}
@@ -173,13 +177,18 @@ def _follow_run(ctx: Any, name: str, clock: Clock, config: DemoConfig, upload_at
                     if p.get("step", -1) != last_step:
                         last_step = p["step"]
                         loss = p.get("loss")
-                        say(clock, f"  training step {p['step']}/{p['total']}  loss {loss if loss is None else round(loss, 4)}  {p.get('tokens_per_s', 0):.0f} tokens/s")
+                        say(
+                            clock,
+                            f"  training step {p['step']}/{p['total']}  loss {loss if loss is None else round(loss, 4)}  {p.get('tokens_per_s', 0):.0f} tokens/s",
+                        )
             if record.state.value in FAILED:
                 raise RuntimeError(f"run {record.run_id} ended {record.state.value}: {record.error}")
             if record.state.value == "live":
                 return record, seen
         time.sleep(0.25)
-    raise TimeoutError(f"run did not go live within {config.timeout_s:.0f}s (last state: {record.state.value if record else 'none'})")
+    raise TimeoutError(
+        f"run did not go live within {config.timeout_s:.0f}s (last state: {record.state.value if record else 'none'})"
+    )
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
@@ -194,7 +203,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     resolve_base_model(config.model)
     port = free_port()
     with run_azurite(log_path=config.workdir / "azurite.log") as azurite:
-        say(clock, f"Azurite up (blob {azurite.blob_port}, queue {azurite.queue_port}, table {azurite.table_port}), pid {azurite.pid}")
+        say(
+            clock,
+            f"Azurite up (blob {azurite.blob_port}, queue {azurite.queue_port}, table {azurite.table_port}), pid {azurite.pid}",
+        )
         env = _env(config, azurite.connection_string, port, workspace)
         with _environment(env):
             return _run_loop(config, env, port, clock)
@@ -211,7 +223,14 @@ def _run_loop(config: DemoConfig, env: dict[str, str], port: int, clock: Clock) 
     reset_app_context()
     ctx = app_context()
     ctx.storage  # noqa: B018 - creates the containers and tables before the host polls them
-    host = DevHost("function_app:app", settings=env, port=port, state_dir=config.workdir / "devhost", timings=HostTimings(blob_poll_interval_s=0.5), root=ROOT)
+    host = DevHost(
+        "function_app:app",
+        settings=env,
+        port=port,
+        state_dir=config.workdir / "devhost",
+        timings=HostTimings(blob_poll_interval_s=0.5),
+        root=ROOT,
+    )
     host.start()
     try:
         say(clock, f"dev host up at {host.base_url}: {len(host.routes())} functions")
@@ -237,14 +256,19 @@ def _run_loop(config: DemoConfig, env: dict[str, str], port: int, clock: Clock) 
         }
         ctx.blobs.upload(TRAINING_CONTAINER, "ultrachat-demo.config.json", json.dumps(sidecar).encode())
         data = b"\n".join(lines[: config.rows]) + b"\n"
-        say(clock, f"uploading {name}: {config.rows} ultrachat_200k rows, {len(data)} bytes, sidecar {sidecar['finetune']}")
+        say(
+            clock,
+            f"uploading {name}: {config.rows} ultrachat_200k rows, {len(data)} bytes, sidecar {sidecar['finetune']}",
+        )
         upload_at = clock()
         ctx.blobs.upload(TRAINING_CONTAINER, name, data)
         record, stages = _follow_run(ctx, name, clock, config, upload_at)
 
         client = OpenAI(base_url=f"{host.base_url}/api/v1", api_key=env["PROXY_API_KEYS"], max_retries=0, timeout=120)
         say(clock, f"asking {record.model_name} through /api/v1/chat/completions: {QUESTION!r}")
-        reply = client.chat.completions.create(model=record.model_name, messages=[{"role": "user", "content": QUESTION}], max_tokens=48, temperature=0.7)
+        reply = client.chat.completions.create(
+            model=record.model_name, messages=[{"role": "user", "content": QUESTION}], max_tokens=48, temperature=0.7
+        )
         answer = reply.choices[0].message.content or ""
         total = clock() - upload_at
         stages["answered"] = total

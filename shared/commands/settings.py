@@ -15,7 +15,9 @@ def _settings(args: argparse.Namespace) -> int:
         return 0
     print("| setting | default | meaning |")
     print("|---|---|---|")
-    print(f"| `{STORAGE_CONNECTION}` | Azurite | Data storage connection: a connection string locally; in Azure `{STORAGE_CONNECTION}__blobServiceUri`, `__queueServiceUri`, `__tableServiceUri`, `__credential=managedidentity`, `__clientId`. Falls back to `AzureWebJobsStorage`. |")
+    print(
+        f"| `{STORAGE_CONNECTION}` | Azurite | Data storage connection: a connection string locally; in Azure `{STORAGE_CONNECTION}__blobServiceUri`, `__queueServiceUri`, `__tableServiceUri`, `__credential=managedidentity`, `__clientId`. Falls back to `AzureWebJobsStorage`. |"
+    )
     print("| `AzureWebJobsStorage` | Azurite | The Functions host's own storage (identity form in Azure). |")
     for s in SETTINGS:
         default = f"`{s.default}`" if s.default else "(empty)"

@@ -157,6 +157,8 @@ class LocalBackend:
             fetch_data=blob_fetcher(settings.storage_connection),
             instance=settings.instance,
             experiment_name=settings.experiment_name or "tunegrid-local",
+            model_cache_dir=settings.local_model_cache_dir or None,
+            max_eval_rows=settings.local_max_eval_rows,
         )
 
     def __repr__(self) -> str:
