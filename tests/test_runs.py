@@ -1,0 +1,111 @@
+"""Run status for people: `runs`, `status` (with the loss-curve PNG), `cancel`, and the HTTP routes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import azure.functions as func
+import pytest
+
+from shared.backends.base import JobState
+from shared.bootstrap import AppContext, set_app_context
+from shared.cli import main
+from shared.errors import InvalidInput, NotFound
+from shared.ingest import ingest_dataset
+from shared.ledger import RunState, TableRunLedger
+from shared.runs import cancel_run, list_runs, run_status
+from shared.settings import LEDGER_TABLE, RUN_REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
+from shared.storage import BlobStore
+from tests.fakes import FakeBackend
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+@pytest.fixture
+def ctx(storage: Any, storage_conn: str, unique: str) -> Any:
+    settings = Settings.from_env({"DataStorage": storage_conn, "TUNEGRID_INSTANCE": f"runs{unique}"})
+    context = AppContext(
+        settings,
+        overrides={
+            "ledger": TableRunLedger(storage.tables.get_table_client(LEDGER_TABLE)),
+            "blobs": BlobStore(storage.blobs),
+            "backend": FakeBackend(),
+            "storage": storage,
+        },
+    )
+    set_app_context(context)
+    yield context
+    set_app_context(None)
+
+
+def _run(ctx: Any, unique: str) -> Any:
+    rows = (SAMPLES / "azureml_chat_train.jsonl").read_bytes().splitlines()[:30]
+    name = f"runs-{unique}.jsonl"
+    ctx.blobs.upload(TRAINING_CONTAINER, name, b"\n".join(rows) + b"\n")
+    outcome = ingest_dataset(
+        container=TRAINING_CONTAINER,
+        name=name,
+        blobs=ctx.blobs,
+        ledger=ctx.ledger,
+        backend=ctx.backend,
+        settings=ctx.settings,
+    )
+    return ctx.ledger.get(outcome.run_id)
+
+
+def test_list_status_and_cancel(ctx: Any, unique: str) -> None:
+    """A submitted run is listed, its status has the timeline and metrics, and it can be canceled once."""
+    record = _run(ctx, unique)
+    assert any(r["run_id"] == record.run_id and r["state"] == "submitted" for r in list_runs(ctx.ledger))
+    status = run_status(ctx.ledger, ctx.backend, record.run_id)
+    assert [t["state"] for t in status["timeline"]] == ["received", "validating", "submitting", "submitted"]
+    assert status["metrics_series"]["loss"] == [[1, 2.5], [2, 1.5]]
+    assert status["split"]["train_rows"] + status["split"]["test_rows"] == 30
+    cancel_run(ctx.ledger, ctx.backend, record.run_id)
+    assert ctx.backend.jobs[record.job_name].state == JobState.CANCELED
+    ctx.ledger.transition(record.run_id, RunState.CANCELED, error="canceled by user")
+    with pytest.raises(InvalidInput, match="only submitted or running"):
+        cancel_run(ctx.ledger, ctx.backend, record.run_id)
+    with pytest.raises(NotFound):
+        run_status(ctx.ledger, ctx.backend, "r-nope")
+
+
+def test_status_command_writes_the_loss_curve(
+    ctx: Any, unique: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status RUN_ID` prints the timeline and writes a PNG next to the run report."""
+    record = _run(ctx, unique)
+    assert main(["status", record.run_id, "--plot-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"run {record.run_id}: submitted" in out and "timeline" in out
+    png = tmp_path / f"{record.run_id}-loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ctx.blobs.read_bytes(RUN_REPORTS_CONTAINER, f"{record.run_id}/loss.png") == png.read_bytes()
+    assert main(["runs", "--json"]) == 0
+    assert record.run_id in {r["run_id"] for r in json.loads(capsys.readouterr().out)}
+    assert main(["status", "r-missing"]) == 1
+
+
+def test_http_routes_return_the_same_data(ctx: Any, unique: str) -> None:
+    """GET /api/runs and /api/runs/{id}, called as the host calls them."""
+    from function_app import app
+    from shared.appindex import functions_of
+
+    record = _run(ctx, unique)
+    fns = {f.get_function_name(): f.get_user_function() for f in functions_of(app)}
+    listed = fns["runs_list"](func.HttpRequest(method="GET", url="/api/runs", body=b"", params={"limit": "5"}))
+    assert listed.status_code == 200 and record.run_id in {r["run_id"] for r in json.loads(listed.get_body())["runs"]}
+    one = fns["run_status"](
+        func.HttpRequest(
+            method="GET", url=f"/api/runs/{record.run_id}", body=b"", route_params={"run_id": record.run_id}
+        )
+    )
+    assert one.status_code == 200 and json.loads(one.get_body())["state"] == "submitted"
+    missing = fns["run_status"](
+        func.HttpRequest(method="GET", url="/api/runs/x", body=b"", route_params={"run_id": "x"})
+    )
+    assert missing.status_code == 404
+    bad = fns["runs_list"](func.HttpRequest(method="GET", url="/api/runs", body=b"", params={"limit": "lots"}))
+    assert bad.status_code == 400
