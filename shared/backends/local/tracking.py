@@ -84,12 +84,15 @@ class Tracking:
         # Some registry calls build their own MlflowClient() from the global URIs: point them here too.
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
-        client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         if self.uri in _READY and self.db.is_file():
-            return client
+            return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         self.root.mkdir(parents=True, exist_ok=True)
         with file_lock(self.root / ".init.lock"):
+            # Constructing the client already opens (and, the first time, migrates) the tracking
+            # store, and the registry store migrates on its first use: both under the lock.
+            client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
             client.search_experiments(max_results=1)
+            client.search_registered_models(max_results=1)
         _READY.add(self.uri)
         return client
 
