@@ -3,7 +3,9 @@
 A malformed dataset must never reach a GPU cluster, so this runs before anything is submitted and
 answers in seconds. It streams: memory stays flat whatever the file size (the only structures that
 grow are bounded: see `DuplicateIndex` and the token histogram). The same code reads a local file
-(`validate_path`) and a blob (`validate_chunks` over `BlobStore.chunks()`).
+(`validate_path`) and a blob (`validate_chunks` over `BlobStore.chunks()`). A big local file is
+validated in parts by forked worker processes and merged in file order into the same report
+(`_validate_in_parts`).
 
 Every row goes through one strict JSON parse (orjson: RFC 8259, so NaN/Infinity are rejected).
 A row that is an object holding only `messages` of `{"role", "content"}` string pairs in a valid
@@ -16,9 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import multiprocessing
 import os
 import queue
 import re
+import stat
+import sys
 import threading
 from array import array
 from collections import Counter
@@ -26,9 +31,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import accumulate, chain, compress, count, pairwise, repeat
+from multiprocessing.connection import Connection
 from operator import add, and_, attrgetter, eq, floordiv, gt, not_, sub
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import orjson
 
@@ -215,14 +221,19 @@ def iter_lines(chunks: Iterable[bytes], *, max_line_bytes: int) -> Iterator[tupl
         yield from zip(count(first), lines)
 
 
-def line_batches(chunks: Iterable[bytes], *, max_line_bytes: int) -> Iterator[tuple[int, list[bytes | None]]]:
-    """The lines of `iter_lines`, a list per chunk: `(number of the first line, lines)`."""
+def line_batches(
+    chunks: Iterable[bytes], *, max_line_bytes: int, bom: bool = True
+) -> Iterator[tuple[int, list[bytes | None]]]:
+    """The lines of `iter_lines`, a list per chunk: `(number of the first line, lines)`.
+
+    `bom=False` keeps a leading BOM (for a stream that starts inside a file, not at its start).
+    """
     lineno = 1  # number of the next line
     pending: list[bytes] = []  # pieces of the unfinished line that started in an earlier chunk
     pending_len = 0
     skipping = False  # the unfinished line is already over the limit: drop its bytes
     limit = max_line_bytes
-    for chunk in _without_bom(chunks):
+    for chunk in _without_bom(chunks, strip=bom):
         pieces: list[bytes | None] = chunk.split(b"\n")  # type: ignore[assignment]
         tail: bytes = pieces.pop()  # type: ignore[assignment]
         if pieces:
@@ -267,7 +278,7 @@ def line_batches(chunks: Iterable[bytes], *, max_line_bytes: int) -> Iterator[tu
         yield lineno, [None if len(last) > limit else last]
 
 
-def _without_bom(chunks: Iterable[bytes]) -> Iterator[bytes]:
+def _without_bom(chunks: Iterable[bytes], *, strip: bool = True) -> Iterator[bytes]:
     """The stream without a leading BOM, in pieces of at most `SPLIT_BYTES` (splitting stays in cache)."""
     it = iter(chunks)
     head = b""
@@ -275,7 +286,7 @@ def _without_bom(chunks: Iterable[bytes]) -> Iterator[bytes]:
         head += bytes(chunk)
         if len(head) >= len(BOM):
             break
-    if head.startswith(BOM):
+    if strip and head.startswith(BOM):
         head = head[len(BOM) :]
     for chunk in chain((head,), it):
         if type(chunk) is not bytes:
@@ -527,6 +538,19 @@ class DuplicateIndex:
         self._lines.extend(range(first_line, first_line + len(keys)))
         return True
 
+    def add_many(self, keys: array[int], lines: array[int]) -> list[int]:
+        """`add` each (key, line) in order; the positions of the keys seen before (bulk in C when there are none)."""
+        seen = self._set
+        if len(seen) + len(keys) <= self.max_rows and seen.isdisjoint(keys):
+            before = len(seen)
+            seen.update(keys)
+            if len(seen) - before == len(keys):
+                self._keys.extend(keys)
+                self._lines.extend(lines)
+                return []
+            seen.difference_update(keys)  # a repeat among the new keys: none was there before
+        return [i for i, (key, line) in enumerate(zip(keys, lines, strict=True)) if not self.add(key, line)]
+
     def add(self, key: int, line: int) -> bool:
         """Remember one hash; False if it was seen before."""
         if key in self._set:
@@ -597,6 +621,7 @@ class _Tally:
         self.warnings: list[Issue] = []
         self.error_counts: dict[str, int] = {}
         self.warning_counts: dict[str, int] = {}
+        self.first_warning_lines: dict[str, int | None] = {}  # (merging parts keeps the codes' order)
 
     def error(self, line: int | None, code: str, message: str) -> None:
         self.error_counts[code] = self.error_counts.get(code, 0) + 1
@@ -609,7 +634,11 @@ class _Tally:
         return len(self.warnings) < self.cap
 
     def warning(self, line: int | None, code: str, message: str) -> None:
-        self.warning_counts[code] = self.warning_counts.get(code, 0) + 1
+        n = self.warning_counts.get(code)
+        if n is None:
+            self.first_warning_lines[code] = line
+            n = 0
+        self.warning_counts[code] = n + 1
         if len(self.warnings) < self.cap:
             self.warnings.append(Issue(line, code, message))
 
@@ -652,12 +681,12 @@ _decode_row: Callable[[bytes | None], Any] | None = None
 _message_type: Callable[[str, str], object] | None = None
 if msgspec is not None:
 
-    class _Message(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    class _Message(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
         role: Literal["system", "user", "assistant"]
         content: str
 
-    class _Row(msgspec.Struct, forbid_unknown_fields=True):
-        messages: list[_Message]
+    class _Row(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+        messages: tuple[_Message, ...]  # a tuple: hashed as it is for the duplicate check
         prompt: str = ""  # a prompt that is not a string takes the slow path
         prompt_id: str = ""
         tools: Any = msgspec.UNSET
@@ -751,10 +780,33 @@ class _Digest:
         return self._sha.hexdigest()
 
 
+@dataclass
+class _Part:
+    """The outcome of validating a part of a file on its own (lines numbered from 1), for `_Run.merge`."""
+
+    lines: int
+    sums: tuple[int, int, int, int, int, int]  # rows, valid rows, blank lines, messages, tokens, assistant tokens
+    extremes: tuple[int, int, int, int]  # min and max messages, min and max tokens
+    tok_hist: dict[int, int]
+    errors: list[Issue]
+    error_counts: dict[str, int]
+    warnings: list[Issue]  # the first ones (capped), duplicates left out
+    warning_counts: dict[str, int]  # duplicates left out
+    first_warning_lines: dict[str, int | None]
+    keys: array[int]  # duplicate keys of the valid rows, in line order
+    key_lines: array[int]
+
+
 class _Run:
     """One validation: issues, statistics over valid rows, the duplicate index."""
 
-    def __init__(self, options: ValidationOptions) -> None:
+    def __init__(
+        self,
+        options: ValidationOptions,
+        *,
+        defer_duplicates: bool = False,
+        patterns: dict[tuple[str, ...], _RolePattern] | None = None,
+    ) -> None:
         self.options = options
         self.counter = _TokenizerCounter(options.tokenizer) if options.tokenizer else None
         self.tally = _Tally(max(0, options.max_listed_errors))
@@ -764,7 +816,11 @@ class _Run:
         self.msg_min = self.tok_min = 1 << 62
         self.msg_max = self.msg_sum = self.tok_max = self.tok_sum = self.asst_sum = 0
         self.tok_hist: Counter[int] = Counter()
-        self._patterns: dict[tuple[str, ...], _RolePattern] = {}
+        self._patterns: dict[tuple[str, ...], _RolePattern] = {} if patterns is None else patterns
+        # A part of a file validated on its own (`_validate_part`) cannot know the rows before it: it
+        # keeps the duplicate keys of its valid rows, in line order, for `merge` to check in order.
+        self.deferred_keys: array[int] | None = array("Q") if defer_duplicates else None
+        self.deferred_lines: array[int] = array("Q")
 
     def patterns(self, roles: tuple[str, ...]) -> _RolePattern:
         found = self._patterns.get(roles)
@@ -792,15 +848,13 @@ class _Run:
             return False
         message_lists = list(map(_messages_of, decoded))
         counts = list(map(len, message_lists))
-        ends = list(accumulate(counts))
-        starts = [0, *ends[:-1]]
-        flat = list(chain.from_iterable(message_lists))
-        roles = list(map(_role_of, flat))
-        role_tuples = list(map(tuple, map(roles.__getitem__, map(slice, starts, ends))))
+        role_tuples = list(map(tuple, map(map, repeat(_role_of), message_lists)))
         found = list(map(self._patterns.get, role_tuples))
         patterns: list[_RolePattern] = list(map(self.patterns, role_tuples)) if None in found else found  # type: ignore[assignment]
         if any(map(_errors_of, patterns)):
             return False
+        flat = list(chain.from_iterable(message_lists))
+        roles = list(chain.from_iterable(role_tuples))
         contents = list(map(_content_of, flat))
         if not all(contents) or any(map(str.isspace, contents)):
             return False
@@ -818,17 +872,18 @@ class _Run:
             answers = list(compress(contents, map(eq, roles, repeat("assistant"))))
             asst_tokens = sum(map(len, answers))  # UTF-8 bytes (tokens at the report): characters, plus
             if not all(map(str.isascii, answers)):  # the extra bytes of the non-ASCII answers
-                wide = list(compress(answers, map(not_, map(str.isascii, answers))))
-                asst_tokens += sum(map(len, map(str.encode, wide))) - sum(map(len, wide))
+                wide = "".join(compress(answers, map(not_, map(str.isascii, answers))))
+                asst_tokens += len(wide.encode()) - len(wide)
         else:
             row_tokens, asst_tokens = [], 0
-            for pattern, s, e in zip(patterns, starts, ends, strict=True):
+            ends = list(accumulate(counts))
+            for pattern, s, e in zip(patterns, [0, *ends[:-1]], ends, strict=True):
                 row, answer = self.counter.count(pattern.roles, contents[s:e], pattern.assistant_slice)
                 row_tokens.append(row)
                 asst_tokens += answer
         self.rows += n_rows
         self.valid_rows += n_rows
-        self.msg_sum += ends[-1]
+        self.msg_sum += sum(counts)
         self.msg_min = min(self.msg_min, min(counts))
         self.msg_max = max(self.msg_max, max(counts))
         self.tok_sum += sum(row_tokens)
@@ -838,7 +893,7 @@ class _Run:
         self.tok_max = max(self.tok_max, longest)
         self.tok_hist.update(row_tokens)
 
-        keys = list(map(and_, map(hash, map(tuple, message_lists)), repeat(_HASH_MASK)))
+        keys = list(map(and_, map(hash, message_lists), repeat(_HASH_MASK)))
         notes: list[tuple[int, int, str, int]] = []  # (row, order, code, detail), in the slow path's order
         if any(map(_last_not_assistant_of, patterns)):
             for i in compress(range(n_rows), map(_last_not_assistant_of, patterns)):
@@ -847,7 +902,10 @@ class _Run:
         if longest > max_seq:
             for i in compress(range(n_rows), map(gt, row_tokens, repeat(max_seq))):
                 notes.append((i, 1, "too_long", row_tokens[i]))
-        if not self.dup.add_new(keys, first):
+        if self.deferred_keys is not None:
+            self.deferred_keys.extend(keys)
+            self.deferred_lines.extend(range(first, first + n_rows))
+        elif not self.dup.add_new(keys, first):
             for i, key in enumerate(keys):
                 if not self.dup.add(key, first + i):
                     notes.append((i, 2, "duplicate_row", key))
@@ -920,8 +978,83 @@ class _Run:
         if row_tokens > max_seq:
             self.tally.warning(lineno, "too_long", _too_long_message(row_tokens, max_seq))
         key = _row_key(pattern.roles, contents, verdict.extras)
-        if not self.dup.add(key, lineno):
+        if self.deferred_keys is not None:
+            self.deferred_keys.append(key)
+            self.deferred_lines.append(lineno)
+        elif not self.dup.add(key, lineno):
             self._duplicate(lineno, key)
+
+    def part(self, lines: int) -> _Part:
+        """What `merge` needs of this run over a part of `lines` lines (numbered from 1)."""
+        assert self.deferred_keys is not None
+        tally = self.tally
+        return _Part(
+            lines=lines,
+            sums=(self.rows, self.valid_rows, self.blank, self.msg_sum, self.tok_sum, self.asst_sum),
+            extremes=(self.msg_min, self.msg_max, self.tok_min, self.tok_max),
+            tok_hist=dict(self.tok_hist),
+            errors=tally.errors,
+            error_counts=tally.error_counts,
+            warnings=tally.warnings,
+            warning_counts=tally.warning_counts,
+            first_warning_lines=tally.first_warning_lines,
+            keys=self.deferred_keys,
+            key_lines=self.deferred_lines,
+        )
+
+    def merge(self, part: _Part, offset: int) -> None:
+        """Add a part validated on its own whose line 1 is line `offset + 1` here, as if its rows came now.
+
+        Its duplicates are checked here, in line order, and their warnings take the place in the
+        list (and the counts' order) that the one-pass validation gives them: after the other
+        warnings of their line.
+        """
+        rows, valid_rows, blank, msg_sum, tok_sum, asst_sum = part.sums
+        msg_min, msg_max, tok_min, tok_max = part.extremes
+        self.rows += rows
+        self.valid_rows += valid_rows
+        self.blank += blank
+        self.msg_sum += msg_sum
+        self.tok_sum += tok_sum
+        self.asst_sum += asst_sum
+        self.msg_min = min(self.msg_min, msg_min)
+        self.msg_max = max(self.msg_max, msg_max)
+        self.tok_min = min(self.tok_min, tok_min)
+        self.tok_max = max(self.tok_max, tok_max)
+        self.tok_hist.update(part.tok_hist)
+        tally = self.tally
+        for code, n in part.error_counts.items():
+            tally.error_counts[code] = tally.error_counts.get(code, 0) + n
+        room = tally.cap - len(tally.errors)
+        if room > 0:
+            tally.errors.extend(Issue(i.line + offset, i.code, i.message) for i in part.errors[:room])  # type: ignore[operator]
+
+        key_lines = part.key_lines
+        duplicates = self.dup.add_many(part.keys, array("Q", map(add, key_lines, repeat(offset))))
+        new_codes = [code for code in part.warning_counts if code not in tally.warning_counts]
+        first_lines = {code: part.first_warning_lines[code] or 0 for code in new_codes}  # warnings have lines
+        if duplicates and "duplicate_row" not in tally.warning_counts:
+            first_dup = key_lines[duplicates[0]]  # a duplicate comes last among the warnings of its line
+            at = sum(1 for code in new_codes if first_lines[code] <= first_dup)
+            new_codes.insert(at, "duplicate_row")
+            first_lines["duplicate_row"] = first_dup
+        for code in new_codes:
+            tally.warning_counts[code] = 0
+            tally.first_warning_lines[code] = first_lines[code] + offset
+        for code, n in part.warning_counts.items():
+            tally.warning_counts[code] += n
+        listed, shown, cap = part.warnings, 0, tally.cap
+        for i in duplicates:
+            line = key_lines[i]
+            while shown < len(listed) and listed[shown].line <= line:  # type: ignore[operator]
+                if len(tally.warnings) < cap:
+                    w = listed[shown]
+                    tally.warnings.append(Issue(w.line + offset, w.code, w.message))  # type: ignore[operator]
+                shown += 1
+            self._duplicate(line + offset, part.keys[i])
+        room = cap - len(tally.warnings)
+        if room > 0:
+            tally.warnings.extend(Issue(w.line + offset, w.code, w.message) for w in listed[shown : shown + room])  # type: ignore[operator]
 
     def report(self, *, size: int, sha256: str) -> ValidationReport:
         options, tally, valid_rows = self.options, self.tally, self.valid_rows
@@ -1022,7 +1155,198 @@ def validate_chunks(chunks: Iterable[bytes], options: ValidationOptions = Valida
     return run.report(size=size, sha256=digest.hexdigest())
 
 
-def validate_path(path: str | Path, options: ValidationOptions = ValidationOptions()) -> ValidationReport:
-    """Validate a local file, read in chunks. Raises OSError when it cannot be read."""
+def validate_path(
+    path: str | Path, options: ValidationOptions = ValidationOptions(), *, processes: int | None = None
+) -> ValidationReport:
+    """Validate a local file, read in chunks. Raises OSError when it cannot be read.
+
+    With `processes` > 1 (None: `planned_processes`), a regular file is validated in parts by that
+    many forked worker processes while this one reads, hashes and merges; 1 is one pass here. The
+    report is the same whatever the processes.
+    """
     with Path(path).open("rb") as f:
+        n = planned_processes(f, options) if processes is None else max(1, processes)
+        if n > 1 and not options.tokenizer and _is_regular(f):
+            return _validate_in_parts(f, options, processes=n)
         return validate_chunks(iter(partial(f.read, READ_CHUNK_BYTES), b""), options)
+
+
+# ------------------------------------------------------------------------------- parallel (a file)
+#
+# A regular file can be cut into parts at line starts and the parts validated on their own, each
+# numbering its lines from 1 and keeping its valid rows' duplicate keys instead of checking them
+# (`_Run(defer_duplicates=True)`). This process merges the parts in file order (`_Run.merge`): it
+# adds the counts, renumbers the issues, checks the duplicate keys against all earlier rows and puts
+# each duplicate warning where one pass puts it, so the report is the one `validate_chunks` gives.
+# It also reads the whole file once, in order, for the size and the SHA-256. Parts go round-robin to
+# worker processes forked at the start (each reads its parts from the inherited file descriptor; a
+# fork shares this process's str hash secret, so the duplicate keys agree); a worker is at most about
+# one part ahead (a part's result does not fit in the pipe until this process takes it), so memory
+# stays bounded. A worker that fails costs speed, not the report: this process redoes its part.
+
+PART_BYTES = 4 * 1024 * 1024
+PARALLEL_MIN_BYTES = 32 * 1024 * 1024
+MAX_PROCESSES = 4
+
+
+def _usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # pragma: no cover
+
+
+def _is_regular(f: BinaryIO) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(f.fileno()).st_mode)
+    except (OSError, ValueError):  # pragma: no cover - not a real file
+        return False
+
+
+def planned_processes(f: BinaryIO | str | Path, options: ValidationOptions = ValidationOptions()) -> int:
+    """How many processes validate this file in `validate_path`: one (this one), unless the file is big
+    (>= 32 MiB), no tokenizer is configured, workers can be forked (Linux, no other thread running
+    here) and more than one CPU is usable; then one worker per usable CPU, at most 4 (this process
+    then reads the file for the digest and merges)."""
+    if options.tokenizer or not _use_fast_path or _decode_row is None:
+        return 1
+    if "fork" not in multiprocessing.get_all_start_methods() or threading.active_count() > 1:
+        return 1
+    try:
+        size = Path(f).stat().st_size if isinstance(f, (str, Path)) else os.fstat(f.fileno()).st_size
+    except (OSError, ValueError):
+        return 1
+    if size < PARALLEL_MIN_BYTES:
+        return 1
+    return max(1, min(_usable_cpus(), MAX_PROCESSES))
+
+
+def _part_bounds(fd: int, size: int, part_bytes: int) -> list[tuple[int, int]]:
+    """Cut [0, size) into ranges of about `part_bytes` that start at a line start (just after a newline)."""
+    starts = [0]
+    nominal = part_bytes
+    while nominal < size:
+        pos = nominal - 1
+        found = -1
+        while found < 0:
+            block = os.pread(fd, READ_CHUNK_BYTES, pos)
+            if not block:
+                break
+            at = block.find(b"\n")
+            if at >= 0:
+                found = pos + at
+            pos += len(block)
+        if found < 0 or found + 1 >= size:
+            break
+        starts.append(found + 1)
+        nominal = found + 1 + part_bytes
+    return list(pairwise([*starts, size]))
+
+
+def _read_range(fd: int, start: int, end: int) -> Iterator[bytes]:
+    """The bytes [start, end) of an open file, in chunks (`pread`: the file's offset is left alone)."""
+    pos = start
+    while pos < end:
+        chunk = os.pread(fd, min(READ_CHUNK_BYTES, end - pos), pos)
+        if not chunk:
+            return
+        pos += len(chunk)
+        yield chunk
+
+
+def _validate_part(
+    chunks: Iterable[bytes],
+    options: ValidationOptions,
+    *,
+    at_start: bool,
+    patterns: dict[tuple[str, ...], _RolePattern],
+) -> _Part:
+    run = _Run(options, defer_duplicates=True, patterns=patterns)
+    lines = 0
+    for first, batch in line_batches(chunks, max_line_bytes=options.max_line_bytes, bom=at_start):
+        run.feed(first, batch)
+        lines = first + len(batch) - 1
+    return run.part(lines)
+
+
+def _work_on_parts(fd: int, bounds: list[tuple[int, int]], options: ValidationOptions, conn: Connection) -> None:
+    """A worker: validate these parts of the file (open as `fd`, inherited) in order and send each outcome."""
+    patterns: dict[tuple[str, ...], _RolePattern] = {}
+    try:
+        for start, end in bounds:
+            conn.send(_validate_part(_read_range(fd, start, end), options, at_start=start == 0, patterns=patterns))
+    except Exception:  # any failure (a read error, a broken pipe): the parent redoes what it did not get
+        return
+    finally:
+        conn.close()
+
+
+def _validate_in_parts(
+    f: BinaryIO, options: ValidationOptions, *, processes: int, part_bytes: int = PART_BYTES
+) -> ValidationReport:
+    """Validate an open regular file in parts, by `processes` forked workers (1: all here, still in parts).
+
+    With workers, this process only reads the file for the digest and merges what they send.
+    """
+    fd = f.fileno()
+    size = os.fstat(fd).st_size
+    bounds = _part_bounds(fd, size, max(1, part_bytes))
+    n = max(1, min(processes, len(bounds)))
+    if "fork" not in multiprocessing.get_all_start_methods():  # pragma: no cover - Windows
+        n = 1
+    owners = [0] * len(bounds) if n == 1 else [1 + k % n for k in range(len(bounds))]  # 0: this process
+    workers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
+    alive = [True] * (n + 1)
+    if n > 1:
+        for stream in (sys.stdout, sys.stderr):  # a forked worker flushes its copy of what is pending
+            if stream is not None:
+                stream.flush()
+        context = multiprocessing.get_context("fork")
+        for w in range(1, n + 1):
+            receive, send = context.Pipe(duplex=False)
+            mine = [b for b, owner in zip(bounds, owners, strict=True) if owner == w]
+            proc = context.Process(
+                target=_work_on_parts, args=(fd, mine, options, send), name=f"validation-part-{w}", daemon=True
+            )
+            proc.start()
+            send.close()
+            workers.append((proc, receive))
+    run = _Run(options)
+    sha = hashlib.sha256()
+    patterns: dict[tuple[str, ...], _RolePattern] = {}
+    offset = 0
+    read = 0
+
+    def digested(chunks: Iterator[bytes]) -> Iterator[bytes]:
+        nonlocal read
+        for chunk in chunks:
+            sha.update(chunk)
+            read += len(chunk)
+            yield chunk
+
+    try:
+        for (start, end), owner in zip(bounds, owners, strict=True):
+            part: _Part | None = None
+            if owner == 0:
+                part = _validate_part(
+                    digested(_read_range(fd, start, end)), options, at_start=start == 0, patterns=patterns
+                )
+            else:
+                for _ in digested(_read_range(fd, start, end)):  # while the worker validates it
+                    pass
+                if alive[owner]:
+                    try:
+                        part = workers[owner - 1][1].recv()
+                    except (EOFError, OSError):
+                        alive[owner] = False
+                if part is None:
+                    part = _validate_part(_read_range(fd, start, end), options, at_start=start == 0, patterns=patterns)
+            run.merge(part, offset)
+            offset += part.lines
+    finally:
+        for worker, conn in workers:
+            conn.close()
+            worker.join(timeout=5)
+            if worker.is_alive():  # pragma: no cover - it was blocked on a pipe nobody reads
+                worker.terminate()
+                worker.join()
+    return run.report(size=read, sha256=sha.hexdigest())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import tempfile
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +28,16 @@ def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(edges)]
 
 
+def in_parts(data: bytes, options: ValidationOptions, *, part_bytes: int, processes: int = 1) -> dict:
+    """The report of `data` as a file validated in parts of about `part_bytes` (merged in this process)."""
+    with tempfile.TemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        return validation._validate_in_parts(f, options, processes=processes, part_bytes=part_bytes).to_dict()
+
+
 def reports_agree(data: bytes, cuts: list[int], options: ValidationOptions = OPTIONS) -> dict:
-    """The report of one chunk; the same for random chunks, and for the slow path alone."""
+    """The report of one chunk; the same for random chunks, for the slow path alone, and in file parts."""
     whole = validate_chunks([data], options).to_dict()
     json.dumps(whole)  # the report is always plain JSON
     assert validate_chunks(chunked(data, cuts), options).to_dict() == whole
@@ -37,6 +46,8 @@ def reports_agree(data: bytes, cuts: list[int], options: ValidationOptions = OPT
         assert validate_chunks(chunked(data, cuts[::-1]), options).to_dict() == whole
     finally:
         validation._use_fast_path = True
+    parts = in_parts(data, options, part_bytes=1 + (cuts[0] if cuts else len(data)) % 300)
+    assert json.dumps(parts) == json.dumps(whole)  # the same, down to the order of the counts
     return whole
 
 
@@ -158,6 +169,74 @@ def test_fast_path_matches_slow_path(rows: list[tuple[object, int]], repeats: li
     lines += [lines[r % len(lines)] for r in repeats]
     report = reports_agree(b"\n".join(lines), cuts, ValidationOptions(max_seq_length=40, min_rows=2))
     assert report["valid_rows"] == len(lines)
+
+
+@FUZZ
+@given(
+    rows=st.lists(st.tuples(rows | valid_rows, st.integers(0, 2)), min_size=1, max_size=60),
+    repeats=st.lists(st.integers(min_value=0), max_size=20),
+    order=st.randoms(use_true_random=False),
+    part_bytes=st.integers(min_value=1, max_value=400),
+    cap=st.integers(min_value=0, max_value=4),
+    tracked=st.integers(min_value=0, max_value=8),
+)
+def test_parts_merge_like_one_pass(
+    rows: list[tuple[object, int]], repeats: list[int], order: object, part_bytes: int, cap: int, tracked: int
+) -> None:
+    """A file validated in parts, with small caps on the lists and on duplicate tracking: the one-pass report."""
+    lines = [encode(row, style) for row, style in rows]
+    lines += [lines[r % len(lines)] for r in repeats]
+    order.shuffle(lines)  # type: ignore[attr-defined]
+    data = b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n\n"
+    options = ValidationOptions(
+        max_line_bytes=400, max_seq_length=40, min_rows=2, max_listed_errors=cap, duplicate_tracking_rows=tracked
+    )
+    whole = validate_chunks([data], options).to_dict()
+    assert json.dumps(in_parts(data, options, part_bytes=part_bytes)) == json.dumps(whole)
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_forked_workers_give_the_one_pass_report(tmp_path: Path, processes: int) -> None:
+    """Workers forked over small parts of a file with every kind of line: the same report, in the same order."""
+    pool = [line for p in sorted(SAMPLES.glob("*.jsonl")) for line in p.read_bytes().splitlines()]
+    bad = [b"", b"{", b"[1]", b'{"messages": []}', b"x" * 5000, b'{"messages": [{"role": "tool", "content": 1}]}']
+    lines = [pool[(i * 7) % 97] if i % 5 else bad[i % len(bad)] for i in range(600)]
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines))
+    options = ValidationOptions(max_line_bytes=4096, max_listed_errors=50)
+    whole = validate_chunks([path.read_bytes()], options).to_dict()
+    assert whole["warning_counts"]["duplicate_row"] > 50  # the merge lists duplicates, then only counts them
+    with path.open("rb") as f:
+        forked = validation._validate_in_parts(f, options, processes=processes, part_bytes=20_000).to_dict()
+    assert json.dumps(forked) == json.dumps(whole)
+    assert validation.validate_path(path, options, processes=processes).to_dict() == whole
+
+
+def test_a_failed_worker_costs_nothing_but_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers that die without sending anything: this process validates their parts, same report."""
+
+    def die(path: str, bounds: object, options: object, conn: object) -> None:
+        raise SystemExit(3)
+
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\n".join(line for p in sorted(SAMPLES.glob("*.jsonl")) for line in p.read_bytes().splitlines()))
+    monkeypatch.setattr(validation, "_work_on_parts", die)
+    with path.open("rb") as f:
+        report = validation._validate_in_parts(f, ValidationOptions(), processes=2, part_bytes=50_000)
+    assert report.to_dict() == validate_chunks([path.read_bytes()]).to_dict()
+
+
+def test_planned_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small files, a tokenizer or a single CPU keep one process; a big file gets one per CPU (at most 4)."""
+    small = tmp_path / "small.jsonl"
+    small.write_bytes(b"{}\n")
+    assert validation.planned_processes(small) == 1
+    monkeypatch.setattr(validation, "PARALLEL_MIN_BYTES", 1)
+    monkeypatch.setattr(validation, "_usable_cpus", lambda: 8)
+    assert validation.planned_processes(small) == validation.MAX_PROCESSES
+    assert validation.planned_processes(small, ValidationOptions(tokenizer="x")) == 1
+    monkeypatch.setattr(validation, "_usable_cpus", lambda: 1)
+    assert validation.planned_processes(small) == 1
 
 
 @pytest.mark.slow
