@@ -52,6 +52,7 @@ class DemoConfig:
     batch_size: int = 2
     max_seq_length: int = 256
     learning_rate: float = 2e-4
+    temperature: float = 0.7
     workdir: Path = ROOT / ".demo"
     timeout_s: float = 900.0
     extra_params: dict[str, Any] = field(default_factory=dict)
@@ -267,7 +268,10 @@ def _run_loop(config: DemoConfig, env: dict[str, str], port: int, clock: Clock) 
         client = OpenAI(base_url=f"{host.base_url}/api/v1", api_key=env["PROXY_API_KEYS"], max_retries=0, timeout=120)
         say(clock, f"asking {record.model_name} through /api/v1/chat/completions: {QUESTION!r}")
         reply = client.chat.completions.create(
-            model=record.model_name, messages=[{"role": "user", "content": QUESTION}], max_tokens=48, temperature=0.7
+            model=record.model_name,
+            messages=[{"role": "user", "content": QUESTION}],
+            max_tokens=48,
+            temperature=config.temperature,
         )
         answer = reply.choices[0].message.content or ""
         total = clock() - upload_at

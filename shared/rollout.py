@@ -462,7 +462,8 @@ def _step_smoke(record: RunRecord, rollout: Rollout) -> RunRecord | None:
         body = {
             "input_data": {
                 "input_string": [conversation],
-                "parameters": {"temperature": 0.6, "top_p": 0.9, "do_sample": True, "max_new_tokens": 32},
+                # Greedy decoding: the verdict on a model must not depend on a dice roll.
+                "parameters": {"do_sample": False, "temperature": 0.0, "max_new_tokens": 32},
             },
             "params": {},
         }

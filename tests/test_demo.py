@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_demo_runs_the_whole_loop_on_the_tiny_model(tmp_path: Path) -> None:
-    """Upload -> report -> fine-tune -> live -> openai answer -> janitor deletes: one DEMO_RESULT line."""
+    """Upload -> report -> fine-tune -> live -> openai answer -> janitor deletes: one DEMO_RESULT line.
+
+    Greedy decoding (temperature 0) for the question, as the smoke test does: a barely trained random
+    model may sample an empty answer, which the rollout rightly refuses."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -28,6 +31,8 @@ def test_demo_runs_the_whole_loop_on_the_tiny_model(tmp_path: Path) -> None:
             "6",
             "--max-seq-length",
             "512",
+            "--temperature",
+            "0",
             "--workdir",
             str(tmp_path),
         ],

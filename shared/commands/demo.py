@@ -17,6 +17,8 @@ def _demo(args: argparse.Namespace) -> int:
             max_steps=args.max_steps,
             batch_size=args.batch_size,
             max_seq_length=args.max_seq_length,
+            learning_rate=args.learning_rate,
+            temperature=args.temperature,
             workdir=args.workdir,
         )
     )
@@ -29,5 +31,7 @@ def register(sub: Any) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="training steps")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-seq-length", type=int, default=None)
+    p.add_argument("--learning-rate", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="of the demo question (0 = greedy)")
     p.add_argument("--workdir", type=Path, default=None, help="where the demo keeps its workspace (default .demo/)")
     p.set_defaults(func=_demo)
