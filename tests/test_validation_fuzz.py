@@ -233,6 +233,10 @@ def test_planned_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert validation.planned_processes(small) == 1
     monkeypatch.setattr(validation, "PARALLEL_MIN_BYTES", 1)
     monkeypatch.setattr(validation, "_usable_cpus", lambda: 8)
+    # other tests of the session may have left threads running; forking is refused then
+    monkeypatch.setattr(validation.threading, "active_count", lambda: 2)
+    assert validation.planned_processes(small) == 1
+    monkeypatch.setattr(validation.threading, "active_count", lambda: 1)
     assert validation.planned_processes(small) == validation.MAX_PROCESSES
     assert validation.planned_processes(small, ValidationOptions(tokenizer="x")) == 1
     monkeypatch.setattr(validation, "_usable_cpus", lambda: 1)
