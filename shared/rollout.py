@@ -12,6 +12,7 @@ are started, recorded and resumed by the next event or timer tick, never waited 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -263,6 +264,17 @@ def _lease(record: RunRecord, rollout: Rollout) -> RunRecord | None:
     return leased
 
 
+def _leased(step: Callable[[RunRecord, Rollout], RunRecord | None]) -> Callable[[RunRecord, Rollout], RunRecord | None]:
+    """Run a step only under its lease; the step gets the leased record (its ETag is the lease's)."""
+
+    @functools.wraps(step)
+    def leased_step(record: RunRecord, rollout: Rollout) -> RunRecord | None:
+        leased = _lease(record, rollout)
+        return None if leased is None else step(leased, rollout)
+
+    return leased_step
+
+
 def _release(record: RunRecord, rollout: Rollout, **fields: Any) -> RunRecord:
     """Give the lease back without moving state (the step must wait for a long operation)."""
     try:
@@ -327,10 +339,8 @@ def _step_succeeded(record: RunRecord, rollout: Rollout) -> RunRecord | None:
     return _move(record, rollout, RunState.REGISTERING)
 
 
+@_leased
 def _step_register(record: RunRecord, rollout: Rollout) -> RunRecord | None:
-    leased = _lease(record, rollout)
-    if leased is None:
-        return None
     name, version = model_name_for(record), model_version_for(record)
     model = rollout.backend.get_model(name, version)
     if model is None:
@@ -348,7 +358,7 @@ def _step_register(record: RunRecord, rollout: Rollout) -> RunRecord | None:
         )
     endpoint = endpoint_name_for(record, model.name, rollout.settings)
     return _move(
-        leased,
+        record,
         rollout,
         RunState.DEPLOYING,
         model_name=model.name,
@@ -376,10 +386,8 @@ def _deployment_spec(record: RunRecord, settings: Settings) -> DeploymentSpec:
     )
 
 
+@_leased
 def _step_deploy(record: RunRecord, rollout: Rollout) -> RunRecord | None:
-    leased = _lease(record, rollout)
-    if leased is None:
-        return None
     backend = rollout.backend
     endpoint = backend.get_endpoint(record.endpoint)
     if endpoint is None:
@@ -389,20 +397,20 @@ def _step_deploy(record: RunRecord, rollout: Rollout) -> RunRecord | None:
             description=f"Tunegrid endpoint for {record.model_name}",
         )
         log.info("run %s: creating endpoint %s", record.run_id, record.endpoint, extra={"run_id": record.run_id})
-        return _release(leased, rollout)
+        return _release(record, rollout)
     if endpoint.provisioning_state.in_progress:
-        return _release(leased, rollout)
+        return _release(record, rollout)
     if endpoint.provisioning_state == ProvisioningState.FAILED:
-        return _move(leased, rollout, RunState.ERROR, error=f"endpoint {record.endpoint} failed to provision")
-    previous = leased.previous_deployment
+        return _move(record, rollout, RunState.ERROR, error=f"endpoint {record.endpoint} failed to provision")
+    previous = record.previous_deployment
     if not previous:
         holders = [name for name, pct in endpoint.traffic.items() if pct > 0 and name != record.deployment]
         previous = max(holders, key=lambda n: endpoint.traffic[n]) if holders else ""
         if previous:
-            leased = rollout.ledger.update(leased, previous_deployment=previous)
+            record = rollout.ledger.update(record, previous_deployment=previous)
     deployment = backend.get_deployment(record.endpoint, record.deployment)
     if deployment is None:
-        backend.begin_create_deployment(_deployment_spec(leased, rollout.settings))
+        backend.begin_create_deployment(_deployment_spec(record, rollout.settings))
         log.info(
             "run %s: creating deployment %s/%s at 0 %% traffic",
             record.run_id,
@@ -410,14 +418,14 @@ def _step_deploy(record: RunRecord, rollout: Rollout) -> RunRecord | None:
             record.deployment,
             extra={"run_id": record.run_id},
         )
-        return _release(leased, rollout)
+        return _release(record, rollout)
     if deployment.provisioning_state.in_progress:
-        return _release(leased, rollout)
+        return _release(record, rollout)
     if deployment.provisioning_state != ProvisioningState.SUCCEEDED:
         reason = f"deployment {record.deployment} {deployment.provisioning_state.value.lower()}: {deployment.error or 'no reason given'}"
         backend.begin_delete_deployment(record.endpoint, record.deployment)
-        return _move(leased, rollout, RunState.ROLLED_BACK, error=reason)
-    return _move(leased, rollout, RunState.SMOKE_TESTING)
+        return _move(record, rollout, RunState.ROLLED_BACK, error=reason)
+    return _move(record, rollout, RunState.SMOKE_TESTING)
 
 
 def _smoke_conversations(record: RunRecord, rollout: Rollout, rows: int) -> list[list[dict[str, Any]]]:
@@ -450,10 +458,8 @@ def _answer_text(response: Any) -> str:
     return texts[0] if texts else ""
 
 
+@_leased
 def _step_smoke(record: RunRecord, rollout: Rollout) -> RunRecord | None:
-    leased = _lease(record, rollout)
-    if leased is None:
-        return None
     settings = rollout.settings
     conversations = _smoke_conversations(record, rollout, settings.smoke_rows)
     results: list[dict[str, Any]] = []
@@ -496,7 +502,7 @@ def _step_smoke(record: RunRecord, rollout: Rollout) -> RunRecord | None:
         )
         rollout.backend.begin_delete_deployment(record.endpoint, record.deployment)
         return _move(
-            leased,
+            record,
             rollout,
             RunState.ROLLED_BACK,
             smoke=smoke,
@@ -513,21 +519,19 @@ def _step_smoke(record: RunRecord, rollout: Rollout) -> RunRecord | None:
             rollout.backend.begin_set_traffic(
                 record.endpoint, dict(endpoint.traffic), mirror_traffic={record.deployment: int(mirror)}
             )
-    return _move(leased, rollout, RunState.SHIFTING_TRAFFIC, smoke=smoke)
+    return _move(record, rollout, RunState.SHIFTING_TRAFFIC, smoke=smoke)
 
 
+@_leased
 def _step_shift(record: RunRecord, rollout: Rollout) -> RunRecord | None:
-    leased = _lease(record, rollout)
-    if leased is None:
-        return None
     backend = rollout.backend
     endpoint = backend.get_endpoint(record.endpoint)
     if endpoint is None:
         return _move(
-            leased, rollout, RunState.ERROR, error=f"endpoint {record.endpoint} disappeared during the traffic shift"
+            record, rollout, RunState.ERROR, error=f"endpoint {record.endpoint} disappeared during the traffic shift"
         )
     if endpoint.provisioning_state.in_progress:
-        return _release(leased, rollout)
+        return _release(record, rollout)
     if endpoint.traffic.get(record.deployment, 0) != 100 or endpoint.mirror_traffic:
         traffic = {name: 0 for name in endpoint.traffic}
         traffic[record.deployment] = 100
@@ -539,7 +543,7 @@ def _step_shift(record: RunRecord, rollout: Rollout) -> RunRecord | None:
             record.deployment,
             extra={"run_id": record.run_id},
         )
-        return _release(leased, rollout)
+        return _release(record, rollout)
     previous = record.previous_deployment
     if (
         previous
@@ -554,7 +558,7 @@ def _step_shift(record: RunRecord, rollout: Rollout) -> RunRecord | None:
             previous,
             extra={"run_id": record.run_id},
         )
-    live = _move(leased, rollout, RunState.LIVE)
+    live = _move(record, rollout, RunState.LIVE)
     _retire_replaced(live, rollout)
     return live
 
