@@ -536,6 +536,37 @@ class AzureMLRig:
             host=f"{LOCATION}.api.azureml.ms",
         )
 
+    def serve_failed_pipeline_steps(self, root: str) -> list[Any]:
+        """Run history of a failed pipeline job `root`: its node failed because the fine-tune step
+        failed with an error (the validation step completed). Returns the two step documents."""
+        node = self.run_doc(
+            "node-run", parent=root, root=root, status="Failed", display_name="chat_completion_pipeline"
+        )
+        self.serve_job("node-run", status="Failed")
+        self.serve_run_children(root, [node])
+        steps = [
+            self.run_doc(
+                "step-validation",
+                parent="node-run",
+                root=root,
+                status="Completed",
+                display_name="ft_nlp_common_validation",
+            ),
+            self.run_doc(
+                "step-finetune",
+                parent="node-run",
+                root=root,
+                status="Failed",
+                display_name="chat_completion_finetune",
+                failed_with=True,
+            ),
+        ]
+        self.serve_run_children("node-run", steps)
+        self.serve_job("step-finetune", status="Failed")
+        self.serve_run_children("step-finetune", [])
+        self.serve_run(steps[1])
+        return steps
+
 
 def scoring_uri(endpoint: str) -> str:
     return SCORING_HOST_TEMPLATE.format(endpoint=endpoint, location=LOCATION) + "/score"

@@ -593,26 +593,7 @@ def test_a_failed_job_is_recorded_with_the_failed_steps_error(world: World) -> N
     record = _submitted_run(world)
     root = record.job_name
     rig.serve_job(root, status="Failed", run_id=record.run_id)
-    node = rig.run_doc("node-run", parent=root, root=root, status="Failed", display_name="chat_completion_pipeline")
-    rig.serve_job("node-run", status="Failed")
-    rig.serve_run_children(root, [node])
-    steps = [
-        rig.run_doc(
-            "step-validation", parent="node-run", root=root, status="Completed", display_name="ft_nlp_common_validation"
-        ),
-        rig.run_doc(
-            "step-finetune",
-            parent="node-run",
-            root=root,
-            status="Failed",
-            display_name="chat_completion_finetune",
-            failed_with=True,
-        ),
-    ]
-    rig.serve_run_children("node-run", steps)
-    rig.serve_job("step-finetune", status="Failed")
-    rig.serve_run_children("step-finetune", [])
-    rig.serve_run(steps[1])
+    steps = rig.serve_failed_pipeline_steps(root)
     rig.on(
         "GET",
         re.escape(f"{MLFLOW_PATH}/runs/get"),
