@@ -27,7 +27,7 @@ node_modules/.installed: package.json package-lock.json
 	touch $@
 
 demo: deps
-	$(PY) -m shared demo
+	$(PY) -m tunegrid demo
 
 test: deps
 	$(VENV)/bin/ruff check .
@@ -38,7 +38,7 @@ lint: deps
 	$(VENV)/bin/ruff format --check .
 
 typecheck: deps
-	$(VENV)/bin/mypy shared functions function_app.py
+	$(VENV)/bin/mypy shared functions tunegrid function_app.py
 
 bench: deps
 	$(PY) bench/validate.py

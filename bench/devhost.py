@@ -1,4 +1,4 @@
-"""Dev host overhead: a trivial anonymous async echo function behind `python -m shared devhost` (one
+"""Dev host overhead: a trivial anonymous async echo function behind `python -m tunegrid devhost` (one
 worker) versus a bare uvicorn raw-ASGI app on the same stack (uvloop + httptools). Needs `wrk`.
 Prints requests/s at concurrency 64 and p50/p99 at concurrency 1, then `DEVHOST_BENCH {json}`."""
 
@@ -95,7 +95,7 @@ def main() -> None:
         ),
         (
             "devhost",
-            [py, "-m", "shared", "devhost", "--app", "echo_app:app", "--state-dir", str(work / "state")],
+            [py, "-m", "tunegrid", "devhost", "--app", "echo_app:app", "--state-dir", str(work / "state")],
             "/api/echo",
         ),
     ):

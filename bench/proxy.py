@@ -3,7 +3,7 @@ pass-through (Starlette + one shared httpx client) and, when installable, LiteLL
 
 One run starts, each in its own process:
 - a loopback upstream that answers every POST instantly with a fixed chat.completion (raw asyncio);
-- our proxy: the chat blueprint served by the dev host (`shared.devhost.DevHost`: uvicorn + httptools
+- our proxy: the chat blueprint served by the dev host (`tunegrid.devhost.DevHost`: uvicorn + httptools
   + uvloop, one worker, real `func.HttpRequest` objects), with a fake backend port pointing at the
   upstream and an in-memory ledger holding one live run;
 - the naive pass-through (uvicorn, one worker);
@@ -115,11 +115,11 @@ def serve_proxy(port_file: str, upstream_port: int) -> None:
     from azure.core.exceptions import ResourceNotFoundError
 
     from functions import chat
-    from shared.backends.base import EndpointCredentials
     from shared.bootstrap import AppContext, set_app_context
-    from shared.devhost import DevHost
-    from shared.ledger import RunRecord, RunState
+    from shared.domain.resources import EndpointCredentials
+    from shared.domain.runs import RunRecord, RunState
     from shared.settings import Settings
+    from tunegrid.devhost import DevHost
 
     class Backend:
         name = "bench"

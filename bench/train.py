@@ -54,9 +54,9 @@ def main() -> int:
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback
 
-    from shared.backends.local.base_models import resolve_base_model
-    from shared.backends.local.params import resolve_train_config
-    from shared.backends.local.trainer import (
+    from tunegrid.local.base_models import resolve_base_model
+    from tunegrid.local.params import resolve_train_config
+    from tunegrid.local.trainer import (
         MetricBuffer,
         build_trainer,
         prepare_training,
@@ -141,7 +141,7 @@ def main() -> int:
         targs = training_arguments(
             config, output_dir=work / "bare", device=p.device, total_steps=p.total_steps, has_eval=False
         )
-        from shared.backends.local.chat_data import ChatCollator
+        from tunegrid.local.chat_data import ChatCollator
 
         trainer = Trainer(
             model=p.model,

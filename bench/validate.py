@@ -77,7 +77,7 @@ def child(kind: str, path: str) -> None:
     """Run one measurement in this (child) process and print its figures as JSON."""
     if kind in ("validate", "validate-1"):
         sys.path.insert(0, str(ROOT))
-        from shared.validation import planned_processes, validate_path
+        from shared.domain.validation import planned_processes, validate_path
 
         processes = planned_processes(path) if kind == "validate" else 1
         start, cpu, workers_cpu = time.perf_counter(), time.process_time(), _children_cpu()

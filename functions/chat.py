@@ -26,7 +26,7 @@ import orjson
 
 from shared.bootstrap import AppContext, app_context
 from shared.errors import ConfigError, InvalidInput, NotFound, TransientError, TunegridError, UpstreamError
-from shared.scoring import (
+from shared.usecases.scoring import (
     InvalidRequest,
     ModelNotFound,
     NoLiveModel,
@@ -58,7 +58,7 @@ def scoring_service() -> ScoringService:
         return built[1]
     with _lock:
         if _built is None or _built[0] is not ctx:
-            from shared.upstream import build_scoring_service
+            from shared.bootstrap import build_scoring_service
 
             _built = (ctx, build_scoring_service(ctx))
         return _built[1]

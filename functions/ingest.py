@@ -12,8 +12,8 @@ import azure.functions as func
 import azurefunctions.extensions.bindings.blob as blob
 
 from shared.bootstrap import app_context
-from shared.ingest import ingest_dataset
 from shared.settings import STORAGE_CONNECTION, TRAINING_CONTAINER
+from shared.usecases.ingest import ingest_dataset
 
 log = logging.getLogger(__name__)
 bp = func.Blueprint()

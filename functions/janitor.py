@@ -6,8 +6,7 @@ import logging
 
 import azure.functions as func
 
-from shared.bootstrap import app_context
-from shared.janitor import sweep_from_context
+from shared.bootstrap import app_context, sweep_from_context
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import logging
 
 import azure.functions as func
 
-from shared.bootstrap import app_context
-from shared.events import parse_run_event
-from shared.rollout import handle_run_event, rollout_from_context
+from shared.bootstrap import app_context, rollout_from_context
+from shared.domain.events import parse_run_event
+from shared.usecases.rollout import handle_run_event
 
 log = logging.getLogger(__name__)
 bp = func.Blueprint()

@@ -10,8 +10,8 @@ import logging
 
 import azure.functions as func
 
-from shared.bootstrap import app_context
-from shared.rollout import rollout_from_context, tick
+from shared.bootstrap import app_context, rollout_from_context
+from shared.usecases.rollout import tick
 
 log = logging.getLogger(__name__)
 bp = func.Blueprint()

@@ -7,7 +7,7 @@ import orjson
 
 from shared.bootstrap import app_context
 from shared.errors import NotFound
-from shared.runs import list_runs, run_status
+from shared.usecases.runs import list_runs, run_status
 
 bp = func.Blueprint()
 

@@ -368,8 +368,8 @@ class AzureMLRig:
     def backend(self, settings: Any = None, **caller: Any) -> Any:
         """An `AzureMLBackend` whose every request goes through this rig. Retries wait at most
         milliseconds unless the test asks otherwise (`caller` goes to `ServiceCaller`)."""
-        from shared.backends.azureml.backend import AzureMLBackend
-        from shared.backends.azureml.service_calls import ServiceCaller
+        from shared.adapters.azureml.backend import AzureMLBackend
+        from shared.adapters.azureml.service_calls import ServiceCaller
 
         options = {"wait_initial_s": 0.001, "wait_jitter_s": 0.0, "timeout_s": 30.0, **caller}
         return AzureMLBackend(

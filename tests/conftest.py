@@ -23,7 +23,7 @@ DATA = ROOT / "samples"
 @pytest.fixture(scope="session")
 def azurite() -> Iterator[object]:
     """A real Azurite on free loopback ports for the whole session, stopped by PID at the end."""
-    from shared.azurite import run_azurite
+    from tunegrid.azurite import run_azurite
 
     with run_azurite() as instance:
         yield instance
@@ -37,7 +37,7 @@ def storage_conn(azurite: object) -> str:
 @pytest.fixture
 def storage(storage_conn: str) -> object:
     """Storage clients with the app's containers and tables created (Azurite is shared, names are fixed)."""
-    from shared.storage import StorageClients
+    from shared.adapters.storage import StorageClients
 
     clients = StorageClients.from_connection({"": storage_conn})
     clients.ensure_resources()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from shared.backends.base import (
+from shared.domain.resources import (
     DeploymentInfo,
     DeploymentSpec,
     EndpointActivity,

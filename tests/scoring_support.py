@@ -14,8 +14,8 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from shared.backends.base import EndpointCredentials
-from shared.ledger import RunRecord, RunState
+from shared.domain.resources import EndpointCredentials
+from shared.domain.runs import RunRecord, RunState
 from shared.settings import Settings
 
 UPSTREAM_KEY = "upstream-secret-KEY-9f8e7d6c5b4a"

@@ -13,16 +13,16 @@ from typing import Any
 import pytest
 import yaml
 
-from shared.backends.base import DataRef, FineTuneRequest
-from shared.cli import main
-from shared.commands.submit import blob_base_url, dry_run_spec, to_yaml
+from shared.domain.resources import DataRef, FineTuneRequest
+from shared.domain.sidecar import parse_sidecar
 from shared.settings import Settings
-from shared.sidecar import parse_sidecar
 from tests import azureml_rig as rig_module
 from tests.azureml_rig import (
     AzureMLRig,
     load,
 )
+from tunegrid.cli import main
+from tunegrid.commands.submit import blob_base_url, dry_run_spec, to_yaml
 
 azureml_rig = rig_module.azureml_rig  # fixtures: the rig (no socket may open) and the socket guard alone
 no_sockets = rig_module.no_sockets

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from shared.backends.azureml.job_spec import (
+from shared.adapters.azureml.job_spec import (
     INSTANCE_TYPE_INPUTS,
     ComputePlan,
     UriFile,
@@ -15,11 +15,11 @@ from shared.backends.azureml.job_spec import (
     display_name_for,
     registry_asset_id,
 )
-from shared.backends.azureml.model_tags import parse_allow_list, parse_model_defaults, parse_model_tags
-from shared.backends.base import DataRef, FineTuneRequest
+from shared.adapters.azureml.model_tags import parse_allow_list, parse_model_defaults, parse_model_tags
+from shared.domain.resources import DataRef, FineTuneRequest
+from shared.domain.sidecar import NOTEBOOK_DEFAULTS
 from shared.errors import ConfigError, InvalidInput
 from shared.settings import Settings
-from shared.sidecar import NOTEBOOK_DEFAULTS
 
 
 def _settings(**env: str) -> Settings:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import stamina
 
-from shared.backends.base import DataRef, FineTuneRequest, JobState
+from shared.domain.resources import DataRef, FineTuneRequest, JobState
 from shared.errors import ComputeError, ConfigError, ConflictError, NotFound, PermissionDenied, TransientError
 from tests import azureml_rig as rig_module
 from tests.azureml_rig import (

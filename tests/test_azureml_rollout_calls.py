@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from azure.core.polling import LROPoller
 
-from shared.backends.azureml.backend import AzureMLBackend
-from shared.backends.base import DeploymentSpec, FineTuneBackend, ModelRef, ProvisioningState
+from shared.adapters.azureml.backend import AzureMLBackend
+from shared.domain.resources import DeploymentSpec, ModelRef, ProvisioningState
 from shared.errors import (
     BackendError,
     ComputeError,
@@ -23,6 +23,7 @@ from shared.errors import (
     NotFound,
     UpstreamError,
 )
+from shared.ports import FineTuneBackend
 from tests import azureml_rig as rig_module
 from tests.azureml_rig import (
     ARM,
@@ -673,7 +674,7 @@ def test_from_settings_uses_managed_identity_in_azure_and_developer_credentials_
     """IDENTITY_ENDPOINT (or a client id) picks ManagedIdentityCredential; else DefaultAzureCredential; no call is made."""
     from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
 
-    from shared.backends.azureml.backend import build_credential
+    from shared.adapters.azureml.backend import build_credential
     from tests.azureml_rig import AzureMLRig as Rig
 
     settings = Rig().settings()

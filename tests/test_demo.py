@@ -23,7 +23,7 @@ def test_demo_runs_the_whole_loop_on_the_tiny_model(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "shared",
+            "tunegrid",
             "demo",
             "--model",
             "tiny-phi3",

@@ -1,4 +1,4 @@
-"""The dev host (`python -m shared devhost`): routing table against the real app, HTTP auth levels and
+"""The dev host (`python -m tunegrid devhost`): routing table against the real app, HTTP auth levels and
 routes, the Event Grid webhook, timers, settings and a graceful CLI shutdown, on real sockets."""
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import azure.functions as func
 import httpx
 import pytest
 
-from shared.devhost import DevHost, HostTimings
-from shared.devhost.config import apply_to_environ, load_local_settings, resolve_references
-from shared.devhost.routing import RouteTable, compile_route
-from shared.devhost.timers import TimerSchedule
 from shared.errors import ConfigError
+from tunegrid.devhost import DevHost, HostTimings
+from tunegrid.devhost.config import apply_to_environ, load_local_settings, resolve_references
+from tunegrid.devhost.routing import RouteTable, compile_route
+from tunegrid.devhost.timers import TimerSchedule
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = HostTimings(
@@ -64,8 +64,8 @@ def _sample_path(template: str) -> str:
 def test_routing_table_matches_get_functions_of_the_real_app(tmp_path: Path) -> None:
     """Every function of function_app.app is served with its trigger type and binding fields."""
     from function_app import app
-    from shared.appindex import functions_of, raw_bindings
     from shared.settings import SETTINGS
+    from tunegrid.appindex import functions_of, raw_bindings
 
     settings = {s.name: s.default for s in SETTINGS if s.default}
     settings.update(AzureWebJobsStorage="UseDevelopmentStorage=true", DataStorage="UseDevelopmentStorage=true")
@@ -272,7 +272,7 @@ def test_failing_function_gives_500_and_logs_an_invocation_id(
 ) -> None:
     """An exception is a bare 500 to the caller and an error log carrying the invocation id."""
     host, _ = http_host
-    with caplog.at_level(logging.ERROR, logger="shared.devhost"):
+    with caplog.at_level(logging.ERROR, logger="tunegrid.devhost"):
         response = httpx.get(host.base_url + "/api/boom")
     assert response.status_code == 500
     assert b"kaput" not in response.content
@@ -673,7 +673,7 @@ def test_environment_wins_over_file_values() -> None:
 
 
 def test_cli_loads_settings_before_import_and_stops_gracefully(tmp_path: Path) -> None:
-    """`python -m shared devhost`: settings are in os.environ at import, an in-flight request finishes on
+    """`python -m tunegrid devhost`: settings are in os.environ at import, an in-flight request finishes on
     SIGTERM, and the process exits 0; --show-keys prints the stored keys."""
     (tmp_path / "cli_app.py").write_text(
         textwrap.dedent(
@@ -697,7 +697,7 @@ def test_cli_loads_settings_before_import_and_stops_gracefully(tmp_path: Path) -
     )
     (tmp_path / "local.settings.json").write_text(json.dumps({"Values": {"FROM_FILE": "file", "OVERRIDDEN": "file"}}))
     env = {**os.environ, "OVERRIDDEN": "env", "PYTHONPATH": str(ROOT)}
-    base = [sys.executable, "-m", "shared", "devhost", "--app", "cli_app:app", "--state-dir", str(tmp_path / "state")]
+    base = [sys.executable, "-m", "tunegrid", "devhost", "--app", "cli_app:app", "--state-dir", str(tmp_path / "state")]
     proc = subprocess.Popen(
         [*base, "--port", "0"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

@@ -15,9 +15,9 @@ import azurefunctions.extensions.bindings.blob as blob_ext
 import pytest
 from azure.storage.blob import BlobClient, BlobServiceClient
 
-from shared.devhost import DevHost, HostTimings
-from shared.devhost.blobs import POISON_TABLE, RECEIPTS_TABLE, BlobPath, receipt_key
-from shared.storage import StorageClients
+from shared.adapters.storage import StorageClients
+from tunegrid.devhost import DevHost, HostTimings
+from tunegrid.devhost.blobs import POISON_TABLE, RECEIPTS_TABLE, BlobPath, receipt_key
 
 pytestmark = pytest.mark.azurite
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.dataset_download import DownloadedSplit, dataset_slug, download_dataset, upload_splits
+from shared.adapters.storage import BlobStore, StorageClients
+from shared.domain.validation import ValidationOptions, validate_path
 from shared.settings import TRAINING_CONTAINER
-from shared.storage import BlobStore, StorageClients
-from shared.validation import ValidationOptions, validate_path
+from tunegrid.dataset_download import DownloadedSplit, dataset_slug, download_dataset, upload_splits
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,7 +94,7 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
         if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "DataStorage", "AzureWebJobsStorage")
     }
     return subprocess.run(
-        [sys.executable, "-m", "shared", "download-dataset", *args],
+        [sys.executable, "-m", "tunegrid", "download-dataset", *args],
         cwd=ROOT,
         env={**base, **env},
         capture_output=True,
@@ -120,7 +120,7 @@ def test_offline_mode_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_no_network_is_a_clear_error(tmp_path: Path) -> None:
     """With the hub unreachable: exit 2 within seconds and one line naming the problem."""
-    from shared.azurite import free_port
+    from tunegrid.azurite import free_port
 
     result = run_cli(
         "--dataset", "HuggingFaceH4/ultrachat_200k", "--download_dir", str(tmp_path),
@@ -194,7 +194,7 @@ def test_test_split_is_uploaded_first(tmp_path: Path) -> None:
 
 def test_upload_needs_a_training_split(tmp_path: Path) -> None:
     """Without train_sft or train there is nothing to fine-tune on: a clear error."""
-    from shared.dataset_download import DownloadError
+    from tunegrid.dataset_download import DownloadError
 
     path = tmp_path / "validation.jsonl"
     path.write_text("x\n")

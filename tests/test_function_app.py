@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from shared.appindex import functions_of, raw_bindings
 from shared.settings import SETTINGS, STORAGE_CONNECTION
+from tunegrid.appindex import functions_of, raw_bindings
 
 
 @pytest.fixture(scope="module")

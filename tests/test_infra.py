@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from shared import settings as app_settings
-from shared.backends.base import RUN_TAG
+from shared.domain.naming import RUN_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -278,7 +278,7 @@ def _env_literals() -> dict[str, list[str]]:
 def bindings() -> dict[str, list[dict[str, Any]]]:
     """The exact binding JSON of every function the app registers, by function name."""
     import function_app
-    from shared.appindex import functions_of, raw_bindings
+    from tunegrid.appindex import functions_of, raw_bindings
 
     return {fn.get_function_name(): raw_bindings(fn) for fn in functions_of(function_app.app)}
 

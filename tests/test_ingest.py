@@ -11,11 +11,13 @@ import pytest
 from azure.core.exceptions import ServiceRequestError
 from azure.storage.blob import BlobServiceClient
 
+from shared.adapters.storage import BlobStore
+from shared.adapters.tables import TableRunLedger
+from shared.domain.naming import job_name_for
+from shared.domain.runs import RunState, run_id_for
 from shared.errors import ComputeError
-from shared.ingest import holdout_indices, ingest_dataset, job_name_for
-from shared.ledger import RunState, TableRunLedger, run_id_for
 from shared.settings import LEDGER_TABLE, PREPARED_CONTAINER, REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
-from shared.storage import BlobStore
+from shared.usecases.ingest import holdout_indices, ingest_dataset
 from tests.fakes import FakeBackend
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -236,8 +238,8 @@ def test_split_is_exact_and_deterministic(rows: int, pct: int, expected: int) ->
 def test_trigger_function_streams_the_blob(env: dict[str, Any], storage_conn: str) -> None:
     """The real blob-trigger function, called with an SDK BlobClient, runs the use case."""
     from function_app import app
-    from shared.appindex import functions_of
     from shared.bootstrap import AppContext, set_app_context
+    from tunegrid.appindex import functions_of
 
     name = _upload(env, "trig.jsonl", _rows("ultrachat_small.jsonl", 30))
     ctx = AppContext(

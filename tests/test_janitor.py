@@ -12,29 +12,13 @@ from typing import Any
 
 import pytest
 
-from shared.backends.base import (
-    KEEP_TAG,
-    OWNER_TAG,
-    RUN_TAG,
-    DeploymentInfo,
-    EndpointActivity,
-    EndpointInfo,
-    Operation,
-    ProvisioningState,
-)
+from shared.adapters.tables import TableAuditLog
+from shared.domain.janitor_rules import Decision, JanitorPolicy, Rule, RunRef, Usage, decide_deployment, decide_endpoint
+from shared.domain.naming import KEEP_TAG, OWNER_TAG, RUN_TAG
+from shared.domain.resources import DeploymentInfo, EndpointActivity, EndpointInfo, Operation, ProvisioningState
+from shared.domain.runs import RunRecord, RunState, apply_transition, new_record
 from shared.errors import BackendError, ConflictError, MetricsUnavailable, NotFound, TransientError
-from shared.janitor import (
-    Decision,
-    JanitorPolicy,
-    Rule,
-    RunRef,
-    TableAuditLog,
-    Usage,
-    decide_deployment,
-    decide_endpoint,
-    sweep_idle_endpoints,
-)
-from shared.ledger import RunRecord, RunState, apply_transition, new_record
+from shared.usecases.janitor import sweep_idle_endpoints
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 ME = "tg-test"
@@ -448,7 +432,7 @@ def test_idle_owned_endpoint_is_deleted_retired_and_audited(audit_table: Any, ca
     ledger = FakeLedger(
         [run_record("r1", RunState.LIVE, endpoint="idle-ep"), run_record("r2", RunState.LIVE, endpoint="x")]
     )
-    with caplog.at_level(logging.INFO, logger="shared.janitor"):
+    with caplog.at_level(logging.INFO, logger="shared.usecases.janitor"):
         report = sweep(backend, ledger, TableAuditLog(audit_table), last_proxy_use=lambda ep: ago(300))
     assert backend.deleted_endpoints == ["idle-ep"]
     assert backend.activity_calls == [("idle-ep", NOW - POLICY.idle)]
@@ -668,12 +652,12 @@ def test_listing_failure_propagates_and_deletes_nothing() -> None:
 
 @pytest.fixture
 def cli_context(storage: Any, unique: str) -> Any:
-    """An AppContext on Azurite with the fake backend, installed for `python -m shared` in-process."""
+    """An AppContext on Azurite with the fake backend, installed for `python -m tunegrid` in-process."""
     from shared.bootstrap import AppContext, set_app_context
     from shared.settings import Settings
 
     settings = Settings.from_env({"TUNEGRID_INSTANCE": ME, "IDLE_MINUTES": "120", "JANITOR_GRACE_MINUTES": "60"})
-    from shared.usage import add_usage
+    from shared.adapters.usage import add_usage
 
     real_now = datetime.now(UTC)
     five_hours_old = real_now - timedelta(hours=5)
@@ -705,7 +689,7 @@ def cli_context(storage: Any, unique: str) -> Any:
 @pytest.mark.azurite
 def test_cli_dry_run_json(cli_context: Any, capsys: pytest.CaptureFixture[str]) -> None:
     """`sweep --dry-run --json` prints the decisions as JSON and changes nothing."""
-    from shared.cli import main
+    from tunegrid.cli import main
 
     assert main(["sweep", "--dry-run", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -722,7 +706,7 @@ def test_cli_dry_run_json(cli_context: Any, capsys: pytest.CaptureFixture[str]) 
 @pytest.mark.azurite
 def test_cli_table_and_idle_override(cli_context: Any, capsys: pytest.CaptureFixture[str]) -> None:
     """`sweep --idle-minutes` overrides the setting (the proxy's use 4 h ago counts); then the default deletes."""
-    from shared.cli import main
+    from tunegrid.cli import main
 
     assert main(["sweep", "--idle-minutes", "600"]) == 0
     out = capsys.readouterr().out
@@ -738,7 +722,7 @@ def test_cli_table_and_idle_override(cli_context: Any, capsys: pytest.CaptureFix
 
 def test_cli_rejects_bad_minutes(capsys: pytest.CaptureFixture[str]) -> None:
     """A negative or non-numeric --idle-minutes is a usage error (exit 2)."""
-    from shared.cli import main
+    from tunegrid.cli import main
 
     for bad in ("-1", "soon"):
         with pytest.raises(SystemExit) as exc:
@@ -754,14 +738,14 @@ def test_cli_rejects_bad_minutes(capsys: pytest.CaptureFixture[str]) -> None:
 def registered_functions() -> dict[str, Any]:
     """`function_app.app`'s functions by name, through the once-per-process cache (`shared.appindex`)."""
     import function_app
-    from shared.appindex import functions_of
+    from tunegrid.appindex import functions_of
 
     return {str(f.get_function_name()): f for f in functions_of(function_app.app)}
 
 
 def test_timer_binding(registered_functions: dict[str, Any]) -> None:
     """The janitor is a timer trigger on %JANITOR_SCHEDULE%, not run on start-up, with the schedule monitor."""
-    from shared.appindex import raw_bindings
+    from tunegrid.appindex import raw_bindings
 
     [binding] = raw_bindings(registered_functions["janitor"])
     assert binding == {

@@ -12,9 +12,13 @@ from typing import Any
 
 import pytest
 
-from shared.backends.base import OWNER_TAG, DeploymentSpec, ModelRef, ProvisioningState
-from shared.janitor import JanitorPolicy, Rule, TableAuditLog, proxy_last_use_from_table, sweep_idle_endpoints
-from shared.ledger import RunState, TableRunLedger, new_record
+from shared.adapters.tables import TableAuditLog, TableRunLedger
+from shared.bootstrap import proxy_last_use_from_table
+from shared.domain.janitor_rules import JanitorPolicy, Rule
+from shared.domain.naming import OWNER_TAG
+from shared.domain.resources import DeploymentSpec, ModelRef, ProvisioningState
+from shared.domain.runs import RunState, new_record
+from shared.usecases.janitor import sweep_idle_endpoints
 
 INSTANCE = "tg-janitor-local"
 IDLE = timedelta(seconds=8)
@@ -23,8 +27,8 @@ IDLE = timedelta(seconds=8)
 @pytest.fixture
 def local_backend(tmp_path: Path) -> Iterator[Any]:
     """A LocalBackend in a temporary workspace; every router and server it starts is stopped after."""
-    from shared.backends.local import LocalBackend
-    from shared.backends.local.base_models import prepare_tiny_phi3
+    from tunegrid.local import LocalBackend
+    from tunegrid.local.base_models import prepare_tiny_phi3
 
     backend = LocalBackend(tmp_path / "ws", webhook_url=None, instance=INSTANCE)
     tiny = prepare_tiny_phi3()

@@ -15,14 +15,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.backends.base import DataRef, DeploymentSpec, FineTuneBackend, FineTuneRequest, JobState, ProvisioningState
-from shared.backends.local import LocalBackend
-from shared.backends.local.backend import blob_fetcher
-from shared.backends.local.events import RUN_COMPLETED, RUN_STATUS_CHANGED
-from shared.backends.local.workspace import ProcessHandle, read_json
+from shared.domain.resources import DataRef, DeploymentSpec, FineTuneRequest, JobState, ProvisioningState
 from shared.errors import BackendError, InvalidInput, MetricsUnavailable, NotFound
+from shared.ports import FineTuneBackend
 from shared.settings import PREPARED_CONTAINER
 from tests.tiny_model import TINY_PARAMS, EventSink, event_sink, model_cache, wait_until, write_rows
+from tunegrid.local import LocalBackend
+from tunegrid.local.backend import blob_fetcher
+from tunegrid.local.events import RUN_COMPLETED, RUN_STATUS_CHANGED
+from tunegrid.local.workspace import ProcessHandle, read_json
 
 pytestmark = [pytest.mark.slow, pytest.mark.azurite]
 
@@ -47,7 +48,7 @@ def sink() -> EventSink:
 @pytest.fixture(scope="module")
 def data(azurite: object, tmp_path_factory: pytest.TempPathFactory) -> dict[str, DataRef]:
     """Train and test splits uploaded as blobs to the prepared-data container in Azurite."""
-    from shared.storage import BlobStore, StorageClients
+    from shared.adapters.storage import BlobStore, StorageClients
 
     clients = StorageClients.from_connection({"": azurite.connection_string})  # type: ignore[attr-defined]
     clients.ensure_resources()

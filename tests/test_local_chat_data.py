@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.backends.local.chat_data import (
+from tests.tiny_model import SAMPLES, model_cache
+from tunegrid.local.chat_data import (
     IGNORE_INDEX,
     ChatCollator,
     MaskError,
@@ -16,7 +17,6 @@ from shared.backends.local.chat_data import (
     tokenize_conversation,
     tokenize_rows,
 )
-from tests.tiny_model import SAMPLES, model_cache
 
 # SmolLM2-135M-Instruct's template, exactly as its GGUF ships it (real newlines inside the quotes).
 SMOLLM2_TEMPLATE = (
@@ -46,7 +46,7 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory):
     """The tiny model's BPE tokenizer (trained on the sample rows, cached for the session)."""
     from transformers import AutoTokenizer
 
-    from shared.backends.local.base_models import prepare_tiny_phi3
+    from tunegrid.local.base_models import prepare_tiny_phi3
 
     return AutoTokenizer.from_pretrained(prepare_tiny_phi3(model_cache(tmp_path_factory)))
 

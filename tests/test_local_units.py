@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from shared.backends.base import job_state_from_run_status
-from shared.backends.local.events import LOCAL_TOPIC, RUN_COMPLETED, RUN_STATUS_CHANGED, Outbox, run_events
-from shared.backends.local.params import LOCAL_DEFAULTS, resolve_train_config
-from shared.backends.local.router import authorized, pick_deployment
-from shared.backends.local.server import BadRequest, generation_kwargs, parse_score_request
+from shared.domain.resources import job_state_from_run_status
+from shared.domain.sidecar import FINETUNE_PARAMS
 from shared.errors import InvalidInput
-from shared.sidecar import FINETUNE_PARAMS
 from tests.tiny_model import event_sink
+from tunegrid.local.events import LOCAL_TOPIC, RUN_COMPLETED, RUN_STATUS_CHANGED, Outbox, run_events
+from tunegrid.local.params import LOCAL_DEFAULTS, resolve_train_config
+from tunegrid.local.router import authorized, pick_deployment
+from tunegrid.local.server import BadRequest, generation_kwargs, parse_score_request
 
 
 def test_local_defaults_use_component_names() -> None:
@@ -222,7 +222,7 @@ def test_local_commands_on_an_empty_workspace(
     argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The local-* commands work on a fresh workspace and print no secrets."""
-    from shared.cli import main
+    from tunegrid.cli import main
 
     monkeypatch.setenv("LOCAL_WORKSPACE_DIR", str(tmp_path / "ws"))
     monkeypatch.setenv("LOCAL_EVENT_WEBHOOK_URL", "")
@@ -232,7 +232,7 @@ def test_local_commands_on_an_empty_workspace(
 
 def test_unknown_local_job_is_a_negative_verdict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Asking for a job that does not exist exits 1."""
-    from shared.cli import main
+    from tunegrid.cli import main
 
     monkeypatch.setenv("LOCAL_WORKSPACE_DIR", str(tmp_path / "ws"))
     assert main(["local-jobs", "no-such-job"]) == 1

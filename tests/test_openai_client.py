@@ -15,11 +15,10 @@ import openai
 import pytest
 
 from functions import chat
+from shared.adapters.storage import StorageClients
+from shared.adapters.usage import read_usage
 from shared.bootstrap import AppContext, set_app_context
-from shared.devhost import DevHost
 from shared.settings import USAGE_TABLE
-from shared.storage import StorageClients
-from shared.usage import read_usage
 from tests.scoring_support import (
     OTHER_PROXY_KEY,
     PROXY_KEY,
@@ -30,6 +29,7 @@ from tests.scoring_support import (
     live_record,
     proxy_settings,
 )
+from tunegrid.devhost import DevHost
 
 pytestmark = pytest.mark.azurite
 

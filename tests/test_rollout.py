@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 
-from shared.backends.base import JobState
-from shared.events import parse_run_event
-from shared.ingest import ingest_dataset
-from shared.ledger import RunState, TableRunLedger
-from shared.rollout import Rollout, advance_run, handle_run_event, tick
+from shared.adapters.storage import BlobStore, StorageClients
+from shared.adapters.tables import TableRunLedger
+from shared.domain.events import parse_run_event
+from shared.domain.resources import JobState
+from shared.domain.runs import RunState
 from shared.settings import LEDGER_TABLE, RUN_REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
-from shared.storage import BlobStore, StorageClients
+from shared.usecases.ingest import ingest_dataset
+from shared.usecases.rollout import Rollout, advance_run, handle_run_event, tick
 from tests.fakes import FakeBackend
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"

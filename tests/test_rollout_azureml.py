@@ -21,21 +21,15 @@ from typing import Any
 import pytest
 from azure.core.polling import LROPoller
 
-from shared.backends.azureml.backend import AzureMLBackend
-from shared.events import RunEvent, parse_run_event
-from shared.ingest import job_name_for
-from shared.ledger import RunRecord, RunState, TableRunLedger, run_id_for, utcnow
-from shared.rollout import (
-    Rollout,
-    deployment_name_for,
-    endpoint_name_for,
-    handle_run_event,
-    model_name_for,
-    model_version_for,
-    tick,
-)
+from shared.adapters.azureml.backend import AzureMLBackend
+from shared.adapters.storage import BlobStore
+from shared.adapters.tables import TableRunLedger
+from shared.domain.clock import utcnow
+from shared.domain.events import RunEvent, parse_run_event
+from shared.domain.naming import deployment_name_for, endpoint_name_for, job_name_for, model_name_for, model_version_for
+from shared.domain.runs import RunRecord, RunState, run_id_for
 from shared.settings import PREPARED_CONTAINER, RUN_REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
-from shared.storage import BlobStore
+from shared.usecases.rollout import Rollout, handle_run_event, tick
 from tests.azureml_rig import (
     API_HOST,
     LOCATION,

@@ -9,16 +9,17 @@ from typing import Any
 import azure.functions as func
 import pytest
 
-from shared.backends.base import JobState
+from shared.adapters.storage import BlobStore
+from shared.adapters.tables import TableRunLedger
 from shared.bootstrap import AppContext, set_app_context
-from shared.cli import main
+from shared.domain.resources import JobState
+from shared.domain.runs import RunState
 from shared.errors import InvalidInput, NotFound
-from shared.ingest import ingest_dataset
-from shared.ledger import RunState, TableRunLedger
-from shared.runs import cancel_run, list_runs, run_status
 from shared.settings import LEDGER_TABLE, RUN_REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
-from shared.storage import BlobStore
+from shared.usecases.ingest import ingest_dataset
+from shared.usecases.runs import cancel_run, list_runs, run_status
 from tests.fakes import FakeBackend
+from tunegrid.cli import main
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -91,7 +92,7 @@ def test_status_command_writes_the_loss_curve(
 def test_http_routes_return_the_same_data(ctx: Any, unique: str) -> None:
     """GET /api/runs and /api/runs/{id}, called as the host calls them."""
     from function_app import app
-    from shared.appindex import functions_of
+    from tunegrid.appindex import functions_of
 
     record = _run(ctx, unique)
     fns = {f.get_function_name(): f.get_user_function() for f in functions_of(app)}

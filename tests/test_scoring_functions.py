@@ -15,7 +15,7 @@ import pytest
 from functions import chat
 from shared.bootstrap import AppContext, set_app_context
 from shared.errors import ConfigError, InvalidInput, NotFound, TransientError, UpstreamError
-from shared.scoring import (
+from shared.usecases.scoring import (
     InvalidRequest,
     ModelNotFound,
     NoLiveModel,

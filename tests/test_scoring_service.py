@@ -12,9 +12,16 @@ import orjson
 import pytest
 import stamina
 
+from shared.adapters.upstream import CredentialCache, EndpointCaller, HttpPool
 from shared.errors import UpstreamError
-from shared.scoring import InvalidRequest, LiveModels, PayloadTooLarge, ScoringService, UpstreamBusy, UpstreamRejected
-from shared.upstream import CredentialCache, EndpointCaller, HttpPool
+from shared.usecases.scoring import (
+    InvalidRequest,
+    LiveModels,
+    PayloadTooLarge,
+    ScoringService,
+    UpstreamBusy,
+    UpstreamRejected,
+)
 from tests.scoring_support import CredentialsBackend, LoopbackUpstream, MemoryLedger, live_record, proxy_settings
 
 

@@ -10,9 +10,9 @@ from typing import Any
 import orjson
 import pytest
 
+from shared.domain.runs import RunState
 from shared.errors import UpstreamError
-from shared.ledger import RunState
-from shared.scoring import (
+from shared.usecases.scoring import (
     ApiKeys,
     InvalidRequest,
     LiveModel,

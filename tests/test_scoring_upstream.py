@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.backends.base import EndpointCredentials
+from shared.adapters.upstream import CredentialCache, EndpointCaller, HttpPool, Target, _retry_after_seconds
+from shared.domain.resources import EndpointCredentials
 from shared.errors import NotFound, UpstreamError
-from shared.upstream import CredentialCache, EndpointCaller, HttpPool, Target, _retry_after_seconds
 from tests.scoring_support import CredentialsBackend, LoopbackUpstream
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

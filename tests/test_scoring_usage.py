@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from shared.adapters.usage import UsageRecord, UsageRecorder, add_usage, read_last_used, read_usage
 from shared.settings import USAGE_TABLE
-from shared.usage import UsageRecord, UsageRecorder, add_usage, read_last_used, read_usage
 
 pytestmark = pytest.mark.azurite
 
@@ -150,7 +150,7 @@ def test_failed_flush_keeps_the_counts(usage_table: Any, unique: str) -> None:
 
 def test_service_shutdown_flushes_pending_usage(usage_table: Any, unique: str) -> None:
     """ScoringService.aclose writes the counts still waiting for their minute."""
-    from shared.scoring import LiveModels, ScoringService
+    from shared.usecases.scoring import LiveModels, ScoringService
     from tests.scoring_support import MemoryLedger, proxy_settings
 
     endpoint = f"ep-{unique}"

@@ -1,4 +1,4 @@
-"""`python -m shared validate`: exit codes, output formats, and the blob path through Azurite."""
+"""`python -m tunegrid validate`: exit codes, output formats, and the blob path through Azurite."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from shared.adapters.storage import BlobStore, StorageClients
+from shared.domain.validation import validate_chunks, validate_path
 from shared.settings import TRAINING_CONTAINER
-from shared.storage import BlobStore, StorageClients
-from shared.validation import validate_chunks, validate_path
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "samples" / "azureml_chat_train.jsonl"
@@ -22,7 +22,7 @@ SAMPLE = ROOT / "samples" / "azureml_chat_train.jsonl"
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if k not in ("DataStorage", "AzureWebJobsStorage")}
     return subprocess.run(
-        [sys.executable, "-m", "shared", "validate", *args],
+        [sys.executable, "-m", "tunegrid", "validate", *args],
         cwd=ROOT,
         env={**clean, **(env or {})},
         capture_output=True,

@@ -10,9 +10,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-import shared.validation as validation
-from shared.errors import ConfigError
-from shared.validation import (
+import shared.domain.validation as validation
+from shared.domain.validation import (
     ERROR_CODES,
     WARNING_CODES,
     ValidationOptions,
@@ -21,6 +20,7 @@ from shared.validation import (
     validate_chunks,
     validate_path,
 )
+from shared.errors import ConfigError
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import shared.validation as validation
-from shared.validation import ValidationOptions, validate_chunks
+import shared.domain.validation as validation
+from shared.domain.validation import ValidationOptions, validate_chunks
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

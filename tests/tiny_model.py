@@ -39,7 +39,7 @@ T = TypeVar("T")
 
 def model_cache(tmp_path_factory: Any) -> Path:
     """One model cache per test session (the tiny model is built into it once, in seconds)."""
-    from shared.backends.local.base_models import prepare_tiny_phi3
+    from tunegrid.local.base_models import prepare_tiny_phi3
 
     cache = tmp_path_factory.getbasetemp() / "tunegrid-model-cache"
     prepare_tiny_phi3(cache)

@@ -1,1 +1,0 @@
-"""Fine-tune backends behind the `FineTuneBackend` port (`base.py`)."""

@@ -1,5 +1,0 @@
-"""A local host for the function app, without Azure Functions Core Tools (`python -m shared devhost`)."""
-
-from shared.devhost.host import DEFAULT_APP, DEFAULT_PORT, DevHost, HostTimings
-
-__all__ = ["DEFAULT_APP", "DEFAULT_PORT", "DevHost", "HostTimings"]

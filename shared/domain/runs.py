@@ -1,0 +1,211 @@
+"""Runs: the states of one dataset version, the legal moves between them, and the run record.
+
+The record is the single source of truth about a run. Every state change is an ETag-conditional
+update (the ledger adapters persist it), so two concurrent deliveries can never both move a run:
+the loser gets `ConflictError` and re-reads.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from shared.domain.clock import utcnow
+from shared.errors import ConflictError
+
+PARTITION = "runs"
+
+
+class RunState(enum.StrEnum):
+    RECEIVED = "received"
+    VALIDATING = "validating"
+    INVALID = "invalid"
+    SUBMITTING = "submitting"
+    SUBMITTED = "submitted"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    REGISTERING = "registering"
+    DEPLOYING = "deploying"
+    SMOKE_TESTING = "smoke-testing"
+    SHIFTING_TRAFFIC = "shifting-traffic"
+    LIVE = "live"
+    ROLLED_BACK = "rolled-back"
+    RETIRED = "retired"
+    ERROR = "error"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset(
+    {RunState.INVALID, RunState.FAILED, RunState.CANCELED, RunState.ROLLED_BACK, RunState.RETIRED, RunState.ERROR}
+)
+
+S = RunState
+TRANSITIONS: Mapping[RunState, frozenset[RunState]] = {
+    S.RECEIVED: frozenset({S.VALIDATING}),
+    S.VALIDATING: frozenset({S.INVALID, S.SUBMITTING, S.ERROR}),
+    S.SUBMITTING: frozenset({S.SUBMITTED, S.ERROR}),
+    S.SUBMITTED: frozenset({S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELED}),
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELED}),
+    S.SUCCEEDED: frozenset({S.REGISTERING}),
+    S.REGISTERING: frozenset({S.DEPLOYING, S.ERROR}),
+    S.DEPLOYING: frozenset({S.SMOKE_TESTING, S.ROLLED_BACK, S.ERROR}),
+    S.SMOKE_TESTING: frozenset({S.SHIFTING_TRAFFIC, S.ROLLED_BACK, S.ERROR}),
+    S.SHIFTING_TRAFFIC: frozenset({S.LIVE, S.ROLLED_BACK, S.ERROR}),
+    S.LIVE: frozenset({S.RETIRED}),
+}
+"""Legal moves. Anything else is refused, so an out-of-order event cannot move a run backwards."""
+
+# States that only ever move forward along this order; used to ignore stale events.
+ORDER = [
+    S.RECEIVED,
+    S.VALIDATING,
+    S.SUBMITTING,
+    S.SUBMITTED,
+    S.RUNNING,
+    S.SUCCEEDED,
+    S.REGISTERING,
+    S.DEPLOYING,
+    S.SMOKE_TESTING,
+    S.SHIFTING_TRAFFIC,
+    S.LIVE,
+    S.RETIRED,
+]
+
+
+def run_id_for(container: str, blob: str, version: str) -> str:
+    """Deterministic id of one dataset version: the same blob version always maps to the same run."""
+    digest = hashlib.sha256(f"{container}/{blob}\n{version}".encode()).hexdigest()
+    return "r" + digest[:15]
+
+
+_JSON_FIELDS = ("timeline", "params", "metrics", "smoke", "extra")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    state: RunState
+    container: str
+    blob: str
+    blob_version: str
+    created_at: datetime
+    updated_at: datetime
+    timeline: tuple[tuple[str, str], ...] = ()
+    backend: str = ""
+    sha256: str = ""
+    report_url: str = ""
+    run_report_url: str = ""
+    job_name: str = ""
+    job_url: str = ""
+    base_model: str = ""
+    model_name: str = ""
+    model_version: str = ""
+    model_id: str = ""
+    endpoint: str = ""
+    deployment: str = ""
+    previous_deployment: str = ""
+    operation: str = ""
+    error: str = ""
+    claimed_at: str = ""
+    params: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    smoke: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    etag: str = field(default="", compare=False)
+
+    @property
+    def dataset(self) -> str:
+        return self.blob
+
+    def to_entity(self) -> dict[str, Any]:
+        ent: dict[str, Any] = {"PartitionKey": PARTITION, "RowKey": self.run_id}
+        for name, value in self.__dict__.items():
+            if name in ("run_id", "etag"):
+                continue
+            if name in _JSON_FIELDS:
+                ent[name] = json.dumps(value if name != "timeline" else [list(t) for t in value])
+            elif isinstance(value, datetime):
+                ent[name] = value
+            elif isinstance(value, enum.Enum):
+                ent[name] = value.value
+            else:
+                ent[name] = value
+        return ent
+
+    @classmethod
+    def from_entity(cls, ent: Mapping[str, Any], etag: str = "") -> RunRecord:
+        kwargs: dict[str, Any] = {}
+        for name in cls.__dataclass_fields__:
+            if name == "run_id":
+                kwargs[name] = ent["RowKey"]
+            elif name == "etag":
+                kwargs[name] = etag
+            elif name not in ent:
+                continue
+            elif name == "state":
+                kwargs[name] = RunState(ent[name])
+            elif name == "timeline":
+                kwargs[name] = tuple(tuple(t) for t in json.loads(ent[name] or "[]"))
+            elif name in _JSON_FIELDS:
+                kwargs[name] = json.loads(ent[name] or "{}")
+            elif name in ("created_at", "updated_at"):
+                value = ent[name]
+                kwargs[name] = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+            else:
+                kwargs[name] = ent[name]
+        return cls(**kwargs)
+
+    def public(self) -> dict[str, Any]:
+        """The record as plain JSON for CLI, status API and reports."""
+        out = {k: v for k, v in self.__dict__.items() if k not in ("etag", "claimed_at")}
+        out["state"] = self.state.value
+        out["created_at"] = self.created_at.isoformat()
+        out["updated_at"] = self.updated_at.isoformat()
+        out["timeline"] = [{"state": s, "at": t} for s, t in self.timeline]
+        return out
+
+
+def new_record(*, run_id: str, container: str, blob: str, blob_version: str, backend: str) -> RunRecord:
+    now = utcnow()
+    return RunRecord(
+        run_id=run_id,
+        state=RunState.RECEIVED,
+        container=container,
+        blob=blob,
+        blob_version=blob_version,
+        backend=backend,
+        created_at=now,
+        updated_at=now,
+        timeline=((RunState.RECEIVED.value, now.isoformat()),),
+    )
+
+
+def apply_transition(
+    record: RunRecord, to: RunState, expect: Iterable[RunState] | None, fields: Mapping[str, Any]
+) -> RunRecord:
+    """Check a move is legal and return the moved record (pure; storage adapters persist it)."""
+    allowed = set(expect) if expect is not None else None
+    if allowed is not None and record.state not in allowed:
+        raise ConflictError(
+            f"run {record.run_id} is {record.state.value}, expected one of {sorted(s.value for s in allowed)}"
+        )
+    if to not in TRANSITIONS.get(record.state, frozenset()):
+        raise ConflictError(f"run {record.run_id}: illegal move {record.state.value} -> {to.value}")
+    now = utcnow()
+    return replace(
+        record,
+        state=to,
+        updated_at=now,
+        timeline=(*record.timeline, (to.value, now.isoformat())),
+        **fields,
+    )

@@ -1,0 +1,20 @@
+"""The ports: Protocols the use cases receive. Adapters implement them; only `shared.bootstrap`
+knows which adapter stands behind each."""
+
+from shared.ports.backend import EndpointPort, FineTuneBackend
+from shared.ports.janitor import AuditLog, LastProxyUse
+from shared.ports.scoring import Upstream, UpstreamReply, UsageSink
+from shared.ports.storage import Blobs, Ledger, RunLedgerPort
+
+__all__ = [
+    "AuditLog",
+    "Blobs",
+    "EndpointPort",
+    "FineTuneBackend",
+    "LastProxyUse",
+    "Ledger",
+    "RunLedgerPort",
+    "Upstream",
+    "UpstreamReply",
+    "UsageSink",
+]

@@ -1,0 +1,437 @@
+"""Ingest use case: a dataset blob arrived -> validate -> report -> prepare train/test -> submit.
+
+Idempotent by construction: the run id is derived from the blob version (container, name, ETag); the
+first delivery creates the ledger record and claims it, every concurrent or repeated delivery finds
+the record and does nothing. A delivery that fails with a transient error releases its claim and
+re-raises, so the platform's retry takes over; a crashed one is taken over once its claim is stale.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from shared.domain.clock import utcnow
+from shared.domain.naming import DATASET_TAG, OWNER_TAG, RUN_TAG, dataset_stem, job_name_for
+from shared.domain.resources import DataRef, FineTuneRequest
+from shared.domain.runs import RunRecord, RunState, new_record, run_id_for
+from shared.domain.sidecar import Sidecar, parse_sidecar
+from shared.domain.validation import Issue, ValidationOptions, ValidationReport, iter_lines, validate_chunks
+from shared.errors import BackendError, ConfigError, ConflictError, InvalidInput, TransientError
+from shared.ports import Blobs, FineTuneBackend, Ledger
+from shared.settings import PREPARED_CONTAINER, REPORTS_CONTAINER, Settings
+
+log = logging.getLogger(__name__)
+
+CLAIM_TTL = timedelta(minutes=15)
+COMPANION_SUFFIXES = (".test.jsonl", ".validation.jsonl")
+SIDECAR_SUFFIX = ".config.json"
+MIN_TRAIN_ROWS = 10
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    action: str
+    """ignored | duplicate | invalid | submitted | error"""
+    reason: str
+    run_id: str | None = None
+    report_url: str | None = None
+    job_name: str | None = None
+
+
+def holdout_indices(rows: int, percent: int) -> tuple[int, Callable[[int], bool]]:
+    """How many rows to hold out, and a predicate saying whether row index i (0-based) is held out.
+
+    Evenly spaced, deterministic, and exact: the same dataset always gives the same split.
+    """
+    test_rows = max(1, round(rows * percent / 100)) if rows > 1 else 0
+
+    def is_test(i: int) -> bool:
+        return (i + 1) * test_rows // rows > i * test_rows // rows
+
+    return test_rows, is_test
+
+
+def _summary(report: ValidationReport) -> str:
+    parts = [f"{code}×{n}" for code, n in sorted(report.error_counts.items())]
+    return f"{sum(report.error_counts.values())} errors: " + ", ".join(parts)
+
+
+def _claim_is_stale(record: RunRecord, now: datetime) -> bool:
+    if not record.claimed_at:
+        return True
+    try:
+        claimed = datetime.fromisoformat(record.claimed_at)
+    except ValueError:
+        return True
+    return now - claimed > CLAIM_TTL
+
+
+UPLOAD_CHUNK = 4 * 1024 * 1024
+
+
+def _split_stream(
+    lines: Iterable[tuple[int, bytes | None]], rows: int, percent: int
+) -> tuple[Iterator[bytes], Iterator[bytes], dict[str, int]]:
+    """One pass over the dataset into two temporary files (disk, not memory), then streamed to storage."""
+    import tempfile
+
+    _, is_test = holdout_indices(rows, percent)
+    train_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed by the generators below
+    test_file = tempfile.TemporaryFile()  # noqa: SIM115
+    counts = {"train_rows": 0, "test_rows": 0}
+    index = 0
+    for _, line in lines:
+        if line is None or not line.strip():
+            continue
+        if is_test(index):
+            test_file.write(line + b"\n")
+            counts["test_rows"] += 1
+        else:
+            train_file.write(line + b"\n")
+            counts["train_rows"] += 1
+        index += 1
+
+    def stream(f: Any) -> Iterator[bytes]:
+        try:
+            f.seek(0)
+            while chunk := f.read(UPLOAD_CHUNK):
+                yield chunk
+        finally:
+            f.close()
+
+    return stream(train_file), stream(test_file), counts
+
+
+def _validation_options(settings: Settings) -> ValidationOptions:
+    return ValidationOptions(
+        max_line_bytes=settings.validation_max_line_bytes,
+        max_seq_length=settings.validation_max_seq_length,
+        tokenizer=settings.validation_tokenizer or None,
+    )
+
+
+def _store_report(blobs: Blobs, *, name: str, run_id: str, report: dict[str, Any], markdown: str) -> str:
+    import orjson
+
+    base = f"{name}/{run_id}"
+    url = blobs.upload(
+        REPORTS_CONTAINER,
+        f"{base}.report.json",
+        orjson.dumps(report, option=orjson.OPT_INDENT_2),
+        content_type="application/json",
+    )
+    blobs.upload(REPORTS_CONTAINER, f"{base}.report.md", markdown.encode(), content_type="text/markdown; charset=utf-8")
+    return url
+
+
+def _claim(ledger: Ledger, container: str, name: str, etag: str, settings: Settings, now: datetime) -> RunRecord | None:
+    run_id = run_id_for(container, name, etag)
+    fresh = replace(
+        new_record(run_id=run_id, container=container, blob=name, blob_version=etag, backend=settings.backend),
+        claimed_at=now.isoformat(),
+    )
+    record, created = ledger.create(fresh)
+    if created:
+        return record
+    if record.state not in (RunState.RECEIVED, RunState.VALIDATING, RunState.SUBMITTING):
+        log.info(
+            "duplicate delivery of %s/%s: run %s is already %s",
+            container,
+            name,
+            run_id,
+            record.state.value,
+            extra={"run_id": run_id},
+        )
+        return None
+    if not _claim_is_stale(record, now):
+        log.info(
+            "duplicate delivery of %s/%s: run %s is being processed", container, name, run_id, extra={"run_id": run_id}
+        )
+        return None
+    try:
+        taken = ledger.update(record, claimed_at=now.isoformat())
+    except ConflictError:
+        return None
+    log.warning(
+        "taking over run %s (state %s, stale or released claim)", run_id, record.state.value, extra={"run_id": run_id}
+    )
+    return taken
+
+
+def _release(ledger: Ledger, run_id: str) -> None:
+    try:
+        current = ledger.get(run_id)
+        if current is not None and not current.state.terminal:
+            ledger.update(current, claimed_at="")
+    except Exception:  # best effort: a stale claim is taken over after CLAIM_TTL anyway
+        log.exception("could not release claim on run %s", run_id, extra={"run_id": run_id})
+
+
+def ingest_dataset(
+    *,
+    container: str,
+    name: str,
+    blobs: Blobs,
+    ledger: Ledger,
+    backend: FineTuneBackend,
+    settings: Settings,
+    now: Callable[[], datetime] = utcnow,
+) -> IngestOutcome:
+    """Handle one delivery of a dataset blob. Safe to call any number of times, concurrently."""
+    if not name.endswith(".jsonl"):
+        log.info("ignoring %s/%s: not a .jsonl dataset", container, name)
+        return IngestOutcome("ignored", "not a .jsonl file")
+    if name.endswith(COMPANION_SUFFIXES):
+        log.info("ignoring %s/%s: companion file, read when its dataset arrives", container, name)
+        return IngestOutcome("ignored", "companion test/validation file")
+    props = blobs.properties(container, name)
+    if props is None:
+        log.info("ignoring %s/%s: blob no longer exists", container, name)
+        return IngestOutcome("ignored", "blob not found")
+    etag = str(props["etag"])
+    record = _claim(ledger, container, name, etag, settings, now())
+    if record is None:
+        return IngestOutcome(
+            "duplicate", "this blob version was already delivered", run_id=run_id_for(container, name, etag)
+        )
+    run_id = record.run_id
+    try:
+        return _process(record, blobs=blobs, ledger=ledger, backend=backend, settings=settings, etag=etag)
+    except (TransientError, OSError):
+        _release(ledger, run_id)
+        raise
+    except Exception as exc:
+        if _is_transient_storage_error(exc):
+            _release(ledger, run_id)
+            raise
+        log.exception("ingest of run %s failed", run_id, extra={"run_id": run_id})
+        _fail(ledger, run_id, f"{type(exc).__name__}: {exc}")
+        return IngestOutcome("error", str(exc), run_id=run_id)
+
+
+def _is_transient_storage_error(exc: BaseException) -> bool:
+    from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
+
+    if isinstance(exc, ServiceRequestError | ServiceResponseError):
+        return True
+    status = getattr(exc, "status_code", None)
+    return isinstance(exc, HttpResponseError) and (status is None or status == 429 or status >= 500)
+
+
+def _fail(ledger: Ledger, run_id: str, reason: str) -> None:
+    current = ledger.get(run_id)
+    if current is None or current.state.terminal:
+        return
+    try:
+        ledger.transition(run_id, RunState.ERROR, error=reason[:4000], claimed_at="")
+    except ConflictError:
+        log.warning("run %s moved while recording its error", run_id, extra={"run_id": run_id})
+
+
+def _process(
+    record: RunRecord, *, blobs: Blobs, ledger: Ledger, backend: FineTuneBackend, settings: Settings, etag: str
+) -> IngestOutcome:
+    run_id, container, name = record.run_id, record.container, record.blob
+    extra = {"run_id": run_id, "blob": f"{container}/{name}"}
+    if record.state == RunState.RECEIVED:
+        record = ledger.transition(run_id, RunState.VALIDATING, expect=[RunState.RECEIVED])
+    if record.state == RunState.VALIDATING:
+        outcome = _validate_and_prepare(record, blobs=blobs, ledger=ledger, settings=settings, etag=etag)
+        if outcome is not None:
+            return outcome
+        record = ledger.get(run_id) or record
+    if record.state != RunState.SUBMITTING:
+        return IngestOutcome("duplicate", f"run is {record.state.value}", run_id=run_id)
+    job = backend.get_job(record.job_name)
+    if job is None:
+        request = _request_from_record(record, settings)
+        log.info("submitting fine-tune job %s for run %s", record.job_name, run_id, extra=extra)
+        try:
+            ref = backend.submit_finetune(request)
+        except (BackendError, ConfigError, InvalidInput) as exc:
+            _fail(ledger, run_id, f"submission refused: {exc}")
+            return IngestOutcome("error", str(exc), run_id=run_id, report_url=record.report_url)
+        job_url = ref.studio_url or ""
+        base_model = ref.base_model_id or record.base_model
+    else:
+        log.info("job %s already exists (%s): not submitting again", record.job_name, job.raw_status, extra=extra)
+        job_url = job.studio_url or ""
+        base_model = record.base_model
+    ledger.transition(
+        run_id, RunState.SUBMITTED, expect=[RunState.SUBMITTING], job_url=job_url, base_model=base_model, claimed_at=""
+    )
+    return IngestOutcome(
+        "submitted", "fine-tune job submitted", run_id=run_id, report_url=record.report_url, job_name=record.job_name
+    )
+
+
+def _validate_and_prepare(
+    record: RunRecord, *, blobs: Blobs, ledger: Ledger, settings: Settings, etag: str
+) -> IngestOutcome | None:
+    """Validate, store the report, split and upload; returns an outcome when the run ends here."""
+    run_id, container, name = record.run_id, record.container, record.blob
+    extra = {"run_id": run_id, "blob": f"{container}/{name}"}
+    stem = dataset_stem(name)
+    options = _validation_options(settings)
+    report = validate_chunks(blobs.chunks(container, name, etag=etag), options)
+    doc = report.to_dict()
+    problems: list[Issue] = []
+
+    sidecar: Sidecar | None = None
+    sidecar_name = f"{stem}{SIDECAR_SUFFIX}"
+    try:
+        sidecar = parse_sidecar(blobs.read_bytes(container, sidecar_name))
+    except (InvalidInput, ValueError) as exc:
+        problems.append(Issue(line=None, code="invalid_config", message=f"{sidecar_name}: {exc}"))
+
+    test_name = f"{stem}.test.jsonl"
+    test_props = blobs.properties(container, test_name)
+    test_report: ValidationReport | None = None
+    if test_props is not None:
+        test_report = validate_chunks(
+            blobs.chunks(container, test_name, etag=str(test_props["etag"])), replace(options, min_rows=1)
+        )
+        doc["test_file"] = {"name": test_name, **test_report.to_dict()}
+        if not test_report.valid:
+            problems.append(Issue(line=None, code="invalid_test_file", message=f"{test_name}: {_summary(test_report)}"))
+
+    percent = (
+        sidecar.test_split_percent if sidecar and sidecar.test_split_percent else None
+    ) or settings.test_split_percent
+    if report.valid and test_report is None:
+        test_rows, _ = holdout_indices(report.valid_rows, percent)
+        if report.valid_rows - test_rows < MIN_TRAIN_ROWS:
+            problems.append(
+                Issue(
+                    line=None,
+                    code="too_few_rows",
+                    message=f"holding out {test_rows} test rows ({percent} %) leaves {report.valid_rows - test_rows} training rows; the pipeline needs {MIN_TRAIN_ROWS}. Upload more rows or a {test_name}.",
+                )
+            )
+    for issue in problems:
+        doc["errors"].append({"line": issue.line, "code": issue.code, "message": issue.message})
+        doc["error_counts"][issue.code] = doc["error_counts"].get(issue.code, 0) + 1
+    valid = report.valid and not problems
+    doc["valid"] = valid
+    doc["dataset"] = {"container": container, "name": name, "etag": etag, "run_id": run_id}
+    markdown = report.to_markdown(title=f"Validation report: {name}")
+    if problems:
+        markdown += "\n## Other problems\n" + "\n".join(f"- `{p.code}`: {p.message}" for p in problems) + "\n"
+    report_url = _store_report(blobs, name=name, run_id=run_id, report=doc, markdown=markdown)
+    log.info(
+        "validated %s: valid=%s rows=%d errors=%d",
+        name,
+        valid,
+        report.rows,
+        sum(doc["error_counts"].values()),
+        extra=extra,
+    )
+
+    if not valid:
+        summary = ", ".join(f"{c}×{n}" for c, n in sorted(doc["error_counts"].items()))
+        ledger.transition(
+            run_id,
+            RunState.INVALID,
+            expect=[RunState.VALIDATING],
+            report_url=report_url,
+            error=f"invalid dataset: {summary}"[:4000],
+            claimed_at="",
+            sha256=str(report.stats.get("sha256", "")),
+        )
+        return IngestOutcome("invalid", summary, run_id=run_id, report_url=report_url)
+
+    assert sidecar is not None
+    prefix = f"{run_id}"
+    train_blob, test_blob = f"{prefix}/train.jsonl", f"{prefix}/test.jsonl"
+    if test_report is not None and test_props is not None:
+        train_bytes = (
+            line + b"\n"
+            for _, line in iter_lines(blobs.chunks(container, name, etag=etag), max_line_bytes=options.max_line_bytes)
+            if line is not None and line.strip()
+        )
+        blobs.upload(PREPARED_CONTAINER, train_blob, train_bytes, content_type="application/jsonl")
+        test_bytes = (
+            line + b"\n"
+            for _, line in iter_lines(
+                blobs.chunks(container, test_name, etag=str(test_props["etag"])), max_line_bytes=options.max_line_bytes
+            )
+            if line is not None and line.strip()
+        )
+        blobs.upload(PREPARED_CONTAINER, test_blob, test_bytes, content_type="application/jsonl")
+        counts = {"train_rows": report.valid_rows, "test_rows": test_report.valid_rows, "test_source": test_name}
+    else:
+        train_stream, test_stream, split_counts = _split_stream(
+            iter_lines(blobs.chunks(container, name, etag=etag), max_line_bytes=options.max_line_bytes),
+            report.valid_rows,
+            percent,
+        )
+        blobs.upload(PREPARED_CONTAINER, train_blob, train_stream, content_type="application/jsonl")
+        blobs.upload(PREPARED_CONTAINER, test_blob, test_stream, content_type="application/jsonl")
+        counts = {**split_counts, "test_source": f"{percent} % deterministic split"}
+    log.info("prepared %s: %s", name, counts, extra=extra)
+    ledger.transition(
+        run_id,
+        RunState.SUBMITTING,
+        expect=[RunState.VALIDATING],
+        report_url=report_url,
+        sha256=str(report.stats.get("sha256", "")),
+        job_name=job_name_for(run_id),
+        base_model=(sidecar.model or settings.base_model_name)
+        if settings.backend == "azureml"
+        else (sidecar.local_model or settings.local_base_model),
+        params=dict(sidecar.finetune),
+        extra={
+            "sidecar": sidecar.to_dict(),
+            "split": counts,
+            "train": {
+                "container": PREPARED_CONTAINER,
+                "blob": train_blob,
+                "url": blobs.url(PREPARED_CONTAINER, train_blob),
+            },
+            "test": {
+                "container": PREPARED_CONTAINER,
+                "blob": test_blob,
+                "url": blobs.url(PREPARED_CONTAINER, test_blob),
+            },
+            "stats": report.stats,
+        },
+    )
+    return None
+
+
+def _request_from_record(record: RunRecord, settings: Settings) -> FineTuneRequest:
+    extra = record.extra
+    sidecar = parse_sidecar(None) if not extra.get("sidecar") else Sidecar(**extra["sidecar"])
+    train, test = extra["train"], extra["test"]
+    return FineTuneRequest(
+        run_id=record.run_id,
+        job_name=record.job_name,
+        dataset=record.blob,
+        train=DataRef(train["container"], train["blob"], train["url"]),
+        test=DataRef(test["container"], test["blob"], test["url"]),
+        base_model=sidecar.model or settings.base_model_name,
+        base_model_label=sidecar.model_label or (None if sidecar.model_version else settings.base_model_label) or None,
+        base_model_version=sidecar.model_version or settings.base_model_version or None,
+        local_model=sidecar.local_model,
+        params=dict(record.params),
+        compute=dict(sidecar.compute),
+        tags={RUN_TAG: record.run_id, DATASET_TAG: record.blob[:256], OWNER_TAG: settings.instance},
+    )
+
+
+def resume_stale_submission(record: RunRecord, *, ledger: Ledger, backend: FineTuneBackend, now: datetime) -> bool:
+    """Timer-side safety net: a run stuck in SUBMITTING whose claim went stale (the host died
+    mid-submission and no retry came) moves on when its job exists. Returns True when it moved."""
+    if record.state != RunState.SUBMITTING or not _claim_is_stale(record, now):
+        return False
+    if backend.get_job(record.job_name) is None:
+        return False
+    try:
+        ledger.transition(record.run_id, RunState.SUBMITTED, expect=[RunState.SUBMITTING], claimed_at="")
+    except ConflictError:
+        return False
+    return True

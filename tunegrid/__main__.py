@@ -1,0 +1,3 @@
+from tunegrid.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""`runs`, `status RUN_ID`, `cancel RUN_ID`: where a run is and how training went, without logs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from shared.bootstrap import app_context
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from shared.usecases.runs import list_runs
+
+    rows = list_runs(app_context().ledger, limit=args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    cols = ("run_id", "state", "dataset", "created_at", "updated_at", "model", "endpoint")
+    table = [cols] + [
+        tuple(str(r[c])[:40] if c != "created_at" and c != "updated_at" else str(r[c])[:19] for c in cols) for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    if not rows:
+        print("(no runs yet: upload a .jsonl to the training-data container)", file=sys.stderr)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from shared.usecases.runs import run_status
+    from tunegrid.loss_curve import plot_loss_curve
+
+    ctx = app_context()
+    doc = run_status(ctx.ledger, ctx.backend, args.run_id)
+    png = plot_loss_curve(doc, Path(args.plot_dir) / f"{args.run_id}-loss.png") if args.plot_dir else None
+    if png is not None:
+        ctx.blobs.upload("run-reports", f"{args.run_id}/loss.png", png.read_bytes(), content_type="image/png")
+        doc["loss_curve"] = {"file": str(png), "blob": ctx.blobs.url("run-reports", f"{args.run_id}/loss.png")}
+    if args.json:
+        print(json.dumps(doc, indent=2, default=str))
+        return 0
+    _print_status(doc)
+    return 0 if doc["state"] not in ("failed", "error", "rolled-back", "invalid", "canceled") else 1
+
+
+def _print_status(doc: dict[str, Any]) -> None:
+    print(f"run {doc['run_id']}: {doc['state']}")
+    print(f"  dataset   {doc['container']}/{doc['blob']}")
+    for label, key in (
+        ("job", "job_name"),
+        ("job link", "job_url"),
+        ("model", "model_id"),
+        ("endpoint", "endpoint"),
+        ("deployment", "deployment"),
+        ("report", "report_url"),
+        ("run report", "run_report_url"),
+        ("reason", "error"),
+    ):
+        if doc.get(key):
+            print(f"  {label:<10}{doc[key]}")
+    if doc.get("metrics"):
+        print(
+            "  metrics   "
+            + ", ".join(
+                f"{k}={v.get('last'):.4g}"
+                for k, v in sorted(doc["metrics"].items())
+                if isinstance(v, dict) and isinstance(v.get("last"), int | float)
+            )
+        )
+    if doc.get("smoke"):
+        print(f"  smoke     passed={doc['smoke'].get('passed')} p50={doc['smoke'].get('p50_ms')} ms")
+    if doc.get("loss_curve"):
+        print(f"  loss PNG  {doc['loss_curve']['file']}")
+    print("  timeline")
+    for step in doc["timeline"]:
+        print(f"    {step['at'][:23]}  {step['state']}")
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from shared.usecases.runs import cancel_run
+
+    ctx = app_context()
+    status = cancel_run(ctx.ledger, ctx.backend, args.run_id)
+    print(f"cancel requested for {args.run_id}: {status}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("runs", help="table of runs with state and times")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_runs)
+    p = sub.add_parser("status", help="one run: timeline, metrics, endpoint, report; writes a loss-curve PNG")
+    p.add_argument("run_id")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot-dir", default=".tunegrid/reports", help="where the loss-curve PNG goes ('' to skip)")
+    p.set_defaults(func=_status)
+    p = sub.add_parser("cancel", help="cancel a submitted or running fine-tune")
+    p.add_argument("run_id")
+    p.set_defaults(func=_cancel)
