@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.adapters.upstream import CredentialCache, EndpointCaller, HttpPool, Target, _retry_after_seconds
+from shared.adapters.retry_after import retry_after_value
+from shared.adapters.upstream import CredentialCache, EndpointCaller, HttpPool, Target
 from shared.domain.resources import EndpointCredentials
 from shared.errors import NotFound, UpstreamError
 from tests.scoring_support import CredentialsBackend, LoopbackUpstream
@@ -278,7 +279,7 @@ def test_retry_after_http_date() -> None:
     from email.utils import format_datetime
 
     when = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30)
-    seconds = _retry_after_seconds(format_datetime(when, usegmt=True))
+    seconds = retry_after_value(format_datetime(when, usegmt=True))
     assert seconds is not None and 25 <= seconds <= 31
 
 

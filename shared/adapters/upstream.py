@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from shared.adapters.retry_after import retry_after_value
 from shared.errors import TunegridError, UpstreamError
 from shared.ports import UpstreamReply
 
@@ -195,7 +196,7 @@ class _Connection(asyncio.Protocol):
         if _RETRY_AFTER in head or _RETRY_AFTER_MS in head:
             ms = _header(head, _RETRY_AFTER_MS)
             raw = ms if ms is not None else _header(head, _RETRY_AFTER)
-            retry_after = _retry_after_seconds(raw.decode("latin-1") if raw else None, milliseconds=ms is not None)
+            retry_after = retry_after_value(raw.decode("latin-1") if raw else None, milliseconds=ms is not None)
         content_type = _header(head, _CONTENT_TYPE)
         waiter.set_result(
             UpstreamReply(self._status, body, retry_after, content_type.decode("latin-1") if content_type else "")
@@ -274,26 +275,6 @@ class _Connection(asyncio.Protocol):
             self._chunks.append(bytes(buf[data_start : data_start + size]))
             pos = data_start + size + 2
             self._chunk_pos = pos
-
-
-def _retry_after_seconds(value: str | None, *, milliseconds: bool = False) -> float | None:
-    """Retry-After as seconds: delta seconds, an HTTP date, or Azure's retry-after-ms."""
-    if not value:
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        from email.utils import parsedate_to_datetime
-
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        return max(0.0, (when - datetime.now(UTC)).total_seconds())
-    seconds = number / 1000.0 if milliseconds else number
-    return seconds if seconds >= 0 else None
 
 
 class HttpPool:

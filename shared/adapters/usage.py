@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from shared.domain.clock import parse_time, utcnow
 from shared.errors import ConflictError
 
 log = logging.getLogger(__name__)
@@ -41,22 +42,12 @@ def _value(raw: Any) -> Any:
     return getattr(raw, "value", raw)  # azure-data-tables gives EntityProperty for some Edm types
 
 
-def _as_datetime(raw: Any) -> datetime | None:
-    raw = _value(raw)
-    if raw is None or raw == "":
-        return None
-    if isinstance(raw, datetime):
-        return raw if raw.tzinfo else raw.replace(tzinfo=UTC)
-    when = datetime.fromisoformat(str(raw))
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
 def _record(endpoint: str, entity: Any) -> UsageRecord:
     return UsageRecord(
         endpoint=endpoint,
-        last_used_at=_as_datetime(entity.get("last_used_at")),
+        last_used_at=parse_time(entity.get("last_used_at")),
         requests=int(_value(entity.get("requests")) or 0),
-        updated_at=_as_datetime(entity.get("updated_at")),
+        updated_at=parse_time(entity.get("updated_at")),
     )
 
 
@@ -88,7 +79,7 @@ def add_usage(
     from azure.data.tables import EdmType, EntityProperty, UpdateMode
 
     for _ in range(attempts):
-        stamp = now or datetime.now(UTC)
+        stamp = now or utcnow()
         try:
             current = table.get_entity(USAGE_PARTITION, endpoint)
         except ResourceNotFoundError:

@@ -21,18 +21,18 @@ Translation (OpenAI chat request -> Azure ML scoring request), as documented in 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import stamina
 
+from shared.domain.clock import parse_time
+from shared.domain.keys import KeySet
 from shared.errors import InvalidInput, NotFound, TransientError, TunegridError, UpstreamError
 from shared.ports import Upstream, UpstreamReply, UsageSink
 
@@ -130,20 +130,16 @@ class Reply:
 
 
 class ApiKeys:
-    """The proxy's API keys, compared in constant time.
-
-    Keys are kept as SHA-256 digests, and the presented value is hashed once and compared with every
-    key with `hmac.compare_digest`: the time taken depends on neither the key's content nor its length.
-    """
+    """The proxy's API keys, compared in constant time (`shared.domain.keys.KeySet`)."""
 
     def __init__(self, keys: Iterable[str]) -> None:
-        self._digests = tuple(hashlib.sha256(k.encode()).digest() for k in keys if k)
+        self._keys = KeySet(keys)
 
     def __repr__(self) -> str:
-        return f"ApiKeys(<{len(self._digests)} keys>)"
+        return f"ApiKeys(<{len(self._keys)} keys>)"
 
     def check(self, authorization: str | None, functions_key: str | None) -> None:
-        if not self._digests:
+        if not self._keys:
             raise Unauthorized("the proxy has no API keys configured (PROXY_API_KEYS); every request is refused")
         presented: list[str] = []
         if authorization:
@@ -156,9 +152,7 @@ class ApiKeys:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'x-functions-key: <key>'")
         ok = False
         for value in presented:
-            digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
-            for known in self._digests:
-                ok |= hmac.compare_digest(digest, known)
+            ok |= self._keys.matches(value)
         if not ok:
             raise Unauthorized("invalid API key")
 
@@ -597,11 +591,7 @@ class _ModelTable:
 def _live_since(record: RunRecord) -> datetime:
     for state, at in reversed(record.timeline):
         if state == "live":
-            try:
-                when = datetime.fromisoformat(at)
-            except ValueError:
-                break
-            return when if when.tzinfo else when.replace(tzinfo=UTC)
+            return parse_time(at) or record.updated_at
     return record.updated_at
 
 

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from shared.domain.keys import KeySet
 from shared.errors import ConfigError
 
 MASTER_KEY_ENV = "DEVHOST_MASTER_KEY"
@@ -115,10 +116,5 @@ class KeyStore:
 
 
 def key_matches(candidate: bytes | None, accepted: tuple[bytes, ...]) -> bool:
-    """Constant-time comparison against every accepted key (no early exit on the first match)."""
-    if not candidate:
-        return False
-    ok = False
-    for key in accepted:
-        ok |= secrets.compare_digest(candidate, key)
-    return ok
+    """Constant-time comparison against every accepted key (`shared.domain.keys`)."""
+    return KeySet(accepted).matches(candidate)

@@ -25,6 +25,7 @@ from typing import Any
 import azure.functions as func
 from croniter import croniter
 
+from shared.domain.clock import utcnow
 from shared.errors import ConfigError
 from tunegrid.devhost.catalog import FunctionSpec
 from tunegrid.devhost.invoker import Invoker
@@ -32,10 +33,6 @@ from tunegrid.devhost.invoker import Invoker
 log = logging.getLogger("tunegrid.devhost")
 
 _TIMESPAN = re.compile(r"^(?:(\d+)\.)?(\d{1,2}):(\d{2}):(\d{2})$")
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 class TimerSchedule:

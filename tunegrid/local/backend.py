@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
+from shared.domain.clock import iso, utcnow
+from shared.domain.clock import parse_time as parse_iso
 from shared.domain.resources import (
     DataRef,
     DeploymentInfo,
@@ -49,7 +51,7 @@ from tunegrid.local.events import DeliveryResult, Outbox
 from tunegrid.local.jobs import CANCELED, FAILED, NOT_STARTED, TERMINAL, JobFiles
 from tunegrid.local.params import resolve_train_config
 from tunegrid.local.tracking import JOB_TAG, PATH_TAG, Tracking, uri_to_path
-from tunegrid.local.workspace import file_lock, iso, parse_iso, read_json, spawn, tail_lines, utcnow, write_json_atomic
+from tunegrid.local.workspace import file_lock, read_json, spawn, tail_lines, write_json_atomic
 
 if TYPE_CHECKING:
     from shared.settings import Settings

@@ -23,6 +23,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from shared.domain.clock import iso, utcnow
+from shared.domain.clock import parse_time as parse_iso
 from shared.domain.resources import (
     DeploymentInfo,
     DeploymentSpec,
@@ -37,12 +39,9 @@ from tunegrid.local.workspace import (
     ProcessHandle,
     file_lock,
     free_port,
-    iso,
-    parse_iso,
     read_json,
     spawn,
     tail_lines,
-    utcnow,
     write_json_atomic,
 )
 

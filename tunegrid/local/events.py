@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunegrid.local.workspace import iso, parse_iso, read_json, try_file_lock, utcnow, write_json_atomic
+from shared.domain.clock import iso, utcnow
+from shared.domain.clock import parse_time as parse_iso
+from tunegrid.local.workspace import read_json, try_file_lock, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.domain.clock import iso, utcnow
 from tunegrid.local.events import Outbox, run_events
-from tunegrid.local.workspace import ProcessHandle, file_lock, iso, read_json, tail_lines, utcnow, write_json_atomic
+from tunegrid.local.workspace import ProcessHandle, file_lock, read_json, tail_lines, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hmac
 import logging
 import random
 import sys
@@ -27,7 +26,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tunegrid.local.workspace import iso, read_json, utcnow, write_json_atomic
+from shared.domain.clock import iso, utcnow
+from shared.domain.keys import KeySet
+from tunegrid.local.workspace import read_json, write_json_atomic
 
 log = logging.getLogger("tunegrid.router")
 
@@ -108,11 +109,7 @@ def authorized(doc: Mapping[str, Any], header: str | None) -> bool:
     if scheme.lower() != "bearer" or not given:
         return False
     keys = doc.get("keys") or {}
-    ok = False
-    for key in (keys.get("primary"), keys.get("secondary")):
-        if key and hmac.compare_digest(given.encode(), str(key).encode()):
-            ok = True
-    return ok
+    return KeySet(str(k) for k in (keys.get("primary"), keys.get("secondary")) if k).matches(given)
 
 
 def pick_deployment(traffic: Mapping[str, int], *, draw: float) -> str | None:

@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -55,6 +55,7 @@ from shared.adapters.azureml.observability import (
     read_run_metrics,
 )
 from shared.adapters.azureml.service_calls import Scope, ServiceCaller, not_found_is_none
+from shared.domain.clock import parse_time, utcnow
 from shared.domain.naming import OWNER_TAG
 from shared.domain.resources import (
     DeploymentInfo,
@@ -111,33 +112,15 @@ def _word(value: Any) -> str:
     return str(value or "")
 
 
-def _parse_time(value: Any) -> datetime | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    if isinstance(value, int | float):
-        return datetime.fromtimestamp(float(value), UTC)
-    text = re.sub(r"(\.\d{6})\d+", r"\1", str(value).strip())
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        try:
-            parsed = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f%z")
-        except ValueError:
-            return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 def _created_at(entity: Any) -> datetime | None:
     """Endpoints keep `createdAt` in their properties; deployments in `creation_context`."""
     context = getattr(entity, "creation_context", None)
     if context is not None:
         raw = context.get("createdAt") if isinstance(context, Mapping) else getattr(context, "created_at", None)
         if raw:
-            return _parse_time(raw)
+            return parse_time(raw)
     properties = getattr(entity, "properties", None) or {}
-    return _parse_time(properties.get("createdAt")) if isinstance(properties, Mapping) else None
+    return parse_time(properties.get("createdAt")) if isinstance(properties, Mapping) else None
 
 
 def _operation(kind: str, target: str, poller: Any) -> Operation:
@@ -790,7 +773,7 @@ class AzureMLBackend:
         return EndpointCredentials(
             scoring_uri=entity.scoring_uri,
             key=token,
-            expires_at=_parse_time(getattr(keys, "expiry_time_utc", None) or None),
+            expires_at=parse_time(getattr(keys, "expiry_time_utc", None) or None),
         )
 
     def _cached_credentials(self, endpoint: str) -> EndpointCredentials:
@@ -802,7 +785,7 @@ class AzureMLBackend:
         creds = self.get_credentials(endpoint)
         ttl = float(self._settings.proxy_credential_ttl_s)
         if creds.expires_at is not None:
-            ttl = min(ttl, (creds.expires_at - datetime.now(UTC)).total_seconds() - 60)
+            ttl = min(ttl, (creds.expires_at - utcnow()).total_seconds() - 60)
         if ttl > 0:
             with self._lock:
                 self._credentials_cache[endpoint] = (now + ttl, creds)

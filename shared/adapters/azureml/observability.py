@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from azure.core import PipelineClient
@@ -23,6 +23,7 @@ from azure.core.pipeline.policies import BearerTokenCredentialPolicy, HeadersPol
 from azure.core.pipeline.transport import HttpTransport
 from azure.core.rest import HttpRequest
 
+from shared.domain.clock import as_utc, utcnow
 from shared.domain.resources import EndpointActivity, MetricPoint
 from shared.errors import MetricsUnavailable
 
@@ -114,9 +115,8 @@ def read_endpoint_activity(
     """Requests the endpoint served since `since` (all callers), and the latest minute with any.
     Transport and service errors propagate (the adapter translates them); a metric the service
     reports as failed is `MetricsUnavailable`."""
-    end = now or datetime.now(UTC)
-    if since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
+    end = now or utcnow()
+    since = as_utc(since)
     if since >= end:
         return EndpointActivity(requests=0, last_request_at=None, source="azure-monitor")
     client = metrics_client_factory()

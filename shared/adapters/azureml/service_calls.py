@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import TypeVar
 
 import stamina
@@ -25,6 +23,7 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
+from shared.adapters.retry_after import retry_after_seconds
 from shared.errors import (
     BackendError,
     ConflictError,
@@ -76,21 +75,8 @@ def _service_message(exc: HttpResponseError) -> str:
 
 def _retry_after(exc: HttpResponseError) -> float | None:
     response = exc.response
-    if response is None:
-        return None
-    headers = {str(k).lower(): v for k, v in (getattr(response, "headers", None) or {}).items()}
-    for name, scale in (("retry-after-ms", 0.001), ("x-ms-retry-after-ms", 0.001), ("retry-after", 1.0)):
-        raw = headers.get(name)
-        if raw is None:
-            continue
-        try:
-            return max(0.0, float(raw) * scale)
-        except ValueError:
-            try:
-                return max(0.0, (parsedate_to_datetime(raw) - datetime.now(UTC)).total_seconds())
-            except (TypeError, ValueError):
-                return None
-    return None
+    headers = getattr(response, "headers", None) if response is not None else None
+    return retry_after_seconds(headers) if headers else None
 
 
 def translate(exc: BaseException, *, action: str, scope: Scope, what: str | None = None) -> TunegridError:
