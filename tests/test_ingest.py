@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from azure.core.exceptions import ServiceRequestError
 from azure.storage.blob import BlobServiceClient
 
 from shared.adapters.storage import BlobStore
 from shared.adapters.tables import TableRunLedger
 from shared.domain.naming import job_name_for
 from shared.domain.runs import RunState, run_id_for
-from shared.errors import ComputeError
+from shared.errors import ComputeError, TransientError
 from shared.settings import LEDGER_TABLE, PREPARED_CONTAINER, REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
 from shared.usecases.ingest import holdout_indices, ingest_dataset
 from tests.fakes import FakeBackend
@@ -185,7 +184,8 @@ def test_too_few_training_rows_after_split(env: dict[str, Any]) -> None:
 
 
 class _FlakyBlobs:
-    """Wraps a BlobStore and fails the first prepared-data upload with a network error."""
+    """Wraps a BlobStore and fails the first prepared-data upload with a network error, as the adapter
+    reports one (`TransientError`, see tests/test_storage_errors.py)."""
 
     def __init__(self, inner: BlobStore) -> None:
         self.inner, self.failed = inner, False
@@ -196,7 +196,7 @@ class _FlakyBlobs:
     def upload(self, container: str, name: str, data: Any, **kw: Any) -> str:
         if container == PREPARED_CONTAINER and not self.failed:
             self.failed = True
-            raise ServiceRequestError("connection reset by peer")
+            raise TransientError("blob upload: ServiceRequestError: connection reset by peer")
         return self.inner.upload(container, name, data, **kw)
 
 
@@ -204,7 +204,7 @@ def test_transient_storage_error_reraises_and_retry_completes(env: dict[str, Any
     """A transient failure re-raises (platform retry) and releases the claim so the retry finishes."""
     name = _upload(env, "flaky.jsonl", _rows("azureml_chat_train.jsonl", 30))
     flaky = _FlakyBlobs(env["blobs"])
-    with pytest.raises(ServiceRequestError):
+    with pytest.raises(TransientError):
         _ingest(env, name, blobs=flaky)
     run_id = run_id_for(TRAINING_CONTAINER, name, env["blobs"].properties(TRAINING_CONTAINER, name)["etag"])
     assert env["ledger"].get(run_id).state == RunState.VALIDATING

@@ -15,6 +15,7 @@ from azure.core.exceptions import ResourceExistsError
 from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobServiceClient
 
+from shared.adapters.storage_errors import storage_errors, translated
 from shared.errors import ConfigError
 from shared.settings import CONTAINERS, TABLES
 
@@ -71,9 +72,11 @@ class BlobStore:
     def __init__(self, service: BlobServiceClient) -> None:
         self._service = service
 
+    @translated("blob url")
     def url(self, container: str, name: str) -> str:
         return str(self._service.get_blob_client(container, name).url)
 
+    @translated("blob properties")
     def properties(self, container: str, name: str) -> dict[str, Any] | None:
         """`{"etag", "size", "last_modified"}` or None when the blob does not exist."""
         from azure.core.exceptions import ResourceNotFoundError
@@ -85,16 +88,19 @@ class BlobStore:
         return {"etag": props.etag.strip('"'), "size": props.size, "last_modified": props.last_modified}
 
     def chunks(self, container: str, name: str, *, etag: str | None = None) -> Iterator[bytes]:
-        """Stream a blob in chunks; with `etag`, fail if the blob changed since (no mixed versions)."""
+        """Stream a blob in chunks; with `etag`, fail if the blob changed since (no mixed versions):
+        `ConflictError` when it did, `TransientError` when the service or network failed."""
         from azure.core import MatchConditions
 
-        client = self._service.get_blob_client(container, name)
-        kwargs: dict[str, Any] = {"max_concurrency": 1}
-        if etag:
-            kwargs.update(etag=f'"{etag}"', match_condition=MatchConditions.IfNotModified)
-        downloader = client.download_blob(**kwargs)
-        yield from downloader.chunks()
+        with storage_errors(f"reading blob {container}/{name}"):
+            client = self._service.get_blob_client(container, name)
+            kwargs: dict[str, Any] = {"max_concurrency": 1}
+            if etag:
+                kwargs.update(etag=f'"{etag}"', match_condition=MatchConditions.IfNotModified)
+            downloader = client.download_blob(**kwargs)
+            yield from downloader.chunks()
 
+    @translated("blob read_bytes")
     def read_bytes(self, container: str, name: str, *, limit: int = 1024 * 1024) -> bytes | None:
         """A small blob's content (a sidecar), or None when absent. Refuses blobs over `limit` bytes."""
         from azure.core.exceptions import ResourceNotFoundError
@@ -108,6 +114,7 @@ class BlobStore:
         except ResourceNotFoundError:
             return None
 
+    @translated("blob upload")
     def upload(
         self,
         container: str,
@@ -129,5 +136,6 @@ class BlobStore:
         )
         return str(client.url)
 
+    @translated("blob list_names")
     def list_names(self, container: str, *, prefix: str | None = None) -> list[str]:
         return [b.name for b in self._service.get_container_client(container).list_blobs(name_starts_with=prefix)]

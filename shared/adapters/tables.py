@@ -17,6 +17,7 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
+from shared.adapters.storage_errors import translated
 from shared.domain.clock import as_utc, utcnow
 from shared.domain.janitor_rules import Decision
 from shared.domain.runs import PARTITION, RunRecord, RunState, apply_transition
@@ -31,6 +32,7 @@ class TableRunLedger:
     def __init__(self, table: Any) -> None:
         self._table = table
 
+    @translated("run ledger create")
     def create(self, record: RunRecord) -> tuple[RunRecord, bool]:
         """Insert the record; when it exists already return the stored one and False."""
         try:
@@ -42,6 +44,7 @@ class TableRunLedger:
                 raise ConflictError(f"run {record.run_id} vanished during create") from None
             return existing, False
 
+    @translated("run ledger get")
     def get(self, run_id: str) -> RunRecord | None:
         try:
             ent = self._table.get_entity(PARTITION, run_id)
@@ -49,6 +52,7 @@ class TableRunLedger:
             return None
         return RunRecord.from_entity(ent, etag=ent.metadata.get("etag", ""))
 
+    @translated("run ledger replace")
     def _replace(self, record: RunRecord) -> RunRecord:
         try:
             meta = self._table.update_entity(
@@ -78,11 +82,13 @@ class TableRunLedger:
         """Change fields without moving state, conditional on the record's ETag."""
         return self._replace(replace(record, updated_at=utcnow(), **fields))
 
+    @translated("run ledger list")
     def list(self) -> list[RunRecord]:
         rows = self._table.query_entities(f"PartitionKey eq '{PARTITION}'")
         out = [RunRecord.from_entity(e, etag=e.metadata.get("etag", "")) for e in rows]
         return sorted(out, key=lambda r: r.created_at, reverse=True)
 
+    @translated("run ledger find_by_job")
     def find_by_job(self, job_name: str) -> RunRecord | None:
         safe = job_name.replace("'", "''")
         rows = list(self._table.query_entities(f"PartitionKey eq '{PARTITION}' and job_name eq '{safe}'"))
@@ -120,5 +126,6 @@ class TableAuditLog:
     def __init__(self, table: Any) -> None:
         self._table = table
 
+    @translated("audit write")
     def write(self, decision: Decision, *, at: datetime, dry_run: bool, sweep_id: str) -> None:
         self._table.create_entity(audit_entity(decision, at=at, dry_run=dry_run, sweep_id=sweep_id))

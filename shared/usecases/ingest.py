@@ -205,21 +205,9 @@ def ingest_dataset(
         _release(ledger, run_id)
         raise
     except Exception as exc:
-        if _is_transient_storage_error(exc):
-            _release(ledger, run_id)
-            raise
         log.exception("ingest of run %s failed", run_id, extra={"run_id": run_id})
         _fail(ledger, run_id, f"{type(exc).__name__}: {exc}")
         return IngestOutcome("error", str(exc), run_id=run_id)
-
-
-def _is_transient_storage_error(exc: BaseException) -> bool:
-    from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
-
-    if isinstance(exc, ServiceRequestError | ServiceResponseError):
-        return True
-    status = getattr(exc, "status_code", None)
-    return isinstance(exc, HttpResponseError) and (status is None or status == 429 or status >= 500)
 
 
 def _fail(ledger: Ledger, run_id: str, reason: str) -> None:
