@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import requests
 from azure.core.polling import LROPoller
 
 from shared.adapters.azureml.backend import AzureMLBackend
@@ -33,6 +34,7 @@ from tests.azureml_rig import (
     WORKSPACE,
     WS_PATH,
     AzureMLRig,
+    Call,
     Reply,
     error_reply,
     load,
@@ -516,6 +518,35 @@ def test_scoring_errors_are_upstream_errors(azureml_rig: AzureMLRig, status: int
     assert len(keys.calls) == (2 if status == 401 else 1)
 
 
+@pytest.mark.parametrize(
+    ("failure", "match", "timeout"),
+    [
+        (requests.exceptions.ReadTimeout("read timed out"), "ep-chat deployment green did not answer within 5 s", True),
+        (
+            requests.exceptions.ConnectionError("connection refused"),
+            "could not reach endpoint ep-chat deployment green: ServiceRequestError",
+            False,
+        ),
+    ],
+)
+def test_scoring_transport_failures_are_upstream_errors(
+    azureml_rig: AzureMLRig, failure: Exception, match: str, timeout: bool
+) -> None:
+    """A scoring timeout or an unreachable endpoint is an UpstreamError (timeouts flagged), sent once."""
+    rig = azureml_rig
+    rig.serve_endpoint("ep-chat")
+    rig.on("POST", re.escape(f"{WS_PATH}/onlineEndpoints/ep-chat/listKeys"), Reply(200, load("endpoint_keys.json")))
+
+    def fail(call: Call) -> Reply:
+        raise failure  # what requests' own HTTP adapter raises; azure-core's transport maps it
+
+    score = rig.on("POST", "/score", fail, host=SCORE_HOST)
+    with pytest.raises(UpstreamError, match=match) as info:
+        rig.backend().invoke("ep-chat", {"input_data": {}}, deployment="green", timeout_s=5.0)
+    assert info.value.timeout is timeout and info.value.status is None
+    assert len(score.calls) == 1
+
+
 def test_list_endpoints_reads_tags_traffic_creation_time_and_deployments(azureml_rig: AzureMLRig) -> None:
     """The janitor's view: every endpoint with its tags, traffic, created_at and deployments."""
     rig = azureml_rig
@@ -674,7 +705,7 @@ def test_from_settings_uses_managed_identity_in_azure_and_developer_credentials_
     """IDENTITY_ENDPOINT (or a client id) picks ManagedIdentityCredential; else DefaultAzureCredential; no call is made."""
     from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
 
-    from shared.adapters.azureml.backend import build_credential
+    from shared.adapters.azureml.clients import build_credential
     from tests.azureml_rig import AzureMLRig as Rig
 
     settings = Rig().settings()

@@ -17,6 +17,7 @@ from typing import Any
 
 from shared.adapters.azureml.job_spec import K80_SIZES, ComputePlan
 from shared.adapters.azureml.model_tags import in_allow_list
+from shared.adapters.azureml.service_calls import not_found_is_none
 from shared.errors import ComputeError
 
 log = logging.getLogger(__name__)
@@ -66,15 +67,9 @@ def resolve_compute(
         size = plan.instance_types["instance_type_finetune"]
         where = "serverless instance_type_finetune"
     else:
-        from azure.core.exceptions import ResourceNotFoundError
-
-        def get_cluster() -> Any:
-            try:
-                return workspace.compute.get(plan.target)
-            except ResourceNotFoundError:
-                return None
-
-        cluster = read(get_cluster, f"read compute cluster {plan.target}")
+        cluster = read(
+            not_found_is_none(lambda: workspace.compute.get(plan.target)), f"read compute cluster {plan.target}"
+        )
         if cluster is None:
             raise ComputeError(
                 f"compute cluster {plan.target!r} does not exist in workspace {workspace_name}: create it "
