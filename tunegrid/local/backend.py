@@ -36,6 +36,8 @@ from shared.domain.resources import (
     EndpointActivity,
     EndpointCredentials,
     EndpointInfo,
+    Finding,
+    FindingLevel,
     FineTuneRequest,
     JobRef,
     JobStatus,
@@ -193,6 +195,14 @@ class LocalBackend:
 
     def job_dir(self, job_name: str) -> Path:
         return self._job(job_name).dir
+
+    def check_finetune(self, request: FineTuneRequest) -> list[Finding]:
+        """The local trainer's own check of the parameters (its choices, not a component's)."""
+        try:
+            resolve_train_config(request.params)
+        except InvalidInput as exc:
+            return [Finding(FindingLevel.ERROR, "invalid_parameter", str(exc))]
+        return []
 
     def submit_finetune(self, request: FineTuneRequest) -> JobRef:
         """Copy the data, start the job process, return. The same job name again returns the same job."""
