@@ -179,7 +179,8 @@ def sweep_from_context(
 
 def build_scoring_service(ctx: AppContext, **overrides: Any) -> ScoringService:
     """Wire the scoring use case to this process's adapters: ledger, backend credentials, usage table."""
-    from shared.adapters.upstream import CredentialCache, EndpointCaller, HttpPool
+    from shared.adapters.endpoint_credentials import CredentialCache, EndpointCaller
+    from shared.adapters.upstream import HttpPool
     from shared.adapters.usage import UsageRecorder
     from shared.usecases.scoring import LiveModels, ScoringService
 
