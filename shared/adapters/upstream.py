@@ -18,26 +18,19 @@ from __future__ import annotations
 import asyncio
 import ssl
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from shared.adapters.retry_after import retry_after_value
 from shared.errors import UpstreamError
 from shared.ports import UpstreamReply
 
-if TYPE_CHECKING:
-    from shared.adapters.endpoint_credentials import CredentialCache, EndpointCaller
-
 __all__ = [
     "MAX_BODY_BYTES",
     "MAX_HEAD_BYTES",
-    "CredentialCache",
-    "EndpointCaller",
     "HttpPool",
     "Target",
 ]
 
-_MOVED = frozenset({"CredentialCache", "EndpointCaller"})
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -436,14 +429,3 @@ class HttpPool:
             for conn in conns:
                 conn.close()
         self._idle = {}
-
-
-def __getattr__(name: str) -> Any:
-    """`CredentialCache` and `EndpointCaller` moved to `shared.adapters.endpoint_credentials`, which
-    builds on this module; they stay importable from here, looked up on first use so that the two
-    modules never import each other while loading."""
-    if name in _MOVED:
-        from shared.adapters import endpoint_credentials
-
-        return getattr(endpoint_credentials, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
