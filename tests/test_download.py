@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from shared.adapters.storage import BlobStore, StorageClients
-from shared.domain.validation import ValidationOptions, validate_path
+from shared.domain.validation import ValidationOptions
 from shared.settings import TRAINING_CONTAINER
 from tunegrid.dataset_download import DownloadedSplit, dataset_slug, download_dataset, upload_splits
+from tunegrid.validate_files import validate_path
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,8 +12,9 @@ import orjson
 import pytest
 
 from shared.adapters.storage import BlobStore, StorageClients
-from shared.domain.validation import validate_chunks, validate_path
+from shared.domain.validation import validate_chunks
 from shared.settings import TRAINING_CONTAINER
+from tunegrid.validate_files import validate_path
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "samples" / "azureml_chat_train.jsonl"
