@@ -140,7 +140,11 @@ def test_bad_percentage_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_upload_without_connection_fails_before_downloading(tmp_path: Path) -> None:
     """--upload with no storage connection: exit 2 and nothing downloaded."""
-    result = run_cli("--dataset", "x/y", "--download_dir", str(tmp_path / "d"), "--upload", env={"HF_HUB_OFFLINE": "1"})
+    # set empty: the environment wins over local.settings(.sample).json, which names Azurite
+    no_connection = {"DataStorage": "", "AzureWebJobsStorage": ""}
+    result = run_cli(
+        "--dataset", "x/y", "--download_dir", str(tmp_path / "d"), "--upload", env={"HF_HUB_OFFLINE": "1", **no_connection}
+    )  # fmt: skip
     assert result.returncode == 2
     assert "DataStorage" in result.stderr
     assert not (tmp_path / "d").exists()

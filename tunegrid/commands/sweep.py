@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from shared.usecases.janitor import SweepReport
+from tunegrid.commands._render import table
 
 
 def _minutes(raw: str) -> float:
@@ -76,8 +77,7 @@ def render_table(report: SweepReport) -> str:
         )
         for d in report.decisions
     ]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in (headers, *rows)]
+    lines = table([headers, *rows])
     mode = "dry run, nothing changed" if report.dry_run else "live"
     idle = report.policy.idle.total_seconds() / 60
     grace = report.policy.grace.total_seconds() / 60
