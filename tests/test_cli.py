@@ -16,9 +16,9 @@ from shared.domain.clock import utcnow
 from shared.domain.runs import RunRecord, RunState
 from shared.settings import LEDGER_TABLE, SETTINGS, STORAGE_CONNECTION, TRAINING_CONTAINER
 from tunegrid.cli import main
-from tunegrid.commands._render import table
 from tunegrid.commands.runs import render_status
 from tunegrid.devhost.config import local_settings_environ
+from tunegrid.render import table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -200,3 +200,26 @@ def test_render_status_without_optional_fields() -> None:
     assert render_status(doc) == (
         "run r-1: received\n  dataset  training-data/x.jsonl\n  timeline\n    2026-01-02T03:04:05.123  received"
     )
+
+
+def test_a_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
+    """`tunegrid settings | head` ends quietly: the reader going away is not a traceback."""
+    app_names = {s.name for s in SETTINGS} | {STORAGE_CONNECTION, "AzureWebJobsStorage"}
+    clean = {k: v for k, v in os.environ.items() if k.split("__")[0] not in app_names}
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes a byte
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tunegrid", "settings"],
+            cwd=tmp_path,
+            env={**clean, "PYTHONPATH": str(ROOT)},
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunegrid.commands._render import table
+from tunegrid.render import table
 
 
 def register(subparsers: Any) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.bootstrap import app_context
-from tunegrid.commands._render import table
+from tunegrid.render import table
 
 
 def _runs(args: argparse.Namespace) -> int:
