@@ -21,6 +21,7 @@ from shared.settings import AUDIT_TABLE, LEDGER_TABLE, USAGE_TABLE, Settings
 
 if TYPE_CHECKING:
     from shared.adapters.storage import BlobStore, StorageClients
+    from shared.domain.validation import TokenCounter
     from shared.ports import FineTuneBackend, LastProxyUse, Ledger
     from shared.usecases.janitor import SweepReport
     from shared.usecases.rollout import Rollout
@@ -48,6 +49,13 @@ def build_backend(settings: Settings) -> FineTuneBackend:
         ) from exc
     backend_class = getattr(module, attr)
     return cast("FineTuneBackend", backend_class.from_settings(settings))
+
+
+def build_token_counter(name: str) -> TokenCounter:
+    """Exact token counts for ingest (`VALIDATION_TOKENIZER`): the `tokenizers` adapter (Rust, no torch)."""
+    from shared.adapters.tokenizer import TokenizersCounter
+
+    return TokenizersCounter.load(name)
 
 
 @dataclass
@@ -179,7 +187,8 @@ def sweep_from_context(
 
 def build_scoring_service(ctx: AppContext, **overrides: Any) -> ScoringService:
     """Wire the scoring use case to this process's adapters: ledger, backend credentials, usage table."""
-    from shared.adapters.upstream import CredentialCache, EndpointCaller, HttpPool
+    from shared.adapters.endpoint_credentials import CredentialCache, EndpointCaller
+    from shared.adapters.upstream import HttpPool
     from shared.adapters.usage import UsageRecorder
     from shared.usecases.scoring import LiveModels, ScoringService
 

@@ -12,7 +12,8 @@ import orjson
 import pytest
 import stamina
 
-from shared.adapters.upstream import CredentialCache, EndpointCaller, HttpPool
+from shared.adapters.endpoint_credentials import CredentialCache, EndpointCaller
+from shared.adapters.upstream import HttpPool
 from shared.errors import UpstreamError
 from shared.usecases.scoring import (
     InvalidRequest,

@@ -1,5 +1,6 @@
-"""The scoring proxy's way out: one pooled keep-alive HTTP/1.1 client per process, and the endpoint
-credential cache. Together they implement the `Upstream` port of `shared.scoring`.
+"""The scoring proxy's way out: one pooled keep-alive HTTP/1.1 client per process (`HttpPool`). The
+endpoint credentials and the `Upstream` port built on this client (`CredentialCache`, `EndpointCaller`)
+live in `shared.adapters.endpoint_credentials` and stay importable from here.
 
 Why not httpx or aiohttp: the proxy sits on every request path, and on this machine httpx costs about
 1 ms of CPU per request and aiohttp about 0.35 ms. The scoring call is always the same shape (one
@@ -8,30 +9,28 @@ pre-encodes the request head and parses the answer in place costs a tenth of tha
 bench/proxy.py). It speaks exactly what the scoring endpoints answer with: HTTP/1.x, Content-Length,
 chunked or read-until-close framing, keep-alive, TLS through the event loop's SSL transport.
 
-Secrets: the endpoint key lives only inside `_Route.head` (pre-encoded header bytes). Neither
-`_Route`, the cache, nor any exception or log line here ever renders it.
+Secrets: the request head this client sends carries the endpoint key; nothing here logs, renders or
+keeps a request head beyond the connection's write.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from shared.adapters.retry_after import retry_after_value
-from shared.errors import TunegridError, UpstreamError
+from shared.errors import UpstreamError
 from shared.ports import UpstreamReply
 
-if TYPE_CHECKING:
-    from shared.domain.resources import EndpointCredentials
+__all__ = [
+    "MAX_BODY_BYTES",
+    "MAX_HEAD_BYTES",
+    "HttpPool",
+    "Target",
+]
 
-log = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -430,157 +429,3 @@ class HttpPool:
             for conn in conns:
                 conn.close()
         self._idle = {}
-
-
-class _Route:
-    """How to reach one endpoint: its target URL and credentials, plus the pre-encoded request head
-    per deployment (key included). `repr` shows neither; nothing outside this module reads them."""
-
-    __slots__ = ("_creds", "_heads", "expires", "generation", "target")
-
-    def __init__(self, target: Target, creds: EndpointCredentials, expires: float, generation: int) -> None:
-        self.target = target
-        self.expires = expires
-        self.generation = generation
-        self._creds = creds
-        self._heads: dict[str, bytes] = {}
-
-    def head(self, deployment: str) -> bytes:
-        head = self._heads.get(deployment)
-        if head is None:
-            lines = [
-                b"POST " + self.target.path + b" HTTP/1.1",
-                b"Host: " + self.target.host_header,
-                b"Content-Type: application/json",
-                b"Accept: application/json",
-                b"User-Agent: tunegrid-proxy",
-            ]
-            for name, value in self._creds.headers(deployment=deployment or None).items():
-                lines.append(f"{name}: {value}".encode("latin-1"))
-            head = self._heads[deployment] = b"\r\n".join(lines) + b"\r\n"
-        return head
-
-    def scrub(self, body: bytes) -> bytes:
-        """An error body with our key taken out, in case the endpoint echoes request headers."""
-        key = self._creds.key.encode("utf-8", "replace")
-        return body.replace(key, b"***") if key and key in body else body
-
-    def __repr__(self) -> str:
-        return f"_Route(host={self.target.host!r}, port={self.target.port}, generation={self.generation})"
-
-
-class CredentialCache:
-    """Endpoint credentials from the backend port, cached in memory with an expiry.
-
-    The fetch (`backend.get_credentials`, a blocking SDK call in Azure) runs in a worker thread and
-    only once per endpoint at a time. `invalidate` after an upstream 401 forces the next call to
-    refetch (key rotation, expired token).
-    """
-
-    def __init__(
-        self,
-        fetch: Callable[[str], EndpointCredentials],
-        *,
-        ttl_s: float,
-        expiry_margin_s: float = 60.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._fetch = fetch
-        self._ttl = ttl_s
-        self._margin = expiry_margin_s
-        self._clock = clock
-        self._routes: dict[str, _Route] = {}
-        self._pending: dict[str, asyncio.Future[_Route]] = {}
-        self._generation = 0
-
-    async def route(self, endpoint: str) -> _Route:
-        route = self._routes.get(endpoint)
-        if route is None or route.expires <= self._clock():
-            route = await self._refresh(endpoint)
-        return route
-
-    def cached(self, endpoint: str) -> _Route | None:
-        """The cached route if still valid (synchronous fast path of `route`)."""
-        route = self._routes.get(endpoint)
-        return route if route is not None and route.expires > self._clock() else None
-
-    def invalidate(self, endpoint: str, generation: int) -> None:
-        route = self._routes.get(endpoint)
-        if route is not None and route.generation == generation:
-            del self._routes[endpoint]
-
-    async def _refresh(self, endpoint: str) -> _Route:
-        loop = asyncio.get_running_loop()
-        pending = self._pending.get(endpoint)
-        if pending is not None and pending.get_loop() is loop:
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[_Route] = loop.create_future()
-        self._pending[endpoint] = fut
-        try:
-            route = await self._load(endpoint)
-        except BaseException as exc:
-            if not fut.done():
-                fut.set_exception(exc if isinstance(exc, Exception) else UpstreamError("credential fetch cancelled"))
-                fut.exception()  # mark retrieved: no warning when nobody else was waiting
-            raise
-        else:
-            fut.set_result(route)
-            return route
-        finally:
-            if self._pending.get(endpoint) is fut:
-                del self._pending[endpoint]
-
-    async def _load(self, endpoint: str) -> _Route:
-        try:
-            creds = await asyncio.to_thread(self._fetch, endpoint)
-        except TunegridError as exc:
-            log.warning(
-                "cannot get credentials of endpoint %s: %s", endpoint, type(exc).__name__, extra={"endpoint": endpoint}
-            )
-            raise UpstreamError(f"cannot get credentials of endpoint {endpoint} ({type(exc).__name__})") from None
-        target = Target.parse(creds.scoring_uri)
-        ttl = float(self._ttl)
-        if creds.expires_at is not None:
-            left = (creds.expires_at - datetime.now(UTC)).total_seconds() - self._margin
-            ttl = max(0.0, min(ttl, left))
-        self._generation += 1
-        route = _Route(target, creds, self._clock() + ttl, self._generation)
-        self._routes[endpoint] = route
-        log.debug("credentials cached for endpoint %s (ttl %.0f s)", endpoint, ttl, extra={"endpoint": endpoint})
-        return route
-
-
-class EndpointCaller:
-    """The `Upstream` port of `shared.scoring`: POST a JSON body to a live deployment, with the
-    endpoint key, refreshing the key once on a 401."""
-
-    def __init__(self, pool: HttpPool, credentials: CredentialCache) -> None:
-        self._pool = pool
-        self._credentials = credentials
-
-    async def post_json(
-        self, endpoint: str, deployment: str, body: bytes, *, request_id: str, timeout_s: float
-    ) -> UpstreamReply:
-        deadline = time.monotonic() + timeout_s
-        trace = b"x-ms-client-request-id: %b\r\n" % request_id.encode("ascii")
-        route = self._credentials.cached(endpoint) or await self._credentials.route(endpoint)
-        reply = await self._pool.request(
-            route.target, route.head(deployment) + trace, body, timeout_s=max(0.001, deadline - time.monotonic())
-        )
-        if reply.status == 401:
-            log.info(
-                "endpoint %s answered 401: refreshing its credentials",
-                endpoint,
-                extra={"endpoint": endpoint, "request_id": request_id},
-            )
-            self._credentials.invalidate(endpoint, route.generation)
-            route = await self._credentials.route(endpoint)
-            reply = await self._pool.request(
-                route.target, route.head(deployment) + trace, body, timeout_s=max(0.001, deadline - time.monotonic())
-            )
-        if reply.status >= 400:
-            reply.body = route.scrub(reply.body)
-        return reply
-
-    def close(self) -> None:
-        self._pool.close()
