@@ -200,7 +200,10 @@ class Settings:
         check=between(1, 50),
     )
     base_model_name: str = setting(
-        "BASE_MODEL_NAME", "Phi-3-mini-4k-instruct", "Azure ML registry model to fine-tune (Azure backend)."
+        "BASE_MODEL_NAME",
+        "Phi-4",
+        "Azure ML registry model to fine-tune (Azure backend). Phi-4 is fine-tunable for chat completion with no "
+        "deprecation date; the notebook's Phi-3-mini-4k-instruct was retired for fine-tuning on 2025-08-30.",
     )
     base_model_label: str = setting(
         "BASE_MODEL_LABEL", "latest", "Registry label of the base model; ignored when BASE_MODEL_VERSION is set."
@@ -230,8 +233,9 @@ class Settings:
     )
     experiment_name: str = setting(
         "AZUREML_EXPERIMENT_NAME",
-        "chat_completion_Phi-3-mini-4k-instruct",
-        "Experiment the pipeline jobs are filed under.",
+        "chat_completion_{model}",
+        "Experiment the pipeline jobs are filed under; `{model}` becomes the base model's name (the notebook's "
+        "`chat_completion_<model>`).",
     )
     compute: str = setting(
         "AZUREML_COMPUTE", "serverless", "Cluster name for all four pipeline steps, or `serverless`."
@@ -243,12 +247,16 @@ class Settings:
         "AZUREML_INSTANCE_TYPE_PREPROCESS", "Standard_d12_v2", "Serverless instance type of the preprocess step."
     )
     instance_type_finetune: str = setting(
-        "AZUREML_INSTANCE_TYPE_FINETUNE", "Standard_nc24rs_v3", "Serverless instance type of the fine-tune step."
+        "AZUREML_INSTANCE_TYPE_FINETUNE",
+        "",
+        "Serverless instance type of the fine-tune step; empty = the base model's first recommended fine-tune SKU "
+        "that is not retired. A set value must be on the model's list.",
     )
     instance_type_model_evaluation: str = setting(
         "AZUREML_INSTANCE_TYPE_MODEL_EVALUATION",
-        "Standard_nc24rs_v3",
-        "Serverless instance type of the evaluation step.",
+        "",
+        "Serverless instance type of the evaluation step; empty = the base model's first recommended fine-tune SKU "
+        "that is not retired. A set value must be on the model's list.",
     )
     gpus_per_node: int | None = setting(
         "AZUREML_GPUS_PER_NODE",
@@ -261,8 +269,9 @@ class Settings:
     )
     inference_instance_type: str = setting(
         "INFERENCE_INSTANCE_TYPE",
-        "Standard_NC6s_v3",
-        "Instance type of new deployments (checked against the model's inference allow list).",
+        "",
+        "Instance type of new deployments; empty = the base model's first recommended inference SKU that is not "
+        "retired. A set value must be on that list.",
     )
     inference_instance_count: int = setting("INFERENCE_INSTANCE_COUNT", "1", "Instance count of new deployments.")
     request_timeout_ms: int = setting(

@@ -65,6 +65,7 @@ API_HOST = f"https://{LOCATION}.api.azureml.ms"
 MLFLOW_PATH = f"/mlflow/v1.0{WS_PATH}/api/2.0/mlflow"
 HISTORY_PATH = f"/history/v1.0{WS_PATH}"
 SCORING_HOST_TEMPLATE = "https://{endpoint}.{location}.inference.ml.azure.com"
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def load(filename: str, /, **subs: str) -> Any:
@@ -365,9 +366,10 @@ class AzureMLRig:
             }
         )
 
-    def backend(self, settings: Any = None, **caller: Any) -> Any:
+    def backend(self, settings: Any = None, *, clock: Callable[[], Any] | None = None, **caller: Any) -> Any:
         """An `AzureMLBackend` whose every request goes through this rig. Retries wait at most
-        milliseconds unless the test asks otherwise (`caller` goes to `ServiceCaller`)."""
+        milliseconds unless the test asks otherwise (`caller` goes to `ServiceCaller`); `clock` fixes
+        "now" (retirement dates, the metrics window)."""
         from shared.adapters.azureml.backend import AzureMLBackend
         from shared.adapters.azureml.service_calls import ServiceCaller
 
@@ -377,6 +379,7 @@ class AzureMLRig:
             credential=self.credential,
             transport=self.transport(),
             caller=ServiceCaller(**options),
+            **({"clock": clock} if clock is not None else {}),
         )
 
     def workspace_client(self, **kwargs: Any) -> Any:
@@ -598,6 +601,32 @@ def no_sockets(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    yield attempts
+    assert not attempts, f"real sockets were attempted: {attempts}"
+
+
+@pytest.fixture
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """Azurite on 127.0.0.1 is reachable; any other socket (a request that escaped the rig) fails."""
+    attempts: list[Any] = []
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def guard(address: Any) -> None:
+        host = address[0] if isinstance(address, tuple) else address
+        if host not in LOOPBACK:
+            attempts.append(address)
+            raise RuntimeError(f"test tried to open a real socket to {address!r}")
+
+    def connect(self: socket.socket, address: Any) -> Any:
+        guard(address)
+        return real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> Any:
+        guard(address)
+        return real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
     yield attempts
     assert not attempts, f"real sockets were attempted: {attempts}"
 

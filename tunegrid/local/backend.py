@@ -151,7 +151,9 @@ class LocalBackend:
             event_key=settings.local_event_key,
             fetch_data=blob_fetcher(settings.storage_connection),
             instance=settings.instance,
-            experiment_name=settings.experiment_name or "tunegrid-local",
+            # AZUREML_EXPERIMENT_NAME's `{model}` is the base model's name, here the local one.
+            experiment_name=settings.experiment_name.replace("{model}", settings.local_base_model or SMOLLM2)
+            or "tunegrid-local",
             model_cache_dir=settings.local_model_cache_dir or None,
             max_eval_rows=settings.local_max_eval_rows,
         )

@@ -28,7 +28,7 @@ class ActivityMixin(AzureMLClients):
         )
         try:
             return self._caller.call(
-                lambda: read_endpoint_activity(self._arm_http(), resource_id, since=since),
+                lambda: read_endpoint_activity(self._arm_http(), resource_id, since=since, now=self._clock()),
                 action=f"read the requests of endpoint {endpoint}",
                 scope=scope,
             )

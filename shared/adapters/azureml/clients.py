@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -20,6 +21,7 @@ from azure.core.pipeline.transport import HttpTransport
 
 from shared.adapters.azureml.observability import ARM_SCOPE, http_client
 from shared.adapters.azureml.service_calls import Scope, ServiceCaller, not_found_is_none
+from shared.domain.clock import utcnow
 from shared.domain.resources import EndpointCredentials, Operation
 from shared.errors import ConfigError
 from shared.settings import Settings
@@ -65,6 +67,7 @@ class AzureMLClients:
         workspace_client: Any = None,
         registry_client: Any = None,
         caller: ServiceCaller | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         missing = [
             n
@@ -81,6 +84,8 @@ class AzureMLClients:
         self._credential = credential
         self._transport = transport
         self._caller = caller or ServiceCaller()
+        self._clock = clock
+        """Now, for the lifecycle checks (retirement dates) and the metrics window."""
         self._client_kwargs: dict[str, Any] = {"enable_telemetry": False, "retry_total": 0, "user_agent": "tunegrid"}
         if transport is not None:
             self._client_kwargs["transport"] = transport
@@ -90,7 +95,7 @@ class AzureMLClients:
         self._registry_lock = threading.Lock()
         self._workspace_entity: Any = None
         self._http: Any = None
-        self._arm_http: Any = None
+        self._arm_client: Any = None
         self._credentials_cache: dict[str, tuple[float, EndpointCredentials]] = {}
         self._alternatives_cache: dict[tuple[str, str], tuple[float, str]] = {}
         self._deployment_pollers: dict[tuple[str, str], Any] = {}
@@ -186,9 +191,9 @@ class AzureMLClients:
     def _arm_http(self) -> Any:
         """Plain HTTPS with an ARM token: the MLflow REST API and Azure Monitor's metrics API."""
         with self._lock:
-            if self._arm_http is None:
-                self._arm_http = http_client(self._transport, credential=self._credential, scope=ARM_SCOPE)
-            return self._arm_http
+            if self._arm_client is None:
+                self._arm_client = http_client(self._transport, credential=self._credential, scope=ARM_SCOPE)
+            return self._arm_client
 
     # -- reads shared by the parts (a 404 reads as None: check before acting) ---------------------
     def _job_entity(self, job_name: str) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 from shared.adapters.azureml.clients import AzureMLClients, operation_now, service_word
 from shared.adapters.azureml.model_lifecycle import ModelMetadata, SkuList, default_sku, sku_findings
 from shared.adapters.azureml.model_tags import INFERENCE_ALLOW_LIST_TAG, parse_allow_list
-from shared.domain.clock import parse_time, utcnow
+from shared.domain.clock import parse_time
 from shared.domain.naming import OWNER_TAG
 from shared.domain.resources import (
     DeploymentInfo,
@@ -166,7 +166,7 @@ class EndpointsMixin(AzureMLClients):
         """The deployment's size: the one asked for, checked against the model's inference list and
         the retired families; else the list's first usable size. Errors raise ComputeError."""
         meta = self._inference_skus(spec.model)
-        now = utcnow()
+        now = self._clock()
         if spec.instance_type:
             findings = sku_findings(
                 spec.instance_type,

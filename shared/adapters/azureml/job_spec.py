@@ -236,7 +236,7 @@ def build_job_spec(
     if compute.serverless:
         chosen = {k: compute.instance_types[k] for k in INSTANCE_TYPE_INPUTS if compute.instance_types[k]}
         compute_inputs.update(chosen)
-        unresolved = [k for k in INSTANCE_TYPE_INPUTS if k not in chosen]
+        unresolved = [k for k in MODEL_LISTED_INPUTS if k not in chosen]
         if unresolved:
             notes.append(
                 f"{', '.join(unresolved)}: not set, so the submission takes the base model's first fine-tune SKU that "

@@ -54,7 +54,6 @@ from shared.adapters.azureml.model_lifecycle import (
 )
 from shared.adapters.azureml.model_tags import MODEL_DEFAULTS_TAG, parse_model_defaults
 from shared.adapters.azureml.observability import mlflow_base_url, read_run_metrics
-from shared.domain.clock import utcnow
 from shared.domain.resources import (
     Finding,
     FindingLevel,
@@ -238,7 +237,7 @@ class JobsMixin(AzureMLClients):
                         value, meta.finetune_skus, meta=meta, role="fine-tune", where=where, now=now
                     )
                 else:
-                    value, errors = default_sku(
+                    default, errors = default_sku(
                         meta.finetune_skus,
                         meta=meta,
                         role="fine-tune",
@@ -246,7 +245,7 @@ class JobsMixin(AzureMLClients):
                         now=now,
                     )
                     findings += errors
-                    chosen[key] = value or ""
+                    chosen[key] = default or ""
             plan = dataclasses.replace(plan, instance_types=chosen)
             size, where = chosen["instance_type_finetune"], "serverless instance_type_finetune"
         else:
@@ -264,7 +263,7 @@ class JobsMixin(AzureMLClients):
         component (its choices), then build the job's spec (the same function the dry run uses).
         Reads only; submits nothing. Policy problems are findings; a missing cluster or model, or a
         service error, raises."""
-        now = now or utcnow()
+        now = now or self._clock()
         entity, meta = self._base_model(request)
         findings: list[Finding] = []
         alternative = self._alternative(meta, now=now) if is_retired_for_finetuning(meta, now=now) else ""

@@ -57,7 +57,7 @@ RETIRED_VM_FAMILIES: tuple[RetiredVmFamily, ...] = (
         family="NCv3",
         sizes=frozenset({"standard_nc6s_v3", "standard_nc12s_v3", "standard_nc24s_v3", "standard_nc24rs_v3"}),
         retired_on=date(2025, 9, 30),
-        source="Azure's NCv3-series retirement notices (tests/data/azure-reference/README.md, 'Retired VM sizes')",
+        source="Azure's NCv3-series retirement notice",
     ),
 )
 """Every retired VM family the checks know, in one place. A size here is never chosen as a default and
@@ -83,7 +83,7 @@ def vm_size_findings(size: str, *, where: str, now: datetime, gpu_step: bool = T
                 Finding(
                     FindingLevel.ERROR,
                     "sku_retired",
-                    f"VM size {size} ({where}) belongs to the {family.family} family, retired on "
+                    f"VM size {size} ({where}) is in the {family.family} family, retired on "
                     f"{family.retired_on.isoformat()} ({family.source}); pick a size from the model's list",
                 )
             ]
@@ -91,7 +91,7 @@ def vm_size_findings(size: str, *, where: str, now: datetime, gpu_step: bool = T
             Finding(
                 FindingLevel.WARNING,
                 "sku_retiring",
-                f"VM size {size} ({where}) belongs to the {family.family} family, which retires on "
+                f"VM size {size} ({where}) is in the {family.family} family, which retires on "
                 f"{family.retired_on.isoformat()} ({family.source})",
             )
         ]
