@@ -185,9 +185,9 @@ def test_phi4_passes_and_is_the_alternative_from_the_registrys_models() -> None:
     specs = [ref.PHI4, ref.PHI3_MINI_SYSTEM_METADATA, ref.PHI3_MINI_TAGS, ref.PHI3_SMALL]
     candidates = [read_model_spec(ref.spec(f), registry="azureml") for f in specs]
     assert finetune_lifecycle_findings(candidates[0], now=NOW) == []
-    alternative = pick_alternative(candidates, like="Phi-3-mini-4k-instruct", now=NOW)
+    alternative = pick_alternative(candidates, like="Phi-3-mini-4k-instruct")
     assert alternative is not None and (alternative.name, alternative.version) == ("Phi-4", "8")
-    assert pick_alternative(candidates[1:], like="Phi-3-mini-4k-instruct", now=NOW) is None
+    assert pick_alternative(candidates[1:], like="Phi-3-mini-4k-instruct") is None
 
 
 # -- VM sizes --------------------------------------------------------------------------------------
@@ -223,14 +223,14 @@ def test_default_sizes_are_the_first_usable_of_the_list() -> None:
     """Phi-4: Standard_NC24ads_A100_v4. Phi-3's inference list: its NCv3 sizes are skipped. No list: an
     error naming the setting to set."""
     phi4 = read_model_spec(ref.spec(ref.PHI4))
-    assert default_sku(phi4.finetune_skus, meta=phi4, role="fine-tune", setting="S", now=NOW) == (
+    assert default_sku(phi4.finetune_skus, meta=phi4, role="fine-tune", setting="S") == (
         "Standard_NC24ads_A100_v4",
         [],
     )
     phi3 = read_model_spec(ref.spec(ref.PHI3_MINI_TAGS))
-    chosen, _ = default_sku(phi3.inference_skus, meta=phi3, role="inference", setting="S", now=NOW)
+    chosen, _ = default_sku(phi3.inference_skus, meta=phi3, role="inference", setting="S")
     assert chosen == "Standard_ND40rs_v2"
-    none, [error] = default_sku(None, meta=phi4, role="fine-tune", setting="AZUREML_INSTANCE_TYPE_FINETUNE", now=NOW)
+    none, [error] = default_sku(None, meta=phi4, role="fine-tune", setting="AZUREML_INSTANCE_TYPE_FINETUNE")
     assert none is None and error.code == "no_sku_list" and "set AZUREML_INSTANCE_TYPE_FINETUNE" in error.message
 
 

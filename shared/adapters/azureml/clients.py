@@ -84,8 +84,7 @@ class AzureMLClients:
         self._credential = credential
         self._transport = transport
         self._caller = caller or ServiceCaller()
-        self._clock = clock
-        """Now, for the lifecycle checks (retirement dates) and the metrics window."""
+        self._clock = clock  # "now" for retirement dates and the metrics window; tests fix it
         self._client_kwargs: dict[str, Any] = {"enable_telemetry": False, "retry_total": 0, "user_agent": "tunegrid"}
         if transport is not None:
             self._client_kwargs["transport"] = transport

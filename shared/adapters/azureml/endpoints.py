@@ -183,7 +183,6 @@ class EndpointsMixin(AzureMLClients):
                 meta=meta,
                 role="inference",
                 setting="INFERENCE_INSTANCE_TYPE or the sidecar's deployment.instance_type",
-                now=now,
             )
         errors = [f.message for f in findings if f.is_error]
         if errors or not size:

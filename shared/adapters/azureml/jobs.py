@@ -165,7 +165,7 @@ class JobsMixin(AzureMLClients):
         raw = self._raw_model_version(entity.name, str(entity.version))
         return entity, read_model_entity(entity, raw=raw, registry=s.registry_name)
 
-    def _alternative(self, meta: ModelMetadata, *, now: datetime) -> str:
+    def _alternative(self, meta: ModelMetadata) -> str:
         """A sentence naming a fine-tunable chat-completion model of the same registry with no
         deprecation date, read from the registry's own listing (its family first, at most
         `_ALTERNATIVE_READS` versions read); remembered for an hour."""
@@ -190,7 +190,7 @@ class JobsMixin(AzureMLClients):
                 raw = self._raw_model_version(name, latest[name])
                 if raw is None:
                     continue
-                found = pick_alternative([read_model_version(raw, registry=registry)], like=meta.name, now=now)
+                found = pick_alternative([read_model_version(raw, registry=registry)], like=meta.name)
                 if found is not None:
                     break
             sentence = alternative_sentence(found, registry=registry)
@@ -242,7 +242,6 @@ class JobsMixin(AzureMLClients):
                         meta=meta,
                         role="fine-tune",
                         setting=f"{INSTANCE_TYPE_SETTINGS[key]} or the sidecar's compute.{key}",
-                        now=now,
                     )
                     findings += errors
                     chosen[key] = default or ""
@@ -266,7 +265,7 @@ class JobsMixin(AzureMLClients):
         now = now or self._clock()
         entity, meta = self._base_model(request)
         findings: list[Finding] = []
-        alternative = self._alternative(meta, now=now) if is_retired_for_finetuning(meta, now=now) else ""
+        alternative = self._alternative(meta) if is_retired_for_finetuning(meta, now=now) else ""
         findings += finetune_lifecycle_findings(meta, now=now, alternative=alternative)
         if any(f.is_error for f in findings):
             return SubmissionPlan(tuple(findings), model=meta)

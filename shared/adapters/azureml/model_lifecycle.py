@@ -106,8 +106,9 @@ def vm_size_findings(size: str, *, where: str, now: datetime, gpu_step: bool = T
     return []
 
 
-def usable(size: str, *, now: datetime) -> bool:
-    return not any(f.is_error for f in vm_size_findings(size, where="", now=now))
+def usable(size: str) -> bool:
+    """A size a default may be: in no family of the retired table (retired or retiring) and not K80."""
+    return retired_family(size) is None and size.strip().lower() not in K80_SIZES
 
 
 # -- what a model version says about itself ------------------------------------------------------
@@ -120,8 +121,8 @@ class SkuList:
     def allows(self, size: str) -> bool:
         return size.strip().lower() in {s.lower() for s in self.skus}
 
-    def first_usable(self, *, now: datetime) -> str | None:
-        return next((s for s in self.skus if usable(s, now=now)), None)
+    def first_usable(self) -> str | None:
+        return next((s for s in self.skus if usable(s)), None)
 
 
 @dataclass(frozen=True)
@@ -425,9 +426,9 @@ def sku_findings(
 
 
 def default_sku(
-    skus: SkuList | None, *, meta: ModelMetadata, role: str, setting: str, now: datetime
+    skus: SkuList | None, *, meta: ModelMetadata, role: str, setting: str
 ) -> tuple[str | None, list[Finding]]:
-    """The model's first listed size that is not retired, or an error saying what to set."""
+    """The model's first listed size in no retired (or retiring) family, or an error saying what to set."""
     if skus is None:
         return None, [
             Finding(
@@ -436,7 +437,7 @@ def default_sku(
                 f"base model {meta.ref} lists no {role} SKUs, so no VM size can be chosen for it: set {setting}",
             )
         ]
-    chosen = skus.first_usable(now=now)
+    chosen = skus.first_usable()
     if chosen is None:
         return None, [
             Finding(
@@ -450,7 +451,7 @@ def default_sku(
 
 
 # -- a fine-tunable alternative ------------------------------------------------------------------
-def is_finetunable(meta: ModelMetadata, *, task: str = CHAT_COMPLETION, now: datetime) -> bool:
+def is_finetunable(meta: ModelMetadata, *, task: str = CHAT_COMPLETION) -> bool:
     """Fine-tunable for `task`, not archived, and with no deprecation or retirement date at all."""
     return (
         not meta.archived
@@ -474,11 +475,11 @@ def candidate_order(names: Iterable[str], *, like: str) -> list[str]:
 
 
 def pick_alternative(
-    candidates: Sequence[ModelMetadata], *, like: str, task: str = CHAT_COMPLETION, now: datetime
+    candidates: Sequence[ModelMetadata], *, like: str, task: str = CHAT_COMPLETION
 ) -> ModelMetadata | None:
     """The candidate closest to `like` that `is_finetunable`."""
     order = {n: i for i, n in enumerate(candidate_order((c.name for c in candidates), like=like))}
-    usable_ones = [c for c in candidates if c.name in order and is_finetunable(c, task=task, now=now)]
+    usable_ones = [c for c in candidates if c.name in order and is_finetunable(c, task=task)]
     return min(usable_ones, key=lambda c: order[c.name]) if usable_ones else None
 
 
