@@ -88,13 +88,11 @@ param instanceTypeModelImport string = 'Standard_d12_v2'
 @description('Serverless instance type of the preprocess step (AZUREML_INSTANCE_TYPE_PREPROCESS).')
 param instanceTypePreprocess string = 'Standard_d12_v2'
 
-@minLength(1)
-@description('Serverless instance type of the fine-tune step (AZUREML_INSTANCE_TYPE_FINETUNE).')
-param instanceTypeFinetune string = 'Standard_nc24rs_v3'
+@description('Serverless instance type of the fine-tune step; empty = the base model\'s first recommended fine-tune SKU (AZUREML_INSTANCE_TYPE_FINETUNE).')
+param instanceTypeFinetune string = ''
 
-@minLength(1)
-@description('Serverless instance type of the evaluation step (AZUREML_INSTANCE_TYPE_MODEL_EVALUATION).')
-param instanceTypeModelEvaluation string = 'Standard_nc24rs_v3'
+@description('Serverless instance type of the evaluation step; empty = the base model\'s first recommended fine-tune SKU (AZUREML_INSTANCE_TYPE_MODEL_EVALUATION).')
+param instanceTypeModelEvaluation string = ''
 
 @description('GPUs per fine-tune node for serverless compute; empty = read from the cluster\'s size (AZUREML_GPUS_PER_NODE).')
 param gpusPerNode string = ''
@@ -102,9 +100,8 @@ param gpusPerNode string = ''
 @description('Azure ML datastore on the prepared-data container; empty = jobs get https blob URLs (AZUREML_DATASTORE).')
 param mlDatastore string = ''
 
-@minLength(1)
-@description('Instance type of new online deployments (INFERENCE_INSTANCE_TYPE).')
-param inferenceInstanceType string = 'Standard_NC6s_v3'
+@description('Instance type of new online deployments; empty = the base model\'s first recommended inference SKU (INFERENCE_INSTANCE_TYPE).')
+param inferenceInstanceType string = ''
 
 @minLength(1)
 @description('Value of the tunegrid-owner tag on everything this app creates; the janitor only touches resources carrying it (TUNEGRID_INSTANCE).')
@@ -266,7 +263,7 @@ var appSettings = {
   VALIDATION_MAX_SEQ_LENGTH: '2048'
   VALIDATION_TOKENIZER: ''
   TEST_SPLIT_PERCENT: '5'
-  BASE_MODEL_NAME: 'Phi-3-mini-4k-instruct'
+  BASE_MODEL_NAME: 'Phi-4'
   BASE_MODEL_LABEL: 'latest'
   BASE_MODEL_VERSION: ''
   AZURE_SUBSCRIPTION_ID: subscription().subscriptionId
@@ -276,7 +273,7 @@ var appSettings = {
   AZUREML_PIPELINE_COMPONENT: 'chat_completion_pipeline'
   AZUREML_PIPELINE_COMPONENT_LABEL: 'latest'
   AZUREML_PIPELINE_COMPONENT_VERSION: ''
-  AZUREML_EXPERIMENT_NAME: 'chat_completion_Phi-3-mini-4k-instruct'
+  AZUREML_EXPERIMENT_NAME: 'chat_completion_{model}'
   AZUREML_COMPUTE: mlCompute
   AZUREML_INSTANCE_TYPE_MODEL_IMPORT: instanceTypeModelImport
   AZUREML_INSTANCE_TYPE_PREPROCESS: instanceTypePreprocess
