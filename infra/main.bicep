@@ -40,6 +40,9 @@ param functionAppName string = ''
 @description('Name of the data storage account; empty = derived from the environment.')
 param storageAccountName string = ''
 
+@description('Name of the Key Vault; empty = derived from the environment. A deleted vault keeps its name for 7 days (purge protection), so a new name lets a torn-down environment be provisioned again sooner.')
+param keyVaultName string = ''
+
 @allowed([
   512
   2048
@@ -122,18 +125,20 @@ param proxyApiKeys string
 
 // ---------------------------------------------------------------- names
 
+// Conditionals stay on one line and start without `!` (`empty(x) ? derived : x`): pycep, the parser checkov reads
+// Bicep with, rejects a multi-line one and reads `!a ? b : c` as `!(a ? b : c)` (docs/deploy.md).
 var abbrs = loadJsonContent('./abbreviations.json')
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
 var tags = {
   'azd-env-name': environmentName
 }
-var appName = !empty(functionAppName) ? functionAppName : '${abbrs.webSitesFunctions}api-${resourceToken}'
+var appName = empty(functionAppName) ? '${abbrs.webSitesFunctions}api-${resourceToken}' : functionAppName
 var deploymentStorageContainerName = 'app-package-${take(appName, 32)}-${take(toLower(uniqueString(appName, resourceToken)), 7)}'
 var storageSystemTopicName = '${abbrs.eventGridSystemTopics}${abbrs.storageStorageAccounts}-${resourceToken}'
 // One system topic per workspace, shared by every Tunegrid deployment on it: the name depends on the workspace only.
-var mlTopicName = !empty(mlSystemTopicName)
-  ? mlSystemTopicName
-  : '${abbrs.eventGridSystemTopics}${take(mlWorkspaceName, 30)}-${take(uniqueString(subscription().id, mlWorkspaceResourceGroup, mlWorkspaceName), 6)}'
+var mlTopicToken = take(uniqueString(subscription().id, mlWorkspaceResourceGroup, mlWorkspaceName), 6)
+var mlTopicDerivedName = '${abbrs.eventGridSystemTopics}${take(mlWorkspaceName, 30)}-${mlTopicToken}'
+var mlTopicName = empty(mlSystemTopicName) ? mlTopicDerivedName : mlSystemTopicName
 
 // shared/settings.py CONTAINERS and TABLES (tests/test_infra.py keeps these in step with the code).
 var dataContainers = [
@@ -154,7 +159,7 @@ var deadLetterContainerName = 'eventgrid-deadletter'
 // ---------------------------------------------------------------- resources
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
-  name: !empty(resourceGroupName) ? resourceGroupName : '${abbrs.resourcesResourceGroups}${environmentName}'
+  name: empty(resourceGroupName) ? '${abbrs.resourcesResourceGroups}${environmentName}' : resourceGroupName
   location: location
   tags: tags
 }
@@ -190,7 +195,7 @@ module storage 'br/public:avm/res/storage/storage-account:0.8.3' = {
   name: 'storage'
   scope: rg
   params: {
-    name: !empty(storageAccountName) ? storageAccountName : '${abbrs.storageStorageAccounts}${resourceToken}'
+    name: empty(storageAccountName) ? '${abbrs.storageStorageAccounts}${resourceToken}' : storageAccountName
     allowBlobPublicAccess: false
     allowSharedKeyAccess: false // identity only: no account keys, no SAS
     dnsEndpointType: 'Standard'
@@ -243,7 +248,7 @@ module keyVault 'app/keyvault.bicep' = {
   name: 'keyvault'
   scope: rg
   params: {
-    name: '${abbrs.keyVaultVaults}${resourceToken}'
+    name: empty(keyVaultName) ? '${abbrs.keyVaultVaults}${resourceToken}' : keyVaultName
     location: location
     tags: tags
     proxyApiKeys: proxyApiKeys
@@ -352,7 +357,7 @@ module ml 'app/ml-workspace.bicep' = {
 
 module registryAccess 'app/registry-access.bicep' = if (assignRegistryRole) {
   name: 'mlRegistryAccess-${resourceToken}'
-  scope: resourceGroup(!empty(mlRegistryResourceGroup) ? mlRegistryResourceGroup : mlWorkspaceResourceGroup)
+  scope: resourceGroup(empty(mlRegistryResourceGroup) ? mlWorkspaceResourceGroup : mlRegistryResourceGroup)
   params: {
     registryName: mlRegistryName
     principalId: apiIdentity.outputs.principalId
