@@ -79,4 +79,4 @@ bench: deps
 	$(PY) bench/train.py
 
 clean:
-	rm -rf $(VENV) $(DEPLOY_VENV) node_modules .tunegrid .demo .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
+	rm -rf $(VENV) $(DEPLOY_VENV) $(CHECKOV_VENV) node_modules .tunegrid .demo .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

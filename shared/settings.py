@@ -8,6 +8,7 @@ its environment name, default, meaning, parser and constraints live in the field
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from shared.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,22 @@ def flag(raw: str) -> bool:
 
 def comma_list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+KEY_VAULT_REFERENCE = "@Microsoft.KeyVault("
+
+
+def api_keys(raw: str) -> tuple[str, ...]:
+    """Comma-separated keys. An unresolved Key Vault reference gives no key at all: when App Service
+    cannot resolve `@Microsoft.KeyVault(...)` (missing role, network, deleted secret) it passes the
+    reference text through as the value, which must never become a key anyone can send."""
+    if raw.lstrip().startswith(KEY_VAULT_REFERENCE):
+        log.error(
+            "PROXY_API_KEYS is an unresolved Key Vault reference: the proxy refuses every request until it "
+            "resolves (check the app identity's Key Vault Secrets User role and the secret)"
+        )
+        return ()
+    return comma_list(raw)
 
 
 def directory(raw: str) -> Path:
@@ -297,7 +316,11 @@ class Settings:
         "ROLLOUT_SCHEDULE", "0 */1 * * * *", "NCRONTAB schedule of the timer that resumes long rollout steps."
     )
     proxy_api_keys: tuple[str, ...] = setting(
-        "PROXY_API_KEYS", "", "Comma-separated keys accepted by the scoring proxy (or a Key Vault reference)."
+        "PROXY_API_KEYS",
+        "",
+        "Comma-separated keys accepted by the scoring proxy (or a Key Vault reference); an unresolved reference "
+        "is no key: every request is refused.",
+        parse=api_keys,
     )
     proxy_max_body_bytes: int = setting(
         "PROXY_MAX_BODY_BYTES", "1048576", "Largest accepted request body; bigger gives 413."
