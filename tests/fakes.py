@@ -383,7 +383,7 @@ def _storage_error(kind: type[HttpResponseError], status: int, code: str, messag
     """An azure-core error as the storage SDK raises it (the use cases read `status_code`)."""
     error = kind(message=f"{message}\nErrorCode:{code}")
     error.status_code = status
-    error.error_code = code
+    error.error_code = code  # type: ignore[attr-defined]  # set by the storage SDK, not declared by azure-core
     error.reason = message
     return error
 

@@ -10,7 +10,7 @@ T = TypeVar("T")
 
 
 def wait_for(
-    predicate: Callable[[], T], *, timeout_s: float = 10.0, what: str = "the condition", interval_s: float = 0.02
+    predicate: Callable[[], T | None], *, timeout_s: float = 10.0, what: str = "the condition", interval_s: float = 0.02
 ) -> T:
     """Poll `predicate` until it returns something truthy, and return that. Background work (a poller, a
     timer, a server thread) has no callback a test can join, so the test polls, with a deadline that

@@ -583,8 +583,19 @@ def test_run_on_startup_fires_at_once(tmp_path: Path) -> None:
         timer_app(fired, schedule="0 0 0 1 1 *", run_on_startup=True), settings={}, port=0, state_dir=tmp_path
     ):
         wait_for(lambda: fired, timeout_s=5, what="the startup run")
+        # the schedule status is stored once the startup run is over and the next occurrence is set
+        status = wait_for(lambda: _timer_status(tmp_path, "tick"), timeout_s=5, what="the stored schedule status")
+        assert len(fired) == 1
     assert len(fired) == 1
     assert fired[0].past_due is False
+    assert status["last"] is None and dt.datetime.fromisoformat(status["next"]).strftime("%m-%d %H:%M") == "01-01 00:00"
+
+
+def _timer_status(state_dir: Path, function: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((state_dir / "timers.json").read_text()).get(function)
+    except (OSError, ValueError):
+        return None
 
 
 def test_past_due_after_downtime_and_no_overlap(tmp_path: Path) -> None:

@@ -446,7 +446,8 @@ def test_idle_owned_endpoint_is_deleted_retired_and_audited(audit_table: Any, ca
     assert backend.deleted_endpoints == ["idle-ep"]
     assert backend.activity_calls == [("idle-ep", NOW - POLICY.idle)]
     assert state(ledger, "r1") is RunState.RETIRED and state(ledger, "r2") is RunState.LIVE
-    assert "idle-ep" in ledger.get("r1").error
+    retired = ledger.get("r1")
+    assert retired is not None and "idle-ep" in retired.error
     [decision] = report.decisions
     assert (decision.action, decision.rule, decision.outcome, decision.retired_runs) == (
         "delete",

@@ -93,6 +93,11 @@ def audit(request: pytest.FixtureRequest, unique: str) -> Iterator[tuple[Any, Ca
     tables.delete_table(table.table_name)
 
 
+def status(error: Exception) -> tuple[int | None, str | None]:
+    """An azure-core error's HTTP status and storage error code (the SDK sets `error_code` on its errors)."""
+    return getattr(error, "status_code", None), getattr(error, "error_code", None)
+
+
 def record(run_id: str = "r1", **fields: Any) -> RunRecord:
     base = new_record(run_id=run_id, container="training-data", blob=f"{run_id}.jsonl", blob_version="v1", backend="x")
     return replace(base, **fields)
@@ -250,7 +255,7 @@ def test_upload_without_overwrite_keeps_the_existing_blob(blobs: tuple[Any, str]
     before = store.properties(container, "once.json")["etag"]
     with pytest.raises(ResourceExistsError) as caught:
         store.upload(container, "once.json", b"second", overwrite=False)
-    assert (caught.value.status_code, caught.value.error_code) == (409, "BlobAlreadyExists")
+    assert status(caught.value) == (409, "BlobAlreadyExists")
     assert store.read_bytes(container, "once.json") == b"first"
     assert store.properties(container, "once.json")["etag"] == before
 
@@ -291,7 +296,7 @@ def test_chunks_of_a_changed_blob_fail_with_412(blobs: tuple[Any, str]) -> None:
     stream = store.chunks(container, "v.jsonl", etag=old)  # lazy: nothing is read yet
     with pytest.raises(ResourceModifiedError) as caught:
         next(stream)
-    assert (caught.value.status_code, caught.value.error_code) == (412, "ConditionNotMet")
+    assert status(caught.value) == (412, "ConditionNotMet")
 
 
 def test_chunks_fail_when_the_blob_changes_mid_stream(make_blobs: tuple[BlobsFactory, str]) -> None:
@@ -314,13 +319,13 @@ def test_chunks_of_a_missing_blob_or_container(blobs: tuple[Any, str]) -> None:
     store, container = blobs
     with pytest.raises(ResourceNotFoundError) as missing:
         list(store.chunks(container, "nope.jsonl"))
-    assert (missing.value.status_code, missing.value.error_code) == (404, "BlobNotFound")
+    assert status(missing.value) == (404, "BlobNotFound")
     with pytest.raises(ResourceModifiedError) as pinned:
         list(store.chunks(container, "nope.jsonl", etag="0x8DC0000000000001"))
     assert pinned.value.status_code == 412
     with pytest.raises(ResourceNotFoundError) as no_container:
         list(store.chunks("no-such-container", "x.jsonl"))
-    assert (no_container.value.status_code, no_container.value.error_code) == (404, "ContainerNotFound")
+    assert status(no_container.value) == (404, "ContainerNotFound")
     with pytest.raises(ResourceNotFoundError):
         store.upload("no-such-container", "x.jsonl", b"x")
     assert store.properties("no-such-container", "x.jsonl") is None
