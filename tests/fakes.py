@@ -1,15 +1,21 @@
-"""Hand-written fakes of our own ports, for unit tests of the use cases."""
+"""Hand-written fakes of our own ports, for unit tests of the use cases: the backend, and the ledger,
+audit log and blob store in memory."""
 
 from __future__ import annotations
 
+import copy
+import itertools
 import random
 import threading
+import urllib.parse
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from shared.domain.clock import utcnow
+from shared.domain.janitor_rules import Decision
 from shared.domain.resources import (
     DeploymentInfo,
     DeploymentSpec,
@@ -26,7 +32,9 @@ from shared.domain.resources import (
     Operation,
     ProvisioningState,
 )
-from shared.errors import BackendError, NotFound, TransientError
+from shared.domain.runs import RunRecord, RunState, apply_transition
+from shared.errors import BackendError, ConflictError, NotFound, TransientError, TunegridError
+from shared.settings import CONTAINERS
 
 _RAW = {
     JobState.PENDING: "NotStarted",
@@ -262,3 +270,249 @@ class FakeBackend:
     def get_endpoint_activity(self, endpoint: str, *, since: datetime) -> EndpointActivity:
         self._call("get_endpoint_activity", endpoint)
         return EndpointActivity(requests=0, last_request_at=None, source="fake")
+
+
+# ---- storage ports in memory -------------------------------------------------------------------
+# They mirror `shared.adapters.tables.TableRunLedger`, `TableAuditLog` and
+# `shared.adapters.storage.BlobStore` on Azurite; tests/test_storage_contract.py runs the same cases
+# against both, so a use-case test on these fakes tests what the real adapters would do.
+
+_etags = itertools.count(1)
+"""One counter for every fake in the process, so no two writes anywhere share an ETag."""
+
+
+def _next_etag(kind: str) -> str:
+    n = next(_etags)
+    return f"0x8DC{n:013X}" if kind == "blob" else f"W/\"memory'{n}'\""
+
+
+class InMemoryLedger:
+    """The `Ledger` port in memory. Rows are stored as the table entity (`RunRecord.to_entity`) and read
+    back through `RunRecord.from_entity`, as the table adapter does; every write gets a new ETag and a
+    write with a stale one raises `ConflictError`. Safe to share between threads."""
+
+    def __init__(self, records: Iterable[RunRecord] = ()) -> None:
+        self._lock = threading.RLock()
+        self._rows: dict[str, tuple[dict[str, Any], str]] = {}
+        for record in records:
+            self.create(record)
+
+    def _read(self, run_id: str) -> RunRecord | None:
+        row = self._rows.get(run_id)
+        return None if row is None else RunRecord.from_entity(copy.deepcopy(row[0]), etag=row[1])
+
+    def _replace(self, record: RunRecord) -> RunRecord:
+        if not record.etag:  # azure-core refuses a conditional write without an ETag before sending it
+            raise ValueError("IfNotModified must be specified with etag.")
+        with self._lock:
+            row = self._rows.get(record.run_id)
+            if row is None:
+                raise NotFound(f"run {record.run_id} not found")
+            if row[1] != record.etag:
+                raise ConflictError(f"run {record.run_id} changed concurrently")
+            etag = _next_etag("table")
+            self._rows[record.run_id] = (record.to_entity(), etag)
+        return replace(record, etag=etag)
+
+    def create(self, record: RunRecord) -> tuple[RunRecord, bool]:
+        """Insert the record; when it exists already return the stored one and False."""
+        with self._lock:
+            if record.run_id in self._rows:
+                existing = self._read(record.run_id)
+                assert existing is not None
+                return existing, False
+            etag = _next_etag("table")
+            self._rows[record.run_id] = (record.to_entity(), etag)
+        return replace(record, etag=etag), True
+
+    def get(self, run_id: str) -> RunRecord | None:
+        with self._lock:
+            return self._read(run_id)
+
+    def transition(
+        self, run_id: str, to: RunState, *, expect: Iterable[RunState] | None = None, **fields: Any
+    ) -> RunRecord:
+        current = self.get(run_id)
+        if current is None:
+            raise NotFound(f"run {run_id} not found")
+        return self._replace(apply_transition(current, to, expect, fields))
+
+    def update(self, record: RunRecord, **fields: Any) -> RunRecord:
+        """Change fields without moving state, conditional on the record's ETag."""
+        return self._replace(replace(record, updated_at=utcnow(), **fields))
+
+    def list(self) -> list[RunRecord]:
+        """Newest first; ties in row-key order, as the table returns rows before the adapter sorts them."""
+        with self._lock:
+            out = [r for r in (self._read(run_id) for run_id in sorted(self._rows)) if r is not None]
+        return sorted(out, key=lambda r: r.created_at, reverse=True)
+
+    def find_by_job(self, job_name: str) -> RunRecord | None:
+        with self._lock:
+            for run_id in sorted(self._rows):
+                if self._rows[run_id][0].get("job_name") == job_name:
+                    return self._read(run_id)
+        return None
+
+
+class InMemoryAuditLog:
+    """The `AuditLog` port in memory: keeps the exact rows `TableAuditLog` writes (`audit_entity`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rows: list[dict[str, Any]] = []
+
+    def write(self, decision: Decision, *, at: datetime, dry_run: bool, sweep_id: str) -> None:
+        from shared.adapters.tables import audit_entity
+
+        row = audit_entity(decision, at=at, dry_run=dry_run, sweep_id=sweep_id)
+        with self._lock:
+            self._rows.append(row)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The rows in row-key (time) order, as a table query returns one day's partition."""
+        with self._lock:
+            return sorted((dict(r) for r in self._rows), key=lambda r: (r["PartitionKey"], r["RowKey"]))
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    data: bytes
+    etag: str
+    last_modified: datetime
+    content_type: str
+    metadata: Mapping[str, str]
+
+
+def _storage_error(kind: type[TunegridError], status: int, code: str, message: str) -> TunegridError:
+    """The domain error `BlobStore` raises for the storage service's answer (see
+    `shared.adapters.storage_errors.translate`): same type, with the service's error code in the message."""
+    return kind(f"in-memory blob store: {code} (HTTP {status}): {message}")
+
+
+class InMemoryBlobs:
+    """The `Blobs` port (and `BlobStore.list_names`) in memory. Raises what `BlobStore` raises:
+    `ConflictError` (412 ConditionNotMet) when `chunks` is pinned to an ETag the blob no longer has, or
+    when the blob changes mid-stream; `NotFound` (404 BlobNotFound) when it is gone; `ConflictError`
+    (409 BlobAlreadyExists) for
+    `upload(overwrite=False)` on an existing blob. Safe to share between threads."""
+
+    def __init__(
+        self,
+        *,
+        containers: Iterable[str] = CONTAINERS,
+        account_url: str = "https://inmemory.blob.core.windows.net",
+        chunk_size: int = 4 * 1024 * 1024,
+    ) -> None:
+        """`containers`: those that exist (the app's, as `StorageClients.ensure_resources` creates them)."""
+        self.account_url = account_url.rstrip("/")
+        self.chunk_size = chunk_size
+        self._lock = threading.Lock()
+        self._containers = set(containers)
+        self._blobs: dict[tuple[str, str], StoredBlob] = {}
+
+    def create_container(self, container: str) -> None:
+        with self._lock:
+            self._containers.add(container)
+
+    def _need_container(self, container: str) -> None:
+        if container not in self._containers:
+            raise _storage_error(
+                NotFound, 404, "ContainerNotFound", "The specified container does not exist."
+            )
+
+    def url(self, container: str, name: str) -> str:
+        return f"{self.account_url}/{container}/{urllib.parse.quote(name, safe='~/')}"
+
+    def blob(self, container: str, name: str) -> StoredBlob | None:
+        """The stored blob with its content type and metadata (for assertions; not part of the port)."""
+        with self._lock:
+            return self._blobs.get((container, name))
+
+    def properties(self, container: str, name: str) -> dict[str, Any] | None:
+        """`{"etag", "size", "last_modified"}` or None when the blob does not exist."""
+        found = self.blob(container, name)
+        if found is None:
+            return None
+        return {"etag": found.etag, "size": len(found.data), "last_modified": found.last_modified}
+
+    def chunks(self, container: str, name: str, *, etag: str | None = None) -> Iterator[bytes]:
+        """Stream a blob in chunks; with `etag`, fail if the blob changed since (no mixed versions)."""
+        with self._lock:
+            self._need_container(container)
+        found = self.blob(container, name)
+        if etag and (found is None or found.etag != etag):
+            raise _storage_error(
+                ConflictError,
+                412,
+                "ConditionNotMet",
+                "The condition specified using HTTP conditional header(s) is not met.",
+            )
+        if found is None:
+            raise _storage_error(NotFound, 404, "BlobNotFound", "The specified blob does not exist.")
+        for start in range(0, len(found.data), self.chunk_size):
+            if start:  # the SDK pins every later range request to the first response's ETag
+                now = self.blob(container, name)
+                if now is None or now.etag != found.etag:
+                    raise _storage_error(
+                        ConflictError,
+                        412,
+                        "ConditionNotMet",
+                        "The condition specified using HTTP conditional header(s) is not met.",
+                    )
+            yield found.data[start : start + self.chunk_size]
+
+    def read_bytes(self, container: str, name: str, *, limit: int = 1024 * 1024) -> bytes | None:
+        """A small blob's content (a sidecar), or None when absent. Refuses blobs over `limit` bytes."""
+        found = self.blob(container, name)
+        if found is None:
+            return None
+        if len(found.data) > limit:
+            raise ValueError(f"{container}/{name} is {len(found.data)} bytes, over the {limit}-byte limit")
+        return found.data
+
+    def upload(
+        self,
+        container: str,
+        name: str,
+        data: bytes | Iterable[bytes],
+        *,
+        content_type: str = "application/octet-stream",
+        overwrite: bool = True,
+        metadata: Mapping[str, str] | None = None,
+    ) -> str:
+        content = _blob_content(data)
+        with self._lock:
+            self._need_container(container)
+            if not overwrite and (container, name) in self._blobs:
+                raise _storage_error(
+                    ConflictError, 409, "BlobAlreadyExists", "The specified blob already exists."
+                )
+            self._blobs[(container, name)] = StoredBlob(
+                data=content,
+                etag=_next_etag("blob"),
+                last_modified=datetime.now(UTC).replace(microsecond=0),
+                content_type=content_type,
+                metadata=dict(metadata or {}),
+            )
+        return self.url(container, name)
+
+    def list_names(self, container: str, *, prefix: str | None = None) -> list[str]:
+        """Names in lexical order, as the List Blobs operation returns them."""
+        with self._lock:
+            self._need_container(container)
+            return sorted(n for c, n in self._blobs if c == container and n.startswith(prefix or ""))
+
+
+def _blob_content(data: Any) -> bytes:
+    """What the storage SDK's `upload_blob` accepts: bytes, str (UTF-8), a readable stream, or an
+    iterator of bytes; a list, tuple, set or dict is refused with the SDK's TypeError."""
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    if isinstance(data, bytes):
+        return data
+    if hasattr(data, "read"):
+        return bytes(data.read())
+    if hasattr(data, "__iter__") and not isinstance(data, list | tuple | set | dict):
+        return b"".join(data)
+    raise TypeError(f"Unsupported data type: {type(data)}")

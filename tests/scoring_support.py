@@ -3,9 +3,10 @@ a hand-written fake of the backend port's credential call, an in-memory ledger a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -78,6 +79,7 @@ class LoopbackUpstream:
         self.script: deque[Scripted] = deque()
         self.seen: list[SeenRequest] = []
         self._lock = threading.Lock()
+        self._closing = threading.Event()
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -100,7 +102,8 @@ class LoopbackUpstream:
                     self._send(401, b'{"message": "invalid key"}', {})
                     return
                 if scripted is not None:
-                    time.sleep(scripted.delay_s)
+                    if upstream._closing.wait(scripted.delay_s):
+                        return  # the test is over: answer nobody
                     self._send(scripted.status, scripted.body, scripted.headers)
                     return
                 conversations = body["input_data"]["input_string"]
@@ -119,7 +122,25 @@ class LoopbackUpstream:
                 self.wfile.write(body)
 
         class Server(ThreadingHTTPServer):
-            daemon_threads = True
+            # One handler thread per connection, joined by server_close(); __exit__ first ends the
+            # keep-alive connections a client pool still holds, so no handler thread outlives the test.
+            daemon_threads = False
+            block_on_close = True
+
+            def __init__(self, *args: Any) -> None:
+                super().__init__(*args)
+                self.open_connections: set[socket.socket] = set()
+                self.connections_lock = threading.Lock()
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                with self.connections_lock:
+                    self.open_connections.add(request)
+                super().process_request(request, client_address)
+
+            def shutdown_request(self, request: Any) -> None:
+                with self.connections_lock:
+                    self.open_connections.discard(request)
+                super().shutdown_request(request)
 
             def handle_error(self, request: Any, client_address: Any) -> None:
                 pass  # a client that gave up (timeout tests) makes the write fail: expected
@@ -134,8 +155,14 @@ class LoopbackUpstream:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._closing.set()
         self._server.shutdown()
-        self._server.server_close()
+        with self._server.connections_lock:
+            for connection in self._server.open_connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)  # the handler's blocking read returns: it ends
+        self._server.server_close()  # joins the handler threads
+        self._thread.join()
 
     def queue(
         self, status: int, body: Any = b"", *, headers: dict[str, str] | None = None, delay_s: float = 0.0

@@ -15,7 +15,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from shared.errors import ConfigError
+from tests.support import wait_for
 from tunegrid.devhost import DevHost, HostTimings
 from tunegrid.devhost.config import apply_to_environ, load_local_settings, resolve_references
 from tunegrid.devhost.routing import RouteTable, compile_route
@@ -36,16 +37,6 @@ FAST = HostTimings(
     event_retry_first_delay_s=0.02,
     shutdown_timeout_s=5.0,
 )
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # --------------------------------------------------------------------------- the real function app
@@ -544,14 +535,23 @@ def test_event_grid_publisher_client_delivers_with_its_sas_key(
 
 # -------------------------------------------------------------------------------- timer triggers
 def timer_app(
-    fired: list[func.TimerRequest], *, schedule: str, run_on_startup: bool = False, sleep_s: float = 0.0
+    fired: list[func.TimerRequest],
+    *,
+    schedule: str,
+    run_on_startup: bool = False,
+    sleep_s: float = 0.0,
+    overlaps: list[func.TimerRequest] | None = None,
 ) -> func.FunctionApp:
+    """A timer function that records each invocation; `sleep_s` makes each run that long (a slow job), and
+    an invocation that starts while another runs is recorded in `overlaps` (the host swallows errors)."""
     app = func.FunctionApp()
     running = threading.Semaphore(1)
 
     @app.timer_trigger(arg_name="timer", schedule=schedule, run_on_startup=run_on_startup)
     def tick(timer: func.TimerRequest) -> None:
         if not running.acquire(blocking=False):
+            if overlaps is not None:
+                overlaps.append(timer)
             raise AssertionError("two invocations of one timer at once")
         try:
             fired.append(timer)
@@ -568,7 +568,7 @@ def test_timer_fires_on_a_setting_schedule(tmp_path: Path) -> None:
     app = timer_app(fired, schedule="%TEST_TICK_SCHEDULE%")
     with DevHost(app, settings={"TEST_TICK_SCHEDULE": "*/1 * * * * *"}, port=0, state_dir=tmp_path) as host:
         assert host.routes()[0]["schedule"] == "*/1 * * * * *"
-        wait_for(lambda: len(fired) >= 2, 6, "two ticks")
+        wait_for(lambda: len(fired) >= 2, timeout_s=6, what="two ticks")
     first = fired[0]
     assert isinstance(first, func.TimerRequest)
     assert first.schedule == {"AdjustForDST": True}
@@ -582,26 +582,43 @@ def test_run_on_startup_fires_at_once(tmp_path: Path) -> None:
     with DevHost(
         timer_app(fired, schedule="0 0 0 1 1 *", run_on_startup=True), settings={}, port=0, state_dir=tmp_path
     ):
-        wait_for(lambda: fired, 5, "the startup run")
+        wait_for(lambda: fired, timeout_s=5, what="the startup run")
+        # the schedule status is stored once the startup run is over and the next occurrence is set
+        status = wait_for(lambda: _timer_status(tmp_path, "tick"), timeout_s=5, what="the stored schedule status")
+        assert len(fired) == 1
     assert len(fired) == 1
     assert fired[0].past_due is False
+    assert status["last"] is None and dt.datetime.fromisoformat(status["next"]).strftime("%m-%d %H:%M") == "01-01 00:00"
+
+
+def _timer_status(state_dir: Path, function: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((state_dir / "timers.json").read_text()).get(function)
+    except (OSError, ValueError):
+        return None
 
 
 def test_past_due_after_downtime_and_no_overlap(tmp_path: Path) -> None:
     """A restart after a missed occurrence runs past_due=True first; a slow timer never overlaps itself."""
     fired: list[func.TimerRequest] = []
     with DevHost(timer_app(fired, schedule="*/1 * * * * *"), settings={}, port=0, state_dir=tmp_path):
-        wait_for(lambda: fired, 5, "a first tick")
+        wait_for(lambda: fired, timeout_s=5, what="a first tick")
     status = json.loads((tmp_path / "timers.json").read_text())["tick"]
     assert status["schedule"] == "*/1 * * * * *"
-    time.sleep(1.6)  # the host is down across at least one occurrence
+    missed = dt.datetime.fromisoformat(status["next"])
+    # the host stays down until the clock has passed the occurrence it had scheduled
+    wait_for(lambda: dt.datetime.now(dt.UTC) > missed, timeout_s=5, what=f"the clock to pass {status['next']}")
     after: list[func.TimerRequest] = []
+    overlaps: list[func.TimerRequest] = []
     timings = HostTimings(timer_late_tolerance_s=0.2, shutdown_timeout_s=5.0)
-    slow_app = timer_app(after, schedule="*/1 * * * * *", sleep_s=1.5)
+    # each run takes 1.5 s (a slow job), longer than the 1 s schedule: what the no-overlap rule is about
+    slow_app = timer_app(after, schedule="*/1 * * * * *", sleep_s=1.5, overlaps=overlaps)
     with DevHost(slow_app, settings={}, port=0, state_dir=tmp_path, timings=timings):
-        wait_for(lambda: len(after) >= 3, 8, "three ticks after the restart")
+        wait_for(lambda: len(after) >= 3, timeout_s=8, what="three ticks after the restart")
     assert after[0].past_due is True
+    assert dt.datetime.fromisoformat(after[0].schedule_status["Last"]) == missed
     assert any(t.past_due for t in after[1:])  # a 1.5 s run overruns the 1 s schedule: the next one is late
+    assert overlaps == []
 
 
 def test_admin_api_runs_a_timer_now(tmp_path: Path) -> None:
@@ -617,7 +634,7 @@ def test_admin_api_runs_a_timer_now(tmp_path: Path) -> None:
             == 404
         )
         assert httpx.post(url, json={"input": ""}, headers={"x-functions-key": host.master_key}).status_code == 202
-        wait_for(lambda: fired, 5, "the requested run")
+        wait_for(lambda: fired, timeout_s=5, what="the requested run")
     assert len(fired) == 1 and fired[0].past_due is False
 
 
@@ -672,6 +689,17 @@ def test_environment_wins_over_file_values() -> None:
     assert env == {"KEEP": "env", "NEW": "file"}
 
 
+def _refuses_connections(url: str) -> bool:
+    """True once the listening socket is closed; a connection caught mid-shutdown just means "not yet"."""
+    try:
+        httpx.get(url + "/api/seen", timeout=2)
+    except httpx.ConnectError:
+        return True
+    except httpx.TransportError:
+        return False
+    return False
+
+
 def test_cli_loads_settings_before_import_and_stops_gracefully(tmp_path: Path) -> None:
     """`python -m tunegrid devhost`: settings are in os.environ at import, an in-flight request finishes on
     SIGTERM, and the process exits 0; --show-keys prints the stored keys."""
@@ -690,7 +718,11 @@ def test_cli_loads_settings_before_import_and_stops_gracefully(tmp_path: Path) -
 
             @app.route(route="slow")
             def slow(req: func.HttpRequest) -> func.HttpResponse:
-                time.sleep(1.0)
+                # in flight until the test has seen the host stop accepting connections
+                open("started", "w").close()
+                deadline = time.monotonic() + 20
+                while not os.path.exists("release") and time.monotonic() < deadline:
+                    time.sleep(0.02)
                 return func.HttpResponse("finished")
             """
         )
@@ -712,10 +744,13 @@ def test_cli_loads_settings_before_import_and_stops_gracefully(tmp_path: Path) -
         assert url, proc.stderr.read() if proc.stderr else ""
         assert httpx.get(url + "/api/seen").text == repr([("FROM_FILE", "file"), ("OVERRIDDEN", "env")])
         result: dict[str, httpx.Response] = {}
-        slow = threading.Thread(target=lambda: result.setdefault("r", httpx.get(url + "/api/slow", timeout=10)))
+        slow = threading.Thread(target=lambda: result.setdefault("r", httpx.get(url + "/api/slow", timeout=30)))
         slow.start()
-        time.sleep(0.3)
+        wait_for(lambda: (tmp_path / "started").exists(), what="the slow request to be in flight")
         proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: _refuses_connections(url), what="the host to stop accepting connections")
+        assert "r" not in result  # still in flight while the host shuts down
+        (tmp_path / "release").touch()
         slow.join(10)
         assert proc.wait(15) == 0
         assert result["r"].text == "finished"

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import pytest
 from azure.storage.blob import BlobClient, BlobServiceClient
 
 from shared.adapters.storage import StorageClients
+from tests.support import wait_for
 from tunegrid.devhost import DevHost, HostTimings
 from tunegrid.devhost.blobs import POISON_TABLE, RECEIPTS_TABLE, BlobPath, receipt_key
 
@@ -24,14 +23,15 @@ pytestmark = pytest.mark.azurite
 FAST = HostTimings(blob_poll_interval_s=0.2, blob_retry_first_delay_s=0.02, shutdown_timeout_s=5.0)
 
 
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+def settled_polls(host: DevHost, count: int = 2) -> None:
+    """Wait until the watcher has completed `count` more polls and settled every delivery they started:
+    a blob it would deliver again has been delivered again by then, so "nothing more" can be asserted."""
+    watcher = host.blobs
+    start = watcher.polls
+    wait_for(
+        lambda: watcher.polls >= start + count and watcher.deliveries_in_progress == 0,
+        what=f"{count} more complete blob polls with no delivery in progress",
+    )
 
 
 class Recorder:
@@ -102,20 +102,20 @@ def test_blob_delivered_once_survives_restart_and_redelivers_on_change(setup: di
         assert {e["function"]: e["blob_path"] for e in host.routes()}["on_client"] == f"{container}/{{name}}.jsonl"
         service.get_blob_client(container, "data.jsonl").upload_blob(b'{"v": 1}\n')
         service.get_blob_client(container, "ignored.txt").upload_blob(b"not matched")
-        wait_for(lambda: rec.names(), 10, "the first delivery")
-        time.sleep(0.8)  # a few more polls: still one delivery
+        wait_for(lambda: rec.names(), what="the first delivery")
+        settled_polls(host)
         assert rec.names() == ["data.jsonl"]
         client = rec.seen[0][1]
         assert type(client) is BlobClient
         assert client.container_name == container
         assert client.download_blob().readall() == b'{"v": 1}\n'
     rec2 = Recorder()
-    with _host(setup, rec2):
-        time.sleep(1.0)
+    with _host(setup, rec2) as host2:
+        settled_polls(host2)
         assert rec2.names() == []  # the receipt in Azurite says it was delivered
         service.get_blob_client(container, "data.jsonl").upload_blob(b'{"v": 2}\n', overwrite=True)
-        wait_for(lambda: rec2.names(), 10, "the changed blob")
-        time.sleep(0.6)
+        wait_for(lambda: rec2.names(), what="the changed blob")
+        settled_polls(host2)
         assert rec2.names() == ["data.jsonl"]
         assert rec2.seen[0][1].download_blob().readall() == b'{"v": 2}\n'
     etag = service.get_blob_client(container, "data.jsonl").get_blob_properties().etag.strip('"')
@@ -133,7 +133,7 @@ def test_input_stream_parameter_gets_the_content(setup: dict[str, Any]) -> None:
     rec = Recorder()
     with _host(setup, rec):
         service.get_blob_client(container, "streams/a/b.bin").upload_blob(b"\x00\x01payload")
-        wait_for(lambda: rec.names(), 10, "the stream delivery")
+        wait_for(lambda: rec.names(), what="the stream delivery")
     [(name, value)] = rec.seen
     assert name == f"{container}/streams/a/b.bin"
     assert value["data"] == b"\x00\x01payload"
@@ -146,14 +146,14 @@ def test_failing_blob_is_retried_then_delivered(setup: dict[str, Any]) -> None:
     container, service = setup["container"], setup["service"]
     rec = Recorder()
     rec.fail["flaky.jsonl"] = 2
-    with _host(setup, rec):
+    with _host(setup, rec) as host:
         service.get_blob_client(container, "flaky.jsonl").upload_blob(b"{}\n")
-        wait_for(lambda: len(rec.names()) == 3, 10, "three tries")
+        wait_for(lambda: len(rec.names()) == 3, what="three tries")
         etag = service.get_blob_client(container, "flaky.jsonl").get_blob_properties().etag.strip('"')
         table = setup["tables"].get_table_client(RECEIPTS_TABLE)
         row = receipt_key(container, "flaky.jsonl", etag)
-        receipt = wait_for(lambda: _entity(table, "on_client", row), 5, "the receipt")
-        time.sleep(0.6)
+        receipt = wait_for(lambda: _entity(table, "on_client", row), timeout_s=5, what="the receipt")
+        settled_polls(host)
     assert rec.names() == ["flaky.jsonl"] * 3
     assert (receipt["Status"], receipt["Attempts"]) == ("Delivered", 3)
 
@@ -163,20 +163,20 @@ def test_failing_blob_is_parked_in_the_poison_table_after_five_tries(setup: dict
     container, service = setup["container"], setup["service"]
     rec = Recorder()
     rec.fail["bad.jsonl"] = 99
-    with _host(setup, rec):
+    with _host(setup, rec) as host:
         service.get_blob_client(container, "bad.jsonl").upload_blob(b"{}\n")
         etag = service.get_blob_client(container, "bad.jsonl").get_blob_properties().etag.strip('"')
         poison = setup["tables"].get_table_client(POISON_TABLE)
         row = receipt_key(container, "bad.jsonl", etag)
-        parked = wait_for(lambda: _entity(poison, "on_client", row), 10, "the poison record")
-        time.sleep(0.8)
+        parked = wait_for(lambda: _entity(poison, "on_client", row), what="the poison record")
+        settled_polls(host)
     assert rec.names() == ["bad.jsonl"] * 5
     assert parked["Container"] == container and parked["BlobName"] == "bad.jsonl"
     assert parked["Attempts"] == 5 and "cannot process bad.jsonl" in parked["Error"]
     assert len(json.loads(parked["InvocationIds"])) == 5
     rec2 = Recorder()
-    with _host(setup, rec2):
-        time.sleep(0.8)
+    with _host(setup, rec2) as host2:
+        settled_polls(host2)
     assert rec2.names() == []
 
 

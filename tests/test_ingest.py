@@ -1,4 +1,6 @@
-"""Ingest against a real Azurite: upload -> report -> ledger -> exactly one submission."""
+"""Ingest: upload -> report -> ledger -> exactly one submission. The use case runs on the in-memory
+ledger and blob store (tests/fakes.py, held to the real adapters by tests/test_storage_contract.py);
+the happy path, the concurrent deliveries and the blob-trigger function also run on a real Azurite."""
 
 from __future__ import annotations
 
@@ -8,18 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from azure.storage.blob import BlobServiceClient
 
-from shared.adapters.storage import BlobStore
-from shared.adapters.tables import TableRunLedger
 from shared.domain.naming import job_name_for
 from shared.domain.runs import RunState, run_id_for
 from shared.errors import ComputeError, TransientError
 from shared.settings import LEDGER_TABLE, PREPARED_CONTAINER, REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
 from shared.usecases.ingest import holdout_indices, ingest_dataset
-from tests.fakes import FakeBackend
+from tests.fakes import FakeBackend, InMemoryBlobs, InMemoryLedger
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+ON_BOTH = ["memory", pytest.param("azurite", marks=pytest.mark.azurite)]
 
 
 def _rows(name: str, n: int) -> bytes:
@@ -27,21 +27,36 @@ def _rows(name: str, n: int) -> bytes:
     return b"\n".join(lines) + b"\n"
 
 
-@pytest.fixture
-def env(storage: Any, storage_conn: str, unique: str) -> dict[str, Any]:
-    settings = Settings.from_env(
-        {"DataStorage": storage_conn, "FINETUNE_BACKEND": "local", "TUNEGRID_INSTANCE": "test"}
-    )
-    ledger = TableRunLedger(storage.tables.get_table_client(LEDGER_TABLE))  # type: ignore[attr-defined]
-    blobs = BlobStore(storage.blobs)  # type: ignore[attr-defined]
+def _env(ledger: Any, blobs: Any, unique: str, **settings: str) -> dict[str, Any]:
     return {
-        "settings": settings,
+        "settings": Settings.from_env({"FINETUNE_BACKEND": "local", "TUNEGRID_INSTANCE": "test", **settings}),
         "ledger": ledger,
         "blobs": blobs,
         "backend": FakeBackend(),
         "prefix": f"t{unique}/",
-        "service": storage.blobs,
-    }  # type: ignore[attr-defined]
+    }
+
+
+@pytest.fixture
+def env(unique: str) -> dict[str, Any]:
+    """The use case's ports in memory."""
+    return _env(InMemoryLedger(), InMemoryBlobs(), unique)
+
+
+@pytest.fixture
+def azurite_env(storage: Any, storage_conn: str, unique: str) -> dict[str, Any]:
+    """The real table ledger and blob store on Azurite."""
+    from shared.adapters.storage import BlobStore
+    from shared.adapters.tables import TableRunLedger
+
+    ledger = TableRunLedger(storage.tables.get_table_client(LEDGER_TABLE))
+    return _env(ledger, BlobStore(storage.blobs), unique, DataStorage=storage_conn)
+
+
+@pytest.fixture(params=ON_BOTH)
+def any_env(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The same test in memory and on Azurite."""
+    return request.getfixturevalue("env" if request.param == "memory" else "azurite_env")
 
 
 def _upload(env: dict[str, Any], name: str, data: bytes) -> str:
@@ -55,8 +70,9 @@ def _ingest(env: dict[str, Any], name: str, **overrides: Any) -> Any:
     return ingest_dataset(container=TRAINING_CONTAINER, name=name, **kwargs)
 
 
-def test_valid_dataset_is_reported_prepared_and_submitted_once(env: dict[str, Any]) -> None:
+def test_valid_dataset_is_reported_prepared_and_submitted_once(any_env: dict[str, Any]) -> None:
     """A real ultrachat slice yields a stored report, a 95/5 split and exactly one submission."""
+    env = any_env
     name = _upload(env, "chat.jsonl", _rows("ultrachat_small.jsonl", 200))
     outcome = _ingest(env, name)
     assert outcome.action == "submitted", outcome
@@ -76,8 +92,9 @@ def test_valid_dataset_is_reported_prepared_and_submitted_once(env: dict[str, An
     assert request.tags["tunegridrunid"] == record.run_id and "." not in "".join(request.tags)
 
 
-def test_ten_concurrent_deliveries_submit_exactly_once(env: dict[str, Any]) -> None:
+def test_ten_concurrent_deliveries_submit_exactly_once(any_env: dict[str, Any]) -> None:
     """The same blob version delivered 10 times at once gives one run and one submission."""
+    env = any_env
     name = _upload(env, "dup.jsonl", _rows("azureml_chat_train.jsonl", 40))
     with ThreadPoolExecutor(10) as pool:
         outcomes = list(pool.map(lambda _: _ingest(env, name), range(10)))
@@ -184,10 +201,10 @@ def test_too_few_training_rows_after_split(env: dict[str, Any]) -> None:
 
 
 class _FlakyBlobs:
-    """Wraps a BlobStore and fails the first prepared-data upload with a network error, as the adapter
+    """Wraps a blob store and fails the first prepared-data upload with a network error, as the adapter
     reports one (`TransientError`, see tests/test_storage_errors.py)."""
 
-    def __init__(self, inner: BlobStore) -> None:
+    def __init__(self, inner: Any) -> None:
         self.inner, self.failed = inner, False
 
     def __getattr__(self, name: str) -> Any:
@@ -235,12 +252,15 @@ def test_split_is_exact_and_deterministic(rows: int, pct: int, expected: int) ->
     assert chosen == [i for i in range(rows) if holdout_indices(rows, pct)[1](i)]
 
 
-def test_trigger_function_streams_the_blob(env: dict[str, Any], storage_conn: str) -> None:
+def test_trigger_function_streams_the_blob(azurite_env: dict[str, Any], storage_conn: str) -> None:
     """The real blob-trigger function, called with an SDK BlobClient, runs the use case."""
+    from azure.storage.blob import BlobServiceClient
+
     from function_app import app
     from shared.bootstrap import AppContext, set_app_context
     from tunegrid.appindex import functions_of
 
+    env = azurite_env
     name = _upload(env, "trig.jsonl", _rows("ultrachat_small.jsonl", 30))
     ctx = AppContext(
         env["settings"], overrides={"ledger": env["ledger"], "blobs": env["blobs"], "backend": env["backend"]}
@@ -253,3 +273,34 @@ def test_trigger_function_streams_the_blob(env: dict[str, Any], storage_conn: st
     finally:
         set_app_context(None)
     assert len(env["backend"].submissions) == 1
+
+
+class _OverwrittenBlobs:
+    """Wraps a blob store; the dataset is overwritten just after the delivery read its ETag."""
+
+    def __init__(self, inner: Any, name: str, data: bytes) -> None:
+        self.inner, self.name, self.data, self.done = inner, name, data, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def chunks(self, container: str, name: str, **kw: Any) -> Any:
+        if name == self.name and not self.done:
+            self.done = True
+            self.inner.upload(container, name, self.data)
+        return self.inner.chunks(container, name, **kw)
+
+
+def test_blob_overwritten_during_ingest_fails_that_run_only(any_env: dict[str, Any]) -> None:
+    """A version replaced while it is read is never mixed with the new one: its run ends in error (412 from
+    storage), nothing is submitted, and the new version's delivery is a new run that is submitted."""
+    env = any_env
+    name = _upload(env, "moving.jsonl", _rows("azureml_chat_train.jsonl", 30))
+    moving = _OverwrittenBlobs(env["blobs"], name, _rows("azureml_chat_train.jsonl", 31))
+    outcome = _ingest(env, name, blobs=moving)
+    assert outcome.action == "error"
+    record = env["ledger"].get(outcome.run_id)
+    assert record.state == RunState.ERROR and "ConditionNotMet" in record.error
+    assert env["backend"].submissions == []
+    again = _ingest(env, name)
+    assert again.action == "submitted" and again.run_id != outcome.run_id

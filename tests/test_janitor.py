@@ -1,5 +1,6 @@
-"""The janitor: the decision table (pure), the sweep over hand-written fakes of the backend port with a
-real Azurite audit table, the CLI, and the real timer binding."""
+"""The janitor: the decision table (pure), the sweep over hand-written fakes of the backend port and the
+in-memory ledger and audit log (one sweep also writes a real Azurite audit table), the CLI on Azurite, and
+the real timer binding."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from shared.adapters.tables import TableAuditLog
 from shared.domain.janitor_rules import Decision, JanitorPolicy, Rule, RunRef, Usage, decide_deployment, decide_endpoint
 from shared.domain.naming import KEEP_TAG, OWNER_TAG, RUN_TAG
 from shared.domain.resources import DeploymentInfo, EndpointActivity, EndpointInfo, Operation, ProvisioningState
-from shared.domain.runs import RunRecord, RunState, apply_transition, new_record
-from shared.errors import BackendError, ConflictError, MetricsUnavailable, NotFound, TransientError
+from shared.domain.runs import RunRecord, RunState, new_record
+from shared.errors import BackendError, ConflictError, MetricsUnavailable, TransientError
 from shared.usecases.janitor import sweep_idle_endpoints
+from tests.fakes import InMemoryAuditLog, InMemoryLedger
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 ME = "tg-test"
@@ -371,26 +373,19 @@ class FakeBackend:
         return Operation(kind="delete-deployment", target=f"{endpoint}/{name}")
 
 
-class FakeLedger:
-    """The ledger port in memory, with the real transition rules."""
+class ConflictingLedger(InMemoryLedger):
+    """A ledger where someone else always moves these runs first."""
 
-    def __init__(self, records: Iterable[RunRecord] = ()) -> None:
-        self.records = {r.run_id: r for r in records}
-        self.conflict_on: set[str] = set()
-
-    def list(self) -> list[RunRecord]:
-        return list(self.records.values())
+    def __init__(self, records: Iterable[RunRecord], *, conflict_on: Iterable[str]) -> None:
+        super().__init__(records)
+        self.conflict_on = set(conflict_on)
 
     def transition(
         self, run_id: str, to: RunState, *, expect: Iterable[RunState] | None = None, **fields: Any
     ) -> RunRecord:
         if run_id in self.conflict_on:
             raise ConflictError(f"run {run_id} changed concurrently")
-        current = self.records.get(run_id)
-        if current is None:
-            raise NotFound(run_id)
-        self.records[run_id] = apply_transition(current, to, expect, fields)
-        return self.records[run_id]
+        return super().transition(run_id, to, expect=expect, **fields)
 
 
 class FailingAudit:
@@ -411,15 +406,29 @@ def audit_table(storage: Any, unique: str) -> Any:
     return storage.tables.create_table(f"audit{unique}")
 
 
-def audit_rows(table: Any) -> list[dict[str, Any]]:
-    return sorted((dict(e) for e in table.list_entities()), key=lambda e: e["RowKey"])
+@pytest.fixture
+def audit() -> InMemoryAuditLog:
+    return InMemoryAuditLog()
+
+
+def audit_rows(audit: Any) -> list[dict[str, Any]]:
+    """The rows of an `InMemoryAuditLog`, or of an Azurite table, in row-key (time) order."""
+    if isinstance(audit, InMemoryAuditLog):
+        return audit.rows()
+    return sorted((dict(e) for e in audit.list_entities()), key=lambda e: e["RowKey"])
+
+
+def state(ledger: InMemoryLedger, run_id: str) -> RunState:
+    record = ledger.get(run_id)
+    assert record is not None, run_id
+    return record.state
 
 
 def no_proxy_use(endpoint: str) -> datetime | None:
     return None
 
 
-def sweep(backend: FakeBackend, ledger: FakeLedger, audit: Any, **kw: Any) -> Any:
+def sweep(backend: FakeBackend, ledger: InMemoryLedger, audit: Any, **kw: Any) -> Any:
     kw.setdefault("last_proxy_use", no_proxy_use)
     kw.setdefault("policy", POLICY)
     return sweep_idle_endpoints(backend=backend, ledger=ledger, audit=audit, now=lambda: NOW, **kw)
@@ -429,15 +438,16 @@ def sweep(backend: FakeBackend, ledger: FakeLedger, audit: Any, **kw: Any) -> An
 def test_idle_owned_endpoint_is_deleted_retired_and_audited(audit_table: Any, caplog: pytest.LogCaptureFixture) -> None:
     """An owned idle endpoint: delete started, its live run retired, one audit row and one log line."""
     backend = FakeBackend([endpoint("idle-ep")], activity={"idle-ep": activity(0, ago(400))})
-    ledger = FakeLedger(
+    ledger = InMemoryLedger(
         [run_record("r1", RunState.LIVE, endpoint="idle-ep"), run_record("r2", RunState.LIVE, endpoint="x")]
     )
     with caplog.at_level(logging.INFO, logger="shared.usecases.janitor"):
         report = sweep(backend, ledger, TableAuditLog(audit_table), last_proxy_use=lambda ep: ago(300))
     assert backend.deleted_endpoints == ["idle-ep"]
     assert backend.activity_calls == [("idle-ep", NOW - POLICY.idle)]
-    assert ledger.records["r1"].state is RunState.RETIRED and ledger.records["r2"].state is RunState.LIVE
-    assert "idle-ep" in ledger.records["r1"].error
+    assert state(ledger, "r1") is RunState.RETIRED and state(ledger, "r2") is RunState.LIVE
+    retired = ledger.get("r1")
+    assert retired is not None and "idle-ep" in retired.error
     [decision] = report.decisions
     assert (decision.action, decision.rule, decision.outcome, decision.retired_runs) == (
         "delete",
@@ -475,57 +485,54 @@ NEVER_DELETED = [
 ]
 
 
-@pytest.mark.azurite
 @pytest.mark.parametrize(("ep", "metrics", "rule"), [c[1:] for c in NEVER_DELETED], ids=[c[0] for c in NEVER_DELETED])
-def test_janitor_never_deletes(ep: EndpointInfo, metrics: dict[str, Any], rule: Rule, audit_table: Any) -> None:
+def test_janitor_never_deletes(ep: EndpointInfo, metrics: dict[str, Any], rule: Rule, audit: InMemoryAuditLog) -> None:
     """Not owned, keep-tagged, in use, metrics unreadable: nothing deleted, ledger untouched, reason said."""
     ep = replace(ep, deployments=(dep("blue"),), traffic={"blue": 100})
     backend = FakeBackend([ep], activity=metrics)
-    ledger = FakeLedger([run_record("r1", RunState.LIVE, endpoint="ep")])
-    report = sweep(backend, ledger, TableAuditLog(audit_table))
+    ledger = InMemoryLedger([run_record("r1", RunState.LIVE, endpoint="ep")])
+    report = sweep(backend, ledger, audit)
     assert backend.deleted_endpoints == [] and backend.deleted_deployments == []
-    assert ledger.records["r1"].state is RunState.LIVE
+    assert state(ledger, "r1") is RunState.LIVE
     [decision] = report.decisions
     assert (decision.action, decision.rule, decision.outcome) == ("keep", rule, "kept")
     if rule is Rule.METRICS_UNAVAILABLE:
         assert "not deleting on a guess" in decision.reason and type(metrics["ep"]).__name__ in decision.reason
-    rows = audit_rows(audit_table)
+    rows = audit_rows(audit)
     assert [r["rule"] for r in rows] == ([] if rule is Rule.NOT_OWNED else [rule.value])
 
 
-@pytest.mark.azurite
-def test_unreadable_proxy_usage_record_blocks_delete(audit_table: Any) -> None:
+def test_unreadable_proxy_usage_record_blocks_delete(audit: InMemoryAuditLog) -> None:
     """When our own usage record cannot be read, the endpoint is kept and metrics are not even needed."""
 
     def broken(endpoint: str) -> datetime | None:
         raise TransientError("table timeout")
 
     backend = FakeBackend([endpoint("ep")])
-    report = sweep(backend, FakeLedger(), TableAuditLog(audit_table), last_proxy_use=broken)
+    report = sweep(backend, InMemoryLedger(), audit, last_proxy_use=broken)
     assert backend.deleted_endpoints == []
     assert report.decisions[0].rule is Rule.METRICS_UNAVAILABLE and "proxy usage record" in report.decisions[0].reason
 
 
-@pytest.mark.azurite
-def test_dry_run_changes_nothing(audit_table: Any) -> None:
+def test_dry_run_changes_nothing(audit: InMemoryAuditLog) -> None:
     """Dry run: the same decisions, no delete call, the ledger unchanged, audit rows marked dry_run."""
     eps = [
         endpoint("idle-ep"),
         endpoint("busy-ep", deployments=(dep("blue"), dep("old")), traffic={"blue": 100}),
     ]
     activities = {"busy-ep": activity(4, ago(2))}
-    ledger = FakeLedger([run_record("r1", RunState.LIVE, endpoint="idle-ep")])
-    before = dict(ledger.records)
+    ledger = InMemoryLedger([run_record("r1", RunState.LIVE, endpoint="idle-ep")])
+    before = ledger.list()
     dry_backend = FakeBackend(eps, activity=activities)
-    dry = sweep(dry_backend, ledger, TableAuditLog(audit_table), dry_run=True)
+    dry = sweep(dry_backend, ledger, audit, dry_run=True)
     assert dry_backend.deleted_endpoints == [] and dry_backend.deleted_deployments == []
-    assert ledger.records == before
+    assert ledger.list() == before
     assert {(d.target, d.action, d.rule, d.outcome) for d in dry.decisions} == {
         ("busy-ep", "keep", Rule.IN_USE, "kept"),
         ("busy-ep/old", "delete", Rule.ORPHAN, "dry-run"),
         ("idle-ep", "delete", Rule.IDLE, "dry-run"),
     }
-    rows = audit_rows(audit_table)
+    rows = audit_rows(audit)
     assert len(rows) == 3 and all(r["dry_run"] is True for r in rows)
 
     live_backend = FakeBackend(eps, activity=activities)
@@ -538,15 +545,14 @@ def test_dry_run_changes_nothing(audit_table: Any) -> None:
 def test_no_delete_without_an_audit_row() -> None:
     """If the audit row cannot be written first, nothing is deleted and the decision says why."""
     backend = FakeBackend([endpoint("idle-ep", deployments=(dep("blue"), dep("old")), traffic={"blue": 100})])
-    ledger = FakeLedger([run_record("r1", RunState.LIVE, endpoint="idle-ep")])
+    ledger = InMemoryLedger([run_record("r1", RunState.LIVE, endpoint="idle-ep")])
     report = sweep(backend, ledger, FailingAudit())
-    assert backend.deleted_endpoints == [] and ledger.records["r1"].state is RunState.LIVE
+    assert backend.deleted_endpoints == [] and state(ledger, "r1") is RunState.LIVE
     assert report.decisions[0].outcome.startswith("failed: audit row not written")
     assert len(report.failures) == 1
 
 
-@pytest.mark.azurite
-def test_recheck_before_delete(audit_table: Any) -> None:
+def test_recheck_before_delete(audit: InMemoryAuditLog) -> None:
     """A keep tag, a proxy request, or an unreadable endpoint between the listing and the delete: not deleted."""
     listed = endpoint("tagged-late")
     backend = FakeBackend(
@@ -563,7 +569,7 @@ def test_recheck_before_delete(audit_table: Any) -> None:
         calls[ep] = calls.get(ep, 0) + 1
         return ago(1) if ep == "called-late" and calls[ep] > 1 else None
 
-    report = sweep(backend, FakeLedger(), TableAuditLog(audit_table), last_proxy_use=proxy)
+    report = sweep(backend, InMemoryLedger(), audit, last_proxy_use=proxy)
     assert backend.deleted_endpoints == []
     by_target = {d.target: d for d in report.decisions}
     assert by_target["tagged-late"].rule is Rule.KEEP_TAG
@@ -573,36 +579,32 @@ def test_recheck_before_delete(audit_table: Any) -> None:
     assert [d.target for d in report.failures] == ["unreadable-late"]
 
 
-@pytest.mark.azurite
-def test_refused_delete_is_recorded_and_the_sweep_goes_on(audit_table: Any) -> None:
+def test_refused_delete_is_recorded_and_the_sweep_goes_on(audit: InMemoryAuditLog) -> None:
     """A backend error on one delete: recorded (log and audit), no retire, the next endpoint still handled."""
     backend = FakeBackend(
         [endpoint("a-ep"), endpoint("b-ep")], delete_errors={"a-ep": BackendError("locked by policy")}
     )
-    ledger = FakeLedger(
+    ledger = InMemoryLedger(
         [run_record("ra", RunState.LIVE, endpoint="a-ep"), run_record("rb", RunState.LIVE, endpoint="b-ep")]
     )
-    report = sweep(backend, ledger, TableAuditLog(audit_table))
+    report = sweep(backend, ledger, audit)
     assert backend.deleted_endpoints == ["b-ep"]
-    assert ledger.records["ra"].state is RunState.LIVE and ledger.records["rb"].state is RunState.RETIRED
+    assert state(ledger, "ra") is RunState.LIVE and state(ledger, "rb") is RunState.RETIRED
     failed = report.failures
     assert [d.target for d in failed] == ["a-ep"] and "locked by policy" in failed[0].outcome
-    outcomes = [(r["target"], r["outcome"]) for r in audit_rows(audit_table)]
+    outcomes = [(r["target"], r["outcome"]) for r in audit_rows(audit)]
     assert ("a-ep", "deleting") in outcomes and any(t == "a-ep" and o.startswith("failed") for t, o in outcomes)
 
 
-@pytest.mark.azurite
-def test_retire_conflict_is_tolerated(audit_table: Any) -> None:
+def test_retire_conflict_is_tolerated(audit: InMemoryAuditLog) -> None:
     """A run moved by someone else meanwhile (ConflictError) does not fail the delete."""
     backend = FakeBackend([endpoint("ep")])
-    ledger = FakeLedger([run_record("r1", RunState.LIVE, endpoint="ep")])
-    ledger.conflict_on.add("r1")
-    report = sweep(backend, ledger, TableAuditLog(audit_table))
+    ledger = ConflictingLedger([run_record("r1", RunState.LIVE, endpoint="ep")], conflict_on=["r1"])
+    report = sweep(backend, ledger, audit)
     assert backend.deleted_endpoints == ["ep"]
     assert report.decisions[0].retired_runs == () and report.decisions[0].outcome == "deleting"
 
 
-@pytest.mark.azurite
 @pytest.mark.parametrize(
     ("runs", "deleted"),
     [
@@ -613,23 +615,22 @@ def test_retire_conflict_is_tolerated(audit_table: Any) -> None:
     ids=["orphan-deleted", "mid-rollout-kept", "registering-kept"],
 )
 def test_orphan_deployments_in_the_sweep(
-    runs: list[RunRecord], deleted: list[tuple[str, str]], audit_table: Any
+    runs: list[RunRecord], deleted: list[tuple[str, str]], audit: InMemoryAuditLog
 ) -> None:
     """An old 0 % deployment on an owned endpoint in use is deleted, unless a rollout is under way."""
     ep = endpoint("ep", deployments=(dep("blue"), dep("old")), traffic={"blue": 100, "old": 0})
     backend = FakeBackend([ep], activity={"ep": activity(5, ago(1))})
-    sweep(backend, FakeLedger(runs), TableAuditLog(audit_table))
+    sweep(backend, InMemoryLedger(runs), audit)
     assert backend.deleted_deployments == deleted
     assert backend.deleted_endpoints == []
 
 
-@pytest.mark.azurite
-def test_orphan_rechecked_before_delete(audit_table: Any) -> None:
+def test_orphan_rechecked_before_delete(audit: InMemoryAuditLog) -> None:
     """A deployment that got traffic between listing and delete is left alone."""
     ep = endpoint("ep", deployments=(dep("blue"), dep("old")), traffic={"blue": 100})
     shifted = replace(ep, traffic={"blue": 50, "old": 50})
     backend = FakeBackend([ep], activity={"ep": activity(5, ago(1))}, refreshed={"ep": shifted})
-    report = sweep(backend, FakeLedger(), TableAuditLog(audit_table))
+    report = sweep(backend, InMemoryLedger(), audit)
     assert backend.deleted_deployments == []
     assert [d.target for d in report.decisions] == ["ep"]
 
@@ -637,7 +638,7 @@ def test_orphan_rechecked_before_delete(audit_table: Any) -> None:
 def test_listing_failure_propagates_and_deletes_nothing() -> None:
     """If the ledger cannot be read (rollout states unknown), the sweep fails before deciding anything."""
 
-    class BrokenLedger(FakeLedger):
+    class BrokenLedger(InMemoryLedger):
         def list(self) -> list[RunRecord]:
             raise TransientError("ledger unavailable")
 
@@ -668,7 +669,7 @@ def cli_context(storage: Any, unique: str) -> Any:
             endpoint("foreign-ep", tags={}),
         ]
     )
-    ledger = FakeLedger([run_record("r1", RunState.LIVE, endpoint="idle-ep")])
+    ledger = InMemoryLedger([run_record("r1", RunState.LIVE, endpoint="idle-ep")])
     usage_table = storage.tables.create_table(f"usage{unique}")
     add_usage(usage_table, "proxied-ep", requests=3, last_used_at=real_now - timedelta(minutes=3))
     add_usage(usage_table, "idle-ep", requests=1, last_used_at=real_now - timedelta(hours=4))
@@ -700,7 +701,7 @@ def test_cli_dry_run_json(cli_context: Any, capsys: pytest.CaptureFixture[str]) 
     assert by_target["proxied-ep"]["rule"] == "in-use" and by_target["proxied-ep"]["outcome"] == "kept"
     assert by_target["foreign-ep"]["rule"] == "not-owned"
     assert cli_context.backend.deleted_endpoints == []
-    assert cli_context.ledger.records["r1"].state is RunState.LIVE
+    assert state(cli_context.ledger, "r1") is RunState.LIVE
 
 
 @pytest.mark.azurite
@@ -717,7 +718,7 @@ def test_cli_table_and_idle_override(cli_context: Any, capsys: pytest.CaptureFix
 
     assert main(["sweep"]) == 0
     assert cli_context.backend.deleted_endpoints == ["idle-ep"]
-    assert cli_context.ledger.records["r1"].state is RunState.RETIRED
+    assert state(cli_context.ledger, "r1") is RunState.RETIRED
 
 
 def test_cli_rejects_bad_minutes(capsys: pytest.CaptureFixture[str]) -> None:
@@ -781,7 +782,7 @@ def test_timer_function_reraises(registered_functions: dict[str, Any], caplog: p
 
     ctx = AppContext(
         Settings.from_env({}),
-        overrides={"backend": BrokenBackend([]), "ledger": FakeLedger(), "audit_table": None, "usage_table": None},
+        overrides={"backend": BrokenBackend([]), "ledger": InMemoryLedger(), "audit_table": None, "usage_table": None},
     )
     set_app_context(ctx)
     try:

@@ -1,9 +1,9 @@
 """The janitor against the real local backend: two live endpoints (router + model server processes
-serving the tiny Phi3), one called and one not; one sweep deletes exactly the idle one."""
+serving the tiny Phi3), one called and one not; one sweep deletes exactly the idle one. The ledger and
+the audit log are the in-memory fakes: the test is about the janitor and the local backend."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from shared.adapters.tables import TableAuditLog, TableRunLedger
-from shared.bootstrap import proxy_last_use_from_table
 from shared.domain.janitor_rules import JanitorPolicy, Rule
 from shared.domain.naming import OWNER_TAG
 from shared.domain.resources import DeploymentSpec, ModelRef, ProvisioningState
 from shared.domain.runs import RunState, new_record
 from shared.usecases.janitor import sweep_idle_endpoints
+from tests.fakes import InMemoryAuditLog, InMemoryLedger
+from tests.support import wait_for
 
 INSTANCE = "tg-janitor-local"
 IDLE = timedelta(seconds=8)
@@ -47,21 +47,18 @@ def _deploy(backend: Any, name: str) -> None:
 
 
 def _wait_ready(backend: Any, names: list[str], *, timeout_s: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         infos = [backend.get_endpoint(n) for n in names]
-        states = [(i.provisioning_state, *(d.provisioning_state for d in i.deployments)) for i in infos if i]
-        if len(states) == len(names) and all(s == ProvisioningState.SUCCEEDED for st in states for s in st):
-            return
         failed = [i for i in infos if i and any(d.error for d in i.deployments)]
         assert not failed, [d.error for i in failed for d in i.deployments]
-        time.sleep(0.5)
-    raise AssertionError(f"endpoints not ready within {timeout_s} s: {states}")
+        states = [(i.provisioning_state, *(d.provisioning_state for d in i.deployments)) for i in infos if i]
+        return len(states) == len(names) and all(s == ProvisioningState.SUCCEEDED for st in states for s in st)
+
+    wait_for(ready, timeout_s=timeout_s, what=f"endpoints {names} to be ready", interval_s=0.5)
 
 
 @pytest.mark.slow
-@pytest.mark.azurite
-def test_idle_local_endpoint_deleted_called_one_kept(local_backend: Any, storage: Any, unique: str) -> None:
+def test_idle_local_endpoint_deleted_called_one_kept(local_backend: Any) -> None:
     """With a short idle window, the endpoint nobody calls is deleted on the next sweep; the called one stays."""
     backend = local_backend
     for name in ("called-ep", "idle-ep"):
@@ -70,25 +67,25 @@ def test_idle_local_endpoint_deleted_called_one_kept(local_backend: Any, storage
     for name in ("called-ep", "idle-ep"):
         backend.begin_set_traffic(name, {"blue": 100})
 
-    ledger = TableRunLedger(storage.tables.create_table(f"runs{unique}"))
+    ledger = InMemoryLedger()
     for run_id, endpoint in (("rcalled", "called-ep"), ("ridle", "idle-ep")):
         record = new_record(
             run_id=run_id, container="training-data", blob=f"{run_id}.jsonl", blob_version="v", backend="local"
         )
         ledger.create(replace(record, state=RunState.LIVE, endpoint=endpoint, deployment="blue"))
-    audit_table = storage.tables.create_table(f"audit{unique}")
-    usage_table = storage.tables.create_table(f"usage{unique}")
+    audit = InMemoryAuditLog()
 
-    created = max(backend.get_endpoint(n).created_at for n in ("called-ep", "idle-ep"))
-    time.sleep(max(0.0, (created + IDLE - datetime.now(UTC)).total_seconds()) + 1.0)
+    # both endpoints must be older than the idle window before the sweep can call one of them idle
+    old_enough = max(backend.get_endpoint(n).created_at for n in ("called-ep", "idle-ep")) + IDLE
+    wait_for(lambda: datetime.now(UTC) > old_enough, timeout_s=60, what="the idle window to pass")
     body = {"input_data": {"input_string": [[{"role": "user", "content": "hi"}]], "parameters": {"max_new_tokens": 2}}}
     backend.invoke("called-ep", body, timeout_s=60)
 
     report = sweep_idle_endpoints(
         backend=backend,
         ledger=ledger,
-        audit=TableAuditLog(audit_table),
-        last_proxy_use=proxy_last_use_from_table(usage_table),
+        audit=audit,
+        last_proxy_use=lambda endpoint: None,  # nothing went through the scoring proxy
         policy=JanitorPolicy(instance=INSTANCE, idle=IDLE, grace=timedelta(0)),
     )
 
@@ -101,5 +98,5 @@ def test_idle_local_endpoint_deleted_called_one_kept(local_backend: Any, storage
     assert backend.invoke("called-ep", body, timeout_s=60)
     states = {r.run_id: r.state for r in ledger.list()}
     assert states == {"ridle": RunState.RETIRED, "rcalled": RunState.LIVE}
-    rows = {r["target"]: r for r in audit_table.list_entities()}
+    rows = {r["target"]: r for r in audit.rows()}
     assert rows["idle-ep"]["rule"] == "idle" and rows["called-ep"]["rule"] == "in-use"

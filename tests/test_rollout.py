@@ -1,4 +1,5 @@
-"""Rollout state machine over a real Azurite ledger and a hand-written fake backend."""
+"""Rollout state machine over the in-memory ledger and blob store and a hand-written fake backend; the
+concurrent duplicate events also on Azurite, and the restart from the ledger only there."""
 
 from __future__ import annotations
 
@@ -10,34 +11,48 @@ from typing import Any
 
 import pytest
 
-from shared.adapters.storage import BlobStore, StorageClients
-from shared.adapters.tables import TableRunLedger
 from shared.domain.events import parse_run_event
 from shared.domain.resources import JobState
 from shared.domain.runs import RunState
 from shared.settings import LEDGER_TABLE, RUN_REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
 from shared.usecases.ingest import ingest_dataset
 from shared.usecases.rollout import Rollout, advance_run, handle_run_event, tick
-from tests.fakes import FakeBackend
+from tests.fakes import FakeBackend, InMemoryBlobs, InMemoryLedger
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 EVENTS = Path(__file__).resolve().parent / "data" / "events"
 
 
-@pytest.fixture
-def world(storage: Any, storage_conn: str, unique: str) -> dict[str, Any]:
-    settings = Settings.from_env({"DataStorage": storage_conn, "TUNEGRID_INSTANCE": f"t{unique}", "SMOKE_ROWS": "2"})
-    ledger = TableRunLedger(storage.tables.get_table_client(LEDGER_TABLE))
-    blobs = BlobStore(storage.blobs)
-    backend = FakeBackend()
+def _world(ledger: Any, blobs: Any, unique: str, **settings: str) -> dict[str, Any]:
     return {
-        "settings": settings,
+        "settings": Settings.from_env({"TUNEGRID_INSTANCE": f"t{unique}", "SMOKE_ROWS": "2", **settings}),
         "ledger": ledger,
         "blobs": blobs,
-        "backend": backend,
+        "backend": FakeBackend(),
         "prefix": f"r{unique}/",
-        "conn": storage_conn,
     }
+
+
+@pytest.fixture
+def world(unique: str) -> dict[str, Any]:
+    """The use case's ports in memory."""
+    return _world(InMemoryLedger(), InMemoryBlobs(), unique)
+
+
+@pytest.fixture
+def azurite_world(storage: Any, storage_conn: str, unique: str) -> dict[str, Any]:
+    """The real table ledger and blob store on Azurite."""
+    from shared.adapters.storage import BlobStore
+    from shared.adapters.tables import TableRunLedger
+
+    ledger = TableRunLedger(storage.tables.get_table_client(LEDGER_TABLE))
+    return {**_world(ledger, BlobStore(storage.blobs), unique, DataStorage=storage_conn), "conn": storage_conn}
+
+
+@pytest.fixture(params=["memory", pytest.param("azurite", marks=pytest.mark.azurite)])
+def any_world(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The same test in memory and on Azurite."""
+    return request.getfixturevalue("world" if request.param == "memory" else "azurite_world")
 
 
 def _rollout(world: dict[str, Any], **kw: Any) -> Rollout:
@@ -204,8 +219,9 @@ def test_pascal_case_and_unknown_fields_parse(world: dict[str, Any]) -> None:
     assert _event("model_registered.json", record) == []
 
 
-def test_ten_duplicate_events_concurrently_and_shuffled(world: dict[str, Any]) -> None:
+def test_ten_duplicate_events_concurrently_and_shuffled(any_world: dict[str, Any]) -> None:
     """10 copies of the completion (and stale running events), concurrently: 1 version, 1 deployment, 1 shift."""
+    world = any_world
     record = _submit(world)
     world["backend"].set_job(record.job_name, JobState.COMPLETED)
     events = (
@@ -248,8 +264,12 @@ def test_transient_faults_everywhere_still_reach_live_without_duplicates(world: 
     assert flaky.calls["begin_create_deployment"] >= 1 and len(flaky.endpoints) == 1
 
 
-def test_deploying_run_completes_after_a_restart(world: dict[str, Any]) -> None:
+def test_deploying_run_completes_after_a_restart(azurite_world: dict[str, Any]) -> None:
     """Stop mid-deploy; a new process (fresh clients, fresh rollout) finishes it from the ledger."""
+    from shared.adapters.storage import BlobStore, StorageClients
+    from shared.adapters.tables import TableRunLedger
+
+    world = azurite_world
     backend = FakeBackend(settle_after=3)
     record = _submit(world, backend=backend)
     backend.set_job(record.job_name, JobState.COMPLETED)

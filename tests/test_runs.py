@@ -1,16 +1,16 @@
-"""Run status for people: `runs`, `status` (with the loss-curve PNG), `cancel`, and the HTTP routes."""
+"""Run status for people: `runs`, `status` (with the loss-curve PNG), `cancel`, and the HTTP routes, on the
+in-memory ledger and blob store; the HTTP routes also on Azurite."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import azure.functions as func
 import pytest
 
-from shared.adapters.storage import BlobStore
-from shared.adapters.tables import TableRunLedger
 from shared.bootstrap import AppContext, set_app_context
 from shared.domain.resources import JobState
 from shared.domain.runs import RunState
@@ -18,27 +18,35 @@ from shared.errors import InvalidInput, NotFound
 from shared.settings import LEDGER_TABLE, RUN_REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
 from shared.usecases.ingest import ingest_dataset
 from shared.usecases.runs import cancel_run, list_runs, run_status
-from tests.fakes import FakeBackend
+from tests.fakes import FakeBackend, InMemoryBlobs, InMemoryLedger
 from tunegrid.cli import main
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 
-@pytest.fixture
-def ctx(storage: Any, storage_conn: str, unique: str) -> Any:
-    settings = Settings.from_env({"DataStorage": storage_conn, "TUNEGRID_INSTANCE": f"runs{unique}"})
-    context = AppContext(
-        settings,
-        overrides={
-            "ledger": TableRunLedger(storage.tables.get_table_client(LEDGER_TABLE)),
-            "blobs": BlobStore(storage.blobs),
-            "backend": FakeBackend(),
-            "storage": storage,
-        },
-    )
+def _install(settings: Settings, **overrides: Any) -> Iterator[AppContext]:
+    context = AppContext(settings, overrides={"backend": FakeBackend(), **overrides})
     set_app_context(context)
     yield context
     set_app_context(None)
+
+
+@pytest.fixture
+def ctx(unique: str) -> Iterator[AppContext]:
+    """The app context with the in-memory ledger and blob store, installed for the CLI and the functions."""
+    settings = Settings.from_env({"TUNEGRID_INSTANCE": f"runs{unique}"})
+    yield from _install(settings, ledger=InMemoryLedger(), blobs=InMemoryBlobs())
+
+
+@pytest.fixture
+def azurite_ctx(storage: Any, storage_conn: str, unique: str) -> Iterator[AppContext]:
+    """The app context on Azurite with the real table ledger and blob store."""
+    from shared.adapters.storage import BlobStore
+    from shared.adapters.tables import TableRunLedger
+
+    settings = Settings.from_env({"DataStorage": storage_conn, "TUNEGRID_INSTANCE": f"runs{unique}"})
+    ledger = TableRunLedger(storage.tables.get_table_client(LEDGER_TABLE))
+    yield from _install(settings, ledger=ledger, blobs=BlobStore(storage.blobs), storage=storage)
 
 
 def _run(ctx: Any, unique: str) -> Any:
@@ -89,11 +97,13 @@ def test_status_command_writes_the_loss_curve(
     assert main(["status", "r-missing"]) == 1
 
 
-def test_http_routes_return_the_same_data(ctx: Any, unique: str) -> None:
+@pytest.mark.parametrize("where", ["memory", pytest.param("azurite", marks=pytest.mark.azurite)])
+def test_http_routes_return_the_same_data(request: pytest.FixtureRequest, where: str, unique: str) -> None:
     """GET /api/runs and /api/runs/{id}, called as the host calls them."""
     from function_app import app
     from tunegrid.appindex import functions_of
 
+    ctx = request.getfixturevalue("ctx" if where == "memory" else "azurite_ctx")
     record = _run(ctx, unique)
     fns = {f.get_function_name(): f.get_user_function() for f in functions_of(app)}
     listed = fns["runs_list"](func.HttpRequest(method="GET", url="/api/runs", body=b"", params={"limit": "5"}))

@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
+
+from tests.support import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
@@ -55,15 +56,8 @@ def write_rows(dest: Path, *, source: str = "azureml_chat_train.jsonl", start: i
 
 
 def wait_until(predicate: Callable[[], T], *, timeout_s: float, interval_s: float = 0.25, what: str = "condition") -> T:
-    """Poll until `predicate()` is truthy; returns its value or fails with `what`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(interval_s)
+    """`tests.support.wait_for`, polling every quarter second by default (these predicates read job files)."""
+    return wait_for(predicate, timeout_s=timeout_s, interval_s=interval_s, what=what)
 
 
 @dataclass

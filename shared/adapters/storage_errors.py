@@ -1,8 +1,8 @@
 """azure-core storage exceptions as the app's errors: the one place that knows the SDK's error types.
 
 Use cases see only `shared.errors`: a network failure, a throttled or failing service (429, 5xx) is a
-`TransientError` (retry later); a lost ETag race or a blob that changed under a conditional read is a
-`ConflictError`; anything else the service refuses stays a `TunegridError` with the service's message.
+`TransientError` (retry later); a lost ETag race, a blob that changed under a conditional read or one
+that already exists is a `ConflictError`; a missing blob or container is `NotFound`; anything else the service refuses stays a `TunegridError` with the service's message.
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from typing import ParamSpec, TypeVar
 from azure.core.exceptions import (
     AzureError,
     HttpResponseError,
+    ResourceExistsError,
     ResourceModifiedError,
+    ResourceNotFoundError,
     ServiceRequestError,
     ServiceResponseError,
 )
 
-from shared.errors import ConflictError, TransientError, TunegridError
+from shared.errors import ConflictError, NotFound, TransientError, TunegridError
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -34,11 +36,17 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def translate(exc: AzureError, what: str) -> TunegridError:
+    """The domain error for an SDK error; its message keeps the service's error code (e.g. `BlobNotFound`)."""
     status = getattr(exc, "status_code", None)
-    detail = f"{what}: {type(exc).__name__}" + (f" (HTTP {status})" if status else "")
+    code = getattr(exc, "error_code", None)
+    detail = f"{what}: {getattr(code, 'value', code) or type(exc).__name__}" + (f" (HTTP {status})" if status else "")
     message = str(getattr(exc, "message", "") or exc).splitlines()[0][:300]
     if isinstance(exc, ResourceModifiedError):
         return ConflictError(f"{detail}: changed concurrently: {message}")
+    if isinstance(exc, ResourceExistsError):
+        return ConflictError(f"{detail}: already exists: {message}")
+    if isinstance(exc, ResourceNotFoundError):
+        return NotFound(f"{detail}: not found: {message}")
     if is_transient(exc):
         return TransientError(f"{detail}: {message}")
     return TunegridError(f"{detail}: {message}")

@@ -141,6 +141,8 @@ class BlobTriggerWatcher:
         self._pending: set[tuple[str, str, str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._missing_containers: set[str] = set()
+        self.polls = 0
+        """Complete polls so far: every watched container listed, a delivery started for each new match."""
 
     @property
     def errors(self) -> Mapping[str, str]:
@@ -150,6 +152,12 @@ class BlobTriggerWatcher:
     @property
     def watched(self) -> list[str]:
         return [w.spec.name for w in self._watches]
+
+    @property
+    def deliveries_in_progress(self) -> int:
+        """Deliveries started and not yet settled (with their retries). With `polls`, this lets a caller
+        (a test) see that the watcher has looked again and found nothing new, without sleeping."""
+        return len(self._pending)
 
     async def run(self, stopping: asyncio.Event) -> None:
         if not self._watches:
@@ -179,10 +187,12 @@ class BlobTriggerWatcher:
         by_container: dict[tuple[int, str], list[_Watch]] = {}
         for watch in self._watches:
             by_container.setdefault((id(watch.clients), watch.path.container), []).append(watch)
+        listed_all = True
         for watches in by_container.values():
             try:
                 items = await asyncio.to_thread(self._list, watches)
             except Exception as exc:
+                listed_all = False
                 container = watches[0].path.container
                 if container not in self._missing_containers:
                     self._missing_containers.add(container)
@@ -198,6 +208,8 @@ class BlobTriggerWatcher:
                     task = asyncio.create_task(self._deliver(watch, item, key))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
+        if listed_all:
+            self.polls += 1
 
     def _list(self, watches: list[_Watch]) -> list[BlobItem]:
         container = watches[0].path.container
