@@ -120,6 +120,19 @@ SETTINGS: tuple[SettingDoc, ...] = (
     SettingDoc("PROXY_MAX_TOKENS_CAP", "2048", "Upper bound on max_tokens / max_new_tokens."),
     SettingDoc("PROXY_UPSTREAM_TIMEOUT_S", "200", "Upstream timeout (kept under the 230 s HTTP limit)."),
     SettingDoc("PROXY_CREDENTIAL_TTL_S", "600", "How long fetched endpoint keys are cached in memory."),
+    SettingDoc(
+        "PROXY_QUEUE_TIMEOUT_S",
+        "30",
+        "Longest a request waits in the proxy's queue for a deployment (and retries its 429s); then 429.",
+    ),
+    SettingDoc(
+        "PROXY_QUEUE_MAX",
+        "64",
+        "Requests queued per deployment in one worker process beyond its capacity; more get 429 at once.",
+    ),
+    SettingDoc(
+        "PROXY_DEFAULT_MAX_TOKENS", "256", "max_tokens / max_new_tokens sent when a request gives none (then capped)."
+    ),
     SettingDoc("JANITOR_SCHEDULE", "0 */15 * * * *", "NCRONTAB schedule of the idle-endpoint janitor."),
     SettingDoc("IDLE_MINUTES", "120", "An owned endpoint with no requests for this long is deleted."),
     SettingDoc("JANITOR_GRACE_MINUTES", "60", "Endpoints and 0 % deployments younger than this are never deleted."),
@@ -209,6 +222,9 @@ class Settings:
     proxy_max_tokens_cap: int
     proxy_upstream_timeout_s: int
     proxy_credential_ttl_s: int
+    proxy_queue_timeout_s: int
+    proxy_queue_max: int
+    proxy_default_max_tokens: int
     idle_minutes: int
     janitor_grace_minutes: int
     janitor_dry_run: bool
@@ -246,6 +262,15 @@ class Settings:
         upstream_timeout = _int(env, "PROXY_UPSTREAM_TIMEOUT_S")
         if not 1 <= upstream_timeout < 230:
             raise ConfigError("PROXY_UPSTREAM_TIMEOUT_S must be between 1 and 229 (the HTTP limit is 230 s)")
+        queue_timeout = _int(env, "PROXY_QUEUE_TIMEOUT_S")
+        if queue_timeout < 0:
+            raise ConfigError("PROXY_QUEUE_TIMEOUT_S must be 0 or more")
+        queue_max = _int(env, "PROXY_QUEUE_MAX")
+        if queue_max < 0:
+            raise ConfigError("PROXY_QUEUE_MAX must be 0 or more")
+        default_tokens = _int(env, "PROXY_DEFAULT_MAX_TOKENS")
+        if default_tokens < 1:
+            raise ConfigError("PROXY_DEFAULT_MAX_TOKENS must be at least 1")
         gpus = _str(env, "AZUREML_GPUS_PER_NODE")
         settings = cls(
             backend=backend,
@@ -287,6 +312,9 @@ class Settings:
             proxy_max_tokens_cap=_int(env, "PROXY_MAX_TOKENS_CAP"),
             proxy_upstream_timeout_s=upstream_timeout,
             proxy_credential_ttl_s=_int(env, "PROXY_CREDENTIAL_TTL_S"),
+            proxy_queue_timeout_s=queue_timeout,
+            proxy_queue_max=queue_max,
+            proxy_default_max_tokens=default_tokens,
             idle_minutes=_int(env, "IDLE_MINUTES"),
             janitor_grace_minutes=_int(env, "JANITOR_GRACE_MINUTES"),
             janitor_dry_run=_bool(env, "JANITOR_DRY_RUN"),
