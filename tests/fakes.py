@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 from collections import Counter
@@ -25,7 +26,8 @@ from shared.domain.resources import (
     Operation,
     ProvisioningState,
 )
-from shared.errors import BackendError, NotFound, TransientError
+from shared.errors import BackendError, TransientError
+from shared.ports import UpstreamReply
 
 _RAW = {
     JobState.PENDING: "NotStarted",
@@ -242,16 +244,35 @@ class FakeBackend:
         self._call("get_credentials", endpoint)
         return EndpointCredentials(scoring_uri=f"http://fake/{endpoint}/score", key="fake-endpoint-key")
 
-    def invoke(
-        self, endpoint: str, body: Mapping[str, Any], *, deployment: str | None = None, timeout_s: float = 90.0
-    ) -> Any:
-        self._call("invoke", endpoint, deployment)
-        with self.lock:
-            dep = self.deployments.get((endpoint, deployment or ""))
-            if dep is None or dep.provisioning_state != ProvisioningState.SUCCEEDED:
-                raise NotFound(f"deployment {deployment} is not ready")
-        return {"output": "" if deployment in self.mute_deployments else self.answer}
-
     def get_endpoint_activity(self, endpoint: str, *, since: datetime) -> EndpointActivity:
         self._call("get_endpoint_activity", endpoint)
         return EndpointActivity(requests=0, last_request_at=None, source="fake")
+
+
+@dataclass
+class FakeUpstream:
+    """The `Upstream` port's blocking call (the roll-out's smoke test) over a `FakeBackend`: a deployment
+    that is not ready answers 404, a mute one an empty text, any other the backend's `answer`."""
+
+    backend: FakeBackend
+    calls: list[tuple[str, str, Any]] = field(default_factory=list)
+
+    def post_json_blocking(
+        self, endpoint: str, deployment: str, body: bytes, *, request_id: str, timeout_s: float
+    ) -> UpstreamReply:
+        self.calls.append((endpoint, deployment, json.loads(body)))
+        self.backend._call("score", endpoint, deployment)
+        with self.backend.lock:
+            dep = self.backend.deployments.get((endpoint, deployment))
+        if dep is None or dep.provisioning_state != ProvisioningState.SUCCEEDED:
+            return UpstreamReply(404, json.dumps({"message": f"deployment {deployment} is not ready"}).encode())
+        text = "" if deployment in self.backend.mute_deployments else self.backend.answer
+        return UpstreamReply(200, json.dumps({"output": text}).encode(), content_type="application/json")
+
+    async def post_json(
+        self, endpoint: str, deployment: str, body: bytes, *, request_id: str, timeout_s: float
+    ) -> UpstreamReply:
+        return self.post_json_blocking(endpoint, deployment, body, request_id=request_id, timeout_s=timeout_s)
+
+    def open_stream(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("the roll-out never streams")

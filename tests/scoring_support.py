@@ -14,8 +14,11 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from shared.adapters.endpoint_credentials import CredentialCache, EndpointCaller
+from shared.adapters.http_client import HttpClient
 from shared.domain.resources import EndpointCredentials
 from shared.domain.runs import RunRecord, RunState
+from shared.ports import UpstreamReply
 from shared.settings import Settings
 
 UPSTREAM_KEY = "upstream-secret-KEY-9f8e7d6c5b4a"
@@ -197,6 +200,17 @@ def live_record(
         model_version=version,
         endpoint=endpoint,
         deployment=deployment,
+    )
+
+
+def score_endpoint(
+    backend: Any, endpoint: str, body: Any, *, deployment: str = "", timeout_s: float = 60.0
+) -> UpstreamReply:
+    """One blocking call to an endpoint through the app's own caller (its one HTTP client and credential
+    cache), as the roll-out's smoke test makes it; the answer's status and body come back."""
+    caller = EndpointCaller(HttpClient(), CredentialCache(backend.get_credentials, ttl_s=60))
+    return caller.post_json_blocking(
+        endpoint, deployment, json.dumps(body).encode(), request_id="test-call", timeout_s=timeout_s
     )
 
 

@@ -19,6 +19,7 @@ from shared.domain.naming import OWNER_TAG
 from shared.domain.resources import DeploymentSpec, ModelRef, ProvisioningState
 from shared.domain.runs import RunState, new_record
 from shared.usecases.janitor import sweep_idle_endpoints
+from tests.scoring_support import score_endpoint
 
 INSTANCE = "tg-janitor-local"
 IDLE = timedelta(seconds=8)
@@ -82,7 +83,7 @@ def test_idle_local_endpoint_deleted_called_one_kept(local_backend: Any, storage
     created = max(backend.get_endpoint(n).created_at for n in ("called-ep", "idle-ep"))
     time.sleep(max(0.0, (created + IDLE - datetime.now(UTC)).total_seconds()) + 1.0)
     body = {"input_data": {"input_string": [[{"role": "user", "content": "hi"}]], "parameters": {"max_new_tokens": 2}}}
-    backend.invoke("called-ep", body, timeout_s=60)
+    assert score_endpoint(backend, "called-ep", body).status == 200
 
     report = sweep_idle_endpoints(
         backend=backend,
@@ -98,7 +99,7 @@ def test_idle_local_endpoint_deleted_called_one_kept(local_backend: Any, storage
     assert by_target["called-ep"].last_use is not None
     assert backend.get_endpoint("idle-ep") is None
     assert backend.get_endpoint("called-ep").provisioning_state == ProvisioningState.SUCCEEDED
-    assert backend.invoke("called-ep", body, timeout_s=60)
+    assert score_endpoint(backend, "called-ep", body).status == 200
     states = {r.run_id: r.state for r in ledger.list()}
     assert states == {"ridle": RunState.RETIRED, "rcalled": RunState.LIVE}
     rows = {r["target"]: r for r in audit_table.list_entities()}

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import azure.functions as func
 import pytest
 
 from shared.adapters.storage import BlobStore
@@ -89,6 +88,21 @@ def test_status_command_writes_the_loss_curve(
     assert main(["status", "r-missing"]) == 1
 
 
+def _get(path: str, *, query: str = "", route: dict[str, str] | None = None) -> Any:
+    """The FastAPI request the worker hands an HTTP-streams function (route parameters synced in)."""
+    from starlette.requests import Request
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "query_string": query.encode(),
+        "headers": [],
+        "path_params": dict(route or {}),
+    }
+    return Request(scope)
+
+
 def test_http_routes_return_the_same_data(ctx: Any, unique: str) -> None:
     """GET /api/runs and /api/runs/{id}, called as the host calls them."""
     from function_app import app
@@ -96,17 +110,11 @@ def test_http_routes_return_the_same_data(ctx: Any, unique: str) -> None:
 
     record = _run(ctx, unique)
     fns = {f.get_function_name(): f.get_user_function() for f in functions_of(app)}
-    listed = fns["runs_list"](func.HttpRequest(method="GET", url="/api/runs", body=b"", params={"limit": "5"}))
-    assert listed.status_code == 200 and record.run_id in {r["run_id"] for r in json.loads(listed.get_body())["runs"]}
-    one = fns["run_status"](
-        func.HttpRequest(
-            method="GET", url=f"/api/runs/{record.run_id}", body=b"", route_params={"run_id": record.run_id}
-        )
-    )
-    assert one.status_code == 200 and json.loads(one.get_body())["state"] == "submitted"
-    missing = fns["run_status"](
-        func.HttpRequest(method="GET", url="/api/runs/x", body=b"", route_params={"run_id": "x"})
-    )
+    listed = fns["runs_list"](_get("/api/runs", query="limit=5"))
+    assert listed.status_code == 200 and record.run_id in {r["run_id"] for r in json.loads(listed.body)["runs"]}
+    one = fns["run_status"](_get(f"/api/runs/{record.run_id}", route={"run_id": record.run_id}))
+    assert one.status_code == 200 and json.loads(one.body)["state"] == "submitted"
+    missing = fns["run_status"](_get("/api/runs/x", route={"run_id": "x"}))
     assert missing.status_code == 404
-    bad = fns["runs_list"](func.HttpRequest(method="GET", url="/api/runs", body=b"", params={"limit": "lots"}))
+    bad = fns["runs_list"](_get("/api/runs", query="limit=lots"))
     assert bad.status_code == 400

@@ -11,9 +11,9 @@ from typing import Any
 import orjson
 import pytest
 import stamina
+from shared.adapters.upstream import HttpPool
 
 from shared.adapters.endpoint_credentials import CredentialCache, EndpointCaller
-from shared.adapters.upstream import HttpPool
 from shared.errors import UpstreamError
 from shared.usecases.scoring import (
     InvalidRequest,

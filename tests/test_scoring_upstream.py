@@ -12,10 +12,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from shared.adapters.upstream import HttpPool, Target
 
 from shared.adapters.endpoint_credentials import CredentialCache, EndpointCaller
 from shared.adapters.retry_after import retry_after_value
-from shared.adapters.upstream import HttpPool, Target
 from shared.domain.resources import EndpointCredentials
 from shared.errors import NotFound, UpstreamError
 from tests.scoring_support import CredentialsBackend, LoopbackUpstream

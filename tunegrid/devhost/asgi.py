@@ -1,7 +1,10 @@
 """The dev host's HTTP front: one raw ASGI callable (no framework routing per request).
 
 - `/{routePrefix}/...`: HTTP functions, with the host's auth levels (`x-functions-key` header or `code`
-  query; anonymous / function / admin) and real `func.HttpRequest` / `func.HttpResponse` objects;
+  query; anonymous / function / admin) and real `func.HttpRequest` / `func.HttpResponse` objects, or,
+  for an app that uses HTTP streams (azurefunctions-extensions-http-fastapi), a FastAPI `Request` over
+  the live connection and any FastAPI response, sent as the function produces it (as the worker's
+  own uvicorn app does);
 - `/runtime/webhooks/eventgrid`: Event Grid triggers (system key, or `aeg-sas-key` equal to
   `LOCAL_EVENT_KEY`);
 - `/admin/host/ping` (anonymous), `/admin/host/status`, `/admin/functions` and
@@ -13,6 +16,7 @@ object, awaits `async def` functions on the loop and runs plain ones in the thre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import uuid
@@ -191,6 +195,9 @@ class HostAsgiApp:
         route_params: Mapping[str, str],
     ) -> None:
         spec, accepted = payload
+        if spec.http_streams:
+            await self._streams_function(scope, receive, send, spec, accepted, route_params)
+            return
         raw_headers = scope["headers"]
         headers = _headers(raw_headers)
         raw_query: bytes = scope["query_string"]
@@ -248,6 +255,59 @@ class HostAsgiApp:
             return
         await send({"type": "http.response.start", "status": status, "headers": out_headers})
         await send({"type": "http.response.body", "body": out_body})
+
+    async def _streams_function(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        spec: FunctionSpec,
+        accepted: tuple[bytes, ...] | None,
+        route_params: Mapping[str, str],
+    ) -> None:
+        """An HTTP-streams function: it reads the body itself from the FastAPI Request and its response
+        is an ASGI app run on this connection (streamed bodies go out as they are produced)."""
+        from fastapi.encoders import jsonable_encoder
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse, Response
+
+        raw_headers = scope["headers"]
+        if accepted is not None:
+            headers = _headers(raw_headers)
+            candidate = headers.get("x-functions-key") or (_query(scope["query_string"]).get("code"))
+            if not key_matches(candidate.encode("latin-1") if candidate else None, accepted):
+                await _reply(send, 401)
+                return
+        if _content_length(raw_headers) > self._max_body:
+            await _reply(send, 413)
+            return
+        # the route parameters, as the worker's RequestSynchronizer puts them in the request's path_params
+        request = Request({**scope, "path_params": dict(route_params)}, receive)
+        invocation_id = str(uuid.uuid4()) if spec.wants_context else ""
+        if spec.wants_context:
+            kwargs = self._invoker.arguments(spec, request, invocation_id)
+        else:
+            kwargs = {spec.trigger_param: request}
+        try:
+            result = await self._invoker.call(spec, kwargs)
+            if isinstance(result, func.HttpResponse):
+                raise TypeError("an HTTP-streams function returned func.HttpResponse; return a FastAPI response")
+            if not isinstance(result, Response):
+                result = JSONResponse(jsonable_encoder(result))  # what FastAPI does with a plain return value
+            await result(scope, receive, send)
+        except Exception as exc:
+            invocation_id = invocation_id or str(uuid.uuid4())
+            log.error(
+                "Executed 'Functions.%s' (Failed, Id=%s): %s: %s",
+                spec.name,
+                invocation_id,
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+                extra={"invocation_id": invocation_id, "function": spec.name},
+            )
+            with contextlib.suppress(Exception):  # the response may have started: then only the log says it
+                await _reply(send, 500)
 
     async def _webhook(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = _headers(scope["headers"])
