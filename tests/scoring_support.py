@@ -26,8 +26,18 @@ PROXY_KEY = "proxy-key-ALPHA-0123456789abcdef"
 OTHER_PROXY_KEY = "proxy-key-BETA-fedcba9876543210"
 
 
-def answer_in_shape(shape: str, texts: list[str]) -> Any:
-    """The answer body a serving image of this `shape` gives for these texts (one per conversation)."""
+def answer_in_shape(shape: str, texts: list[str], *, completion_tokens: int = 7) -> Any:
+    """The answer body a serving image of this `shape` gives for these texts (one per conversation).
+    `usage` is the local server's one-conversation shape: the text, and its token counts beside it."""
+    if shape == "usage":
+        return {
+            "output": texts[0],
+            "usage": {
+                "prompt_tokens": 11,
+                "completion_tokens": completion_tokens,
+                "total_tokens": 11 + completion_tokens,
+            },
+        }
     if shape == "output":
         return {"output": texts[0]} if len(texts) == 1 else {"output": texts}
     if shape == "indexed":
@@ -80,6 +90,14 @@ class LoopbackUpstream:
         self.reply: Callable[[list[dict[str, str]]], str] = lambda conv: f"echo: {conv[-1]['content']}"
         self.script: deque[Scripted] = deque()
         self.seen: list[SeenRequest] = []
+        self.capacity: int | None = None
+        """Requests served at once, as a deployment's max_concurrent_requests_per_instance: 429 beyond."""
+        self.delay_s = 0.0
+        self.cut_off = False
+        """The `usage` shape reports max_new_tokens completion tokens (generation stopped at the limit)."""
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.refused = 0
         self._lock = threading.Lock()
         upstream = self
 
@@ -106,11 +124,29 @@ class LoopbackUpstream:
                     time.sleep(scripted.delay_s)
                     self._send(scripted.status, scripted.body, scripted.headers)
                     return
-                conversations = body["input_data"]["input_string"]
-                if conversations and isinstance(conversations[0], dict):
-                    conversations = [conversations]
-                texts = [upstream.reply(conv) for conv in conversations]
-                self._send(200, json.dumps(answer_in_shape(upstream.shape, texts)).encode(), {})
+                with upstream._lock:
+                    if upstream.capacity is not None and upstream.in_flight >= upstream.capacity:
+                        upstream.refused += 1
+                        busy = True
+                    else:
+                        busy = False
+                        upstream.in_flight += 1
+                        upstream.max_in_flight = max(upstream.max_in_flight, upstream.in_flight)
+                if busy:
+                    self._send(429, b'{"message": "too many requests"}', {"Retry-After": "1"})
+                    return
+                try:
+                    time.sleep(upstream.delay_s)
+                    conversations = body["input_data"]["input_string"]
+                    if conversations and isinstance(conversations[0], dict):
+                        conversations = [conversations]
+                    texts = [upstream.reply(conv) for conv in conversations]
+                    limit = body["input_data"]["parameters"]["max_new_tokens"]
+                    answer = answer_in_shape(upstream.shape, texts, completion_tokens=limit if upstream.cut_off else 3)
+                finally:
+                    with upstream._lock:
+                        upstream.in_flight -= 1
+                self._send(200, json.dumps(answer).encode(), {})
 
             def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
                 self.send_response(status)

@@ -263,6 +263,8 @@ class ScoringService:
 
     # --- use cases
     async def chat(self, body: bytes, *, selector: str | None, request_id: str) -> Reply | StreamReply:
+        """A chat completion. The upstream is always asked to stream (an upstream that cannot answers in
+        one piece), so a caller that goes away stops the generation whether or not it asked to stream."""
         arrived = time.monotonic()
         chat = parse_chat_request(
             self._decode(body), max_tokens_cap=self._cap, default_max_tokens=self._default_tokens
@@ -271,52 +273,77 @@ class ScoringService:
         payload = orjson.dumps(to_azureml_request(chat))
         completion_id = f"chatcmpl-{request_id}"
         created = int(self.clock())
-        if not chat.stream:
-            output = self._answer(await self._call(model, payload, request_id, arrived))
-            text, reason, usage = self._single(output, chat)
-            return Reply(orjson.dumps(render_completion(completion_id, created, model, text, reason, usage)))
         resources = contextlib.AsyncExitStack()
         try:
             await self._admit(resources, model, arrived)
             answer = await self._open_stream(resources, model, payload, request_id, arrived)
+            if not chat.stream:
+                async with resources:
+                    text, reason, usage = await self._collect(chat, answer)
+                completion = render_completion(completion_id, created, model, text, reason, usage)
+                return Reply(orjson.dumps(completion))
         except BaseException:
             await resources.aclose()
             raise
         renderer = ChunkRenderer(completion_id, created, model, include_usage=chat.include_usage)
         return StreamReply(self._events(chat, answer, renderer, request_id), resources)
 
+    async def _pieces(
+        self, chat: ChatRequest, answer: UpstreamReply | UpstreamAnswer
+    ) -> AsyncGenerator[str | tuple[str, dict[str, int] | None], None]:
+        """The answer's text pieces as they arrive (stop sequences applied), then (finish reason, usage)."""
+        if isinstance(answer, UpstreamReply):  # the upstream cannot stream: its answer, cut in pieces
+            text, reason, usage = self._single(self._answer(answer), chat)
+            for piece in split_for_stream(text):
+                yield piece
+            yield reason, usage
+            return
+        scanner = StopScanner(chat.stop)
+        reported: str | None = None
+        usage = None
+        ended = False
+        async for line in answer.lines():
+            event = parse_stream_event(line)
+            if event.delta:
+                text = scanner.feed(event.delta)
+                if text:
+                    yield text
+                if scanner.stopped:
+                    break  # the rest is not wanted: leaving closes the call, the deployment stops generating
+            if event.finish_reason is not None:
+                reported, usage, ended = event.finish_reason, event.usage, True
+                break
+        if not ended and not scanner.stopped:
+            raise UpstreamError("the model endpoint's stream ended before its finish reason")
+        tail = scanner.flush()
+        if tail:
+            yield tail
+        yield _finish_reason(scanner.stopped, reported, usage, chat), usage
+
+    async def _collect(
+        self, chat: ChatRequest, answer: UpstreamReply | UpstreamAnswer
+    ) -> tuple[str, str, dict[str, int] | None]:
+        texts: list[str] = []
+        reason, usage = "stop", None
+        async for piece in self._pieces(chat, answer):
+            if isinstance(piece, str):
+                texts.append(piece)
+            else:
+                reason, usage = piece
+        return "".join(texts), reason, usage
+
     async def _events(
         self, chat: ChatRequest, answer: UpstreamReply | UpstreamAnswer, out: ChunkRenderer, request_id: str
     ) -> AsyncGenerator[bytes, None]:
         """The SSE events of one streamed answer, each sent as soon as the upstream's piece arrives."""
         yield out.role()
-        scanner = StopScanner(chat.stop)
-        reason: str | None = None
-        usage: dict[str, int] | None = None
+        reason, usage = "stop", None
         try:
-            if isinstance(answer, UpstreamReply):  # the upstream cannot stream: its answer, cut in pieces
-                text, reason, usage = self._single(self._answer(answer), chat)
-                for piece in split_for_stream(text):
+            async for piece in self._pieces(chat, answer):
+                if isinstance(piece, str):
                     yield out.content(piece)
-            else:
-                ended = False
-                async for line in answer.lines():
-                    event = parse_stream_event(line)
-                    if event.delta:
-                        text = scanner.feed(event.delta)
-                        if text:
-                            yield out.content(text)
-                        if scanner.stopped:
-                            break  # leaving closes the upstream call: the deployment stops generating
-                    if event.finish_reason is not None:
-                        reason, usage, ended = event.finish_reason, event.usage, True
-                        break
-                if not ended and not scanner.stopped:
-                    raise UpstreamError("the model endpoint's stream ended before its finish reason")
-                tail = scanner.flush()
-                if tail:
-                    yield out.content(tail)
-                reason = _finish_reason(scanner.stopped, reason, usage, chat)
+                else:
+                    reason, usage = piece
         except UpstreamError as exc:
             log.warning(
                 "scoring request %s: the stream broke off: %s", request_id, exc, extra={"request_id": request_id}
@@ -324,7 +351,7 @@ class ScoringService:
             error = {"message": str(exc), "type": "upstream_error", "param": None, "code": "upstream_error"}
             yield sse({"error": {**error, "request_id": request_id}})
             return
-        yield out.finish(reason or "stop")
+        yield out.finish(reason)
         if out.include_usage:
             yield out.usage(usage)
         yield DONE
