@@ -213,15 +213,17 @@ async def _serve(req: Request, action: Action, *, with_body: bool = True) -> Res
         gone = asyncio.ensure_future(_until_gone(req))
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this invocation itself was cancelled: take the call with it
+            work.cancel()
+            raise
         finally:
             gone.cancel()
-            if not work.done():  # the client hung up first: leave the queue, stop the generation
-                work.cancel()
-                log.info("scoring request %s: the client went away", request_id, extra={"request_id": request_id})
             with contextlib.suppress(asyncio.CancelledError):
                 await gone
-        if work.cancelled():
-            with contextlib.suppress(asyncio.CancelledError):
+        if not work.done():  # the client hung up first: leave the queue, stop the generation
+            work.cancel()
+            log.info("scoring request %s: the client went away", request_id, extra={"request_id": request_id})
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await work
             return Response(status_code=CLIENT_GONE, headers={"x-request-id": request_id})
         reply = work.result()
