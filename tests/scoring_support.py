@@ -141,7 +141,7 @@ class LoopbackUpstream:
                     if conversations and isinstance(conversations[0], dict):
                         conversations = [conversations]
                     texts = [upstream.reply(conv) for conv in conversations]
-                    limit = body["input_data"]["parameters"]["max_new_tokens"]
+                    limit = (body["input_data"].get("parameters") or {}).get("max_new_tokens", 256)
                     answer = answer_in_shape(upstream.shape, texts, completion_tokens=limit if upstream.cut_off else 3)
                 finally:
                     with upstream._lock:
