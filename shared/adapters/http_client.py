@@ -148,9 +148,7 @@ class HttpClient:
     of `run_blocking` (for synchronous callers such as the roll-out's smoke test) another.
     """
 
-    def __init__(
-        self, *, limit: int = 512, connect_timeout_s: float = 10.0, tls: ssl.SSLContext | None = None
-    ) -> None:
+    def __init__(self, *, limit: int = 512, connect_timeout_s: float = 10.0, tls: ssl.SSLContext | None = None) -> None:
         self._limit = limit
         self._connect_timeout = connect_timeout_s
         self._tls = tls

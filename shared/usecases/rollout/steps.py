@@ -209,7 +209,9 @@ def _smoke_call(record: RunRecord, rollout: Rollout, body: dict[str, Any], *, ro
     if reply.status in (429, 503):
         raise TransientError(f"deployment {record.deployment} answered HTTP {reply.status}: {snippet}")
     if reply.status >= 400:
-        raise UpstreamError(f"deployment {record.deployment} answered HTTP {reply.status}: {snippet}", status=reply.status)
+        raise UpstreamError(
+            f"deployment {record.deployment} answered HTTP {reply.status}: {snippet}", status=reply.status
+        )
     try:
         return _answer_text(orjson.loads(reply.body))
     except orjson.JSONDecodeError:

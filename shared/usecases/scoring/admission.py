@@ -120,9 +120,7 @@ class Gate:
 class Admission:
     """The gates of every deployment this process calls (created on first use)."""
 
-    def __init__(
-        self, *, queue_max: int, queue_timeout_s: float, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, *, queue_max: int, queue_timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.queue_max = queue_max
         self.queue_timeout_s = queue_timeout_s
         self._clock = clock

@@ -13,7 +13,11 @@ MAX_CONVERSATIONS = 16
 """Conversations in one /api/score request: each is a generation the deployment runs in turn."""
 MAX_BEAMS = 4
 """Beam search multiplies the work of a generation; more beams than this are refused."""
-NUMBER_PARAMETERS = {"temperature": (0.0, 2.0, False), "top_p": (0.0, 1.0, True), "repetition_penalty": (0.0, 5.0, True)}
+NUMBER_PARAMETERS = {
+    "temperature": (0.0, 2.0, False),
+    "top_p": (0.0, 1.0, True),
+    "repetition_penalty": (0.0, 5.0, True),
+}
 """name: (low, high, low bound open)."""
 INTEGER_PARAMETERS = {"top_k": (0, 1000), "num_beams": (1, MAX_BEAMS), "seed": (-(2**63), 2**63 - 1)}
 BOOLEAN_PARAMETERS = frozenset({"do_sample", "return_full_text"})
@@ -129,14 +133,17 @@ def check_parameters(
             raise InvalidRequest(f"'{name}' must be a boolean", param=f"{where}.{name}", code="invalid_type")
     stop = parameters.get("stop")
     if stop is not None and not (
-        isinstance(stop, str) or (isinstance(stop, list) and len(stop) <= MAX_STOP and all(isinstance(s, str) for s in stop))
+        isinstance(stop, str)
+        or (isinstance(stop, list) and len(stop) <= MAX_STOP and all(isinstance(s, str) for s in stop))
     ):
         raise InvalidRequest(
             f"'stop' must be a string or at most {MAX_STOP} strings", param=f"{where}.stop", code="invalid_value"
         )
     wanted = integer_field(parameters, "max_new_tokens")
     if wanted is not None and wanted < 1:
-        raise InvalidRequest("'max_new_tokens' must be at least 1", param=f"{where}.max_new_tokens", code="invalid_value")
+        raise InvalidRequest(
+            "'max_new_tokens' must be at least 1", param=f"{where}.max_new_tokens", code="invalid_value"
+        )
     if wanted is not None or default_max_tokens is not None:
         parameters["max_new_tokens"] = min(wanted if wanted is not None else default_max_tokens, max_tokens_cap)  # type: ignore[type-var]
     least = integer_field(parameters, "min_new_tokens")

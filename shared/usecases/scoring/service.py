@@ -266,9 +266,7 @@ class ScoringService:
         """A chat completion. The upstream is always asked to stream (an upstream that cannot answers in
         one piece), so a caller that goes away stops the generation whether or not it asked to stream."""
         arrived = time.monotonic()
-        chat = parse_chat_request(
-            self._decode(body), max_tokens_cap=self._cap, default_max_tokens=self._default_tokens
-        )
+        chat = parse_chat_request(self._decode(body), max_tokens_cap=self._cap, default_max_tokens=self._default_tokens)
         model = await self._model(chat.model, selector)
         payload = orjson.dumps(to_azureml_request(chat))
         completion_id = f"chatcmpl-{request_id}"
