@@ -14,7 +14,9 @@ Where aiohttp is lenient, the answer is refused here, before its body is read:
 Scoring servers always send Content-Length or chunked answers.
 
 Environment, as azure-core's calls to the same endpoints: `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY`
-(aiohttp's `trust_env`), and the CA bundle from `REQUESTS_CA_BUNDLE` or `SSL_CERT_FILE`, else
+(read with aiohttp's own `get_env_proxy_for_url`, once per origin: aiohttp's `trust_env` would look
+them and ~/.netrc up again in a worker thread on every request, two thread hops that cost more CPU
+than the rest of the call), and the CA bundle from `REQUESTS_CA_BUNDLE` or `SSL_CERT_FILE`, else
 certifi's. POSTs are never re-sent on a dropped keep-alive connection (aiohttp retries only
 idempotent methods).
 """
@@ -31,6 +33,8 @@ from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any, TypeVar
 
 import aiohttp
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 from shared.adapters.retry_after import retry_after_seconds
 from shared.errors import UpstreamError
@@ -157,6 +161,19 @@ class HttpClient:
         self._session: aiohttp.ClientSession | None = None
         self._portal: asyncio.AbstractEventLoop | None = None
         self._portal_lock = threading.Lock()
+        self._proxies: dict[tuple[str, str, int | None], tuple[URL | None, aiohttp.BasicAuth | None]] = {}
+
+    def _proxy_for(self, url: URL) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+        """The environment's proxy for this origin (None: go direct), looked up once per origin."""
+        origin = (url.scheme, url.host or "", url.port)
+        found = self._proxies.get(origin)
+        if found is None:
+            try:
+                found = get_env_proxy_for_url(url)
+            except LookupError:
+                found = (None, None)
+            self._proxies[origin] = found
+        return found
 
     def session(self) -> aiohttp.ClientSession:
         """This loop's session (made on first use; sessions of closed loops are dropped)."""
@@ -173,7 +190,7 @@ class HttpClient:
             connector = aiohttp.TCPConnector(limit=self._limit, ssl=self._tls, enable_cleanup_closed=False)
             session = aiohttp.ClientSession(
                 connector=connector,
-                trust_env=True,
+                trust_env=False,  # the proxy comes from `_proxy_for`; no netrc (our calls carry their key)
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
                 auto_decompress=True,
                 skip_auto_headers=("User-Agent",),
@@ -191,9 +208,13 @@ class HttpClient:
         session = self.session()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.001, timeout_s)
+        target = URL(url)
+        proxy, proxy_auth = self._proxy_for(target)
         with _translated(where):
             async with asyncio.timeout_at(deadline):
-                response = await session.post(url, data=body, headers=headers, allow_redirects=False)
+                response = await session.post(
+                    target, data=body, headers=headers, allow_redirects=False, proxy=proxy, proxy_auth=proxy_auth
+                )
         try:
             _check_framing(response, where)
             async with asyncio.timeout_at(deadline):

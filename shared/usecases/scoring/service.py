@@ -321,6 +321,8 @@ class ScoringService:
     async def _collect(
         self, chat: ChatRequest, answer: UpstreamReply | UpstreamAnswer
     ) -> tuple[str, str, dict[str, int] | None]:
+        if isinstance(answer, UpstreamReply):  # answered in one piece: nothing to cut and join again
+            return self._single(self._answer(answer), chat)
         texts: list[str] = []
         reason, usage = "stop", None
         async for piece in self._pieces(chat, answer):
