@@ -401,63 +401,14 @@ def _wait_http(port: int, path: str, timeout_s: float, proc: subprocess.Popen[by
     raise RuntimeError(f"nothing answered on port {port} within {timeout_s} s")
 
 
-def start_local_endpoint(tmp: Path) -> tuple[list[subprocess.Popen[bytes]], int, int]:
-    """The tiny model's deployment server and its endpoint router (as the local backend starts them);
-    returns the processes, the router's port and the server's port."""
+def start_local_endpoint(tmp: Path) -> Any:
+    """The tiny model's deployment server (capacity 1) and its endpoint router, as the local backend starts them."""
     sys.path.insert(0, str(ROOT))
     from tunegrid.local.base_models import prepare_tiny_phi3
+    from tunegrid.local.standalone import StandaloneEndpoint
 
     model = prepare_tiny_phi3(tmp / "model-cache")
-    server_port, router_port = _free_port(), _free_port()
-    endpoint_dir = tmp / "ep-tiny"
-    endpoint_dir.mkdir()
-    doc = {
-        "name": "ep-tiny",
-        "provisioning_state": "Succeeded",
-        "keys": {"primary": LOCAL_KEY, "secondary": LOCAL_KEY + "2"},
-        "traffic": {"blue": 100},
-        "deployments": {
-            "blue": {
-                "name": "blue",
-                "provisioning_state": "Succeeded",
-                "token": LOCAL_TOKEN,
-                "request_timeout_ms": 90_000,
-                "server": {"port": server_port},
-            }
-        },
-    }
-    (endpoint_dir / "endpoint.json").write_text(json.dumps(doc))
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": ROOT}
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tunegrid.local.server",
-            "--model",
-            str(model),
-            "--port",
-            str(server_port),
-            "--name",
-            "blue",
-        ],
-        env={**os.environ, "TUNEGRID_SERVER_TOKEN": LOCAL_TOKEN},
-        **quiet,  # type: ignore[call-overload]
-    )
-    router = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tunegrid.local.router",
-            "--endpoint-dir",
-            str(endpoint_dir),
-            "--port",
-            str(router_port),
-        ],
-        **quiet,  # type: ignore[call-overload]
-    )
-    _wait_http(server_port, "/health", 180, server)
-    _wait_http(router_port, "/health", 60, router)
-    return [server, router], router_port, server_port
+    return StandaloneEndpoint(model, tmp, name="ep-tiny", key=LOCAL_KEY, token=LOCAL_TOKEN).wait_ready()
 
 
 def start_litellm(litellm_bin: Path, upstream_port: int, tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -529,8 +480,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             procs.append(upstream)
             local_port = 0
             if args.ttft:
-                local, local_port, _ = start_local_endpoint(tmp)
-                procs.extend(local)
+                local = start_local_endpoint(tmp)
+                procs.extend(local.processes)
+                local_port = local.router_port
             proxy, proxy_port = _spawn(
                 [
                     *me,

@@ -5,11 +5,6 @@ report `length` with real token counts, and callers that hang up free the deploy
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,131 +18,33 @@ import pytest
 
 from functions import chat
 from shared.bootstrap import AppContext, set_app_context
-from shared.domain.resources import EndpointCredentials
 from tests.scoring_support import PROXY_KEY, MemoryLedger, live_record, proxy_settings
-from tests.tiny_model import ROOT, model_cache, wait_until
+from tests.tiny_model import model_cache, wait_until
 from tunegrid.devhost import DevHost
+from tunegrid.local.standalone import StandaloneEndpoint
 
 ENDPOINT = "ep-local-stream"
 SERVER_TOKEN = "local-server-token-0123"
 ENDPOINT_KEY = "local-endpoint-key-4567"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Deployment:
-    """One deployment server (capacity 1) and its endpoint router, started as the local backend does."""
-
-    def __init__(self, model: Path, workdir: Path) -> None:
-        self.server_port, self.router_port = _free_port(), _free_port()
-        endpoint_dir = workdir / ENDPOINT
-        endpoint_dir.mkdir(parents=True)
-        doc = {
-            "name": ENDPOINT,
-            "provisioning_state": "Succeeded",
-            "keys": {"primary": ENDPOINT_KEY, "secondary": ENDPOINT_KEY + "-2"},
-            "traffic": {"blue": 100},
-            "deployments": {
-                "blue": {
-                    "name": "blue",
-                    "provisioning_state": "Succeeded",
-                    "token": SERVER_TOKEN,
-                    "request_timeout_ms": 90_000,
-                    "server": {"port": self.server_port},
-                }
-            },
-        }
-        (endpoint_dir / "endpoint.json").write_text(json.dumps(doc))
-        env = {**os.environ, "TUNEGRID_SERVER_TOKEN": SERVER_TOKEN}
-        python = [sys.executable, "-m"]
-        self.processes = [
-            subprocess.Popen(
-                [
-                    *python,
-                    "tunegrid.local.server",
-                    "--model",
-                    str(model),
-                    "--port",
-                    str(self.server_port),
-                    "--name",
-                    "blue",
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.DEVNULL,
-            ),
-            subprocess.Popen(
-                [
-                    *python,
-                    "tunegrid.local.router",
-                    "--endpoint-dir",
-                    str(endpoint_dir),
-                    "--port",
-                    str(self.router_port),
-                ],
-                cwd=ROOT,
-                stdout=subprocess.DEVNULL,
-            ),
-        ]
-        wait_until(
-            lambda: self._up(self.server_port) and self._up(self.router_port), timeout_s=120, what="the deployment"
-        )
-
-    @staticmethod
-    def _up(port: int) -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def direct(self, max_new_tokens: int = 1) -> int:
-        """Status of one call straight to the deployment server (429 while it is generating for someone)."""
-        body = {
-            "input_data": {
-                "input_string": [[{"role": "user", "content": "hi"}]],
-                "parameters": {"max_new_tokens": max_new_tokens},
-            }
-        }
-        reply = httpx.post(
-            f"http://127.0.0.1:{self.server_port}/score",
-            json=body,
-            headers={"Authorization": f"Bearer {SERVER_TOKEN}"},
-            timeout=30,
-        )
-        return reply.status_code
-
-    def get_credentials(self, endpoint: str) -> EndpointCredentials:
-        """The backend port's credential call: the router's scoring URI and the endpoint key."""
-        return EndpointCredentials(scoring_uri=f"http://127.0.0.1:{self.router_port}/score", key=ENDPOINT_KEY)
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandaloneEndpoint]:
+    """The tiny model's deployment server (capacity 1) behind its endpoint router."""
     from tunegrid.local.base_models import prepare_tiny_phi3
 
     model = prepare_tiny_phi3(model_cache(tmp_path_factory))
-    started = Deployment(model, tmp_path_factory.mktemp("endpoints"))
+    started = StandaloneEndpoint(
+        model, tmp_path_factory.mktemp("endpoints"), name=ENDPOINT, key=ENDPOINT_KEY, token=SERVER_TOKEN
+    )
     try:
-        yield started
+        yield started.wait_ready()
     finally:
         started.stop()
 
 
 @pytest.fixture(scope="module")
-def base_url(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def base_url(deployment: StandaloneEndpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The chat functions on the dev host, wired to the local deployment through the app context."""
     ledger = MemoryLedger([live_record("run-local-1", model_name="tiny-chat", endpoint=ENDPOINT, deployment="blue")])
     settings = proxy_settings(PROXY_UPSTREAM_TIMEOUT_S="60")
@@ -202,7 +99,7 @@ def test_max_tokens_cut_off_reports_length_with_real_counts(base_url: str) -> No
     assert completion.usage.total_tokens == completion.usage.prompt_tokens + 5
 
 
-def test_callers_that_hang_up_free_the_deployment(base_url: str, deployment: Deployment) -> None:
+def test_callers_that_hang_up_free_the_deployment(base_url: str, deployment: StandaloneEndpoint) -> None:
     """Five streamed max_tokens=2048 calls whose clients hang up at once: the one generating is
     stopped and the queued ones are dropped, so the deployment is free again right away and the next
     caller is served (before, it got 429)."""
@@ -235,7 +132,9 @@ def test_callers_that_hang_up_free_the_deployment(base_url: str, deployment: Dep
         c.join(30)
     assert firsts and firsts[0].startswith(b"data: ")  # one of them was being answered
     gone = time.monotonic()
-    assert wait_until(lambda: deployment.direct() == 200, timeout_s=1.5, interval_s=0.05, what="a free deployment")
+    assert wait_until(
+        lambda: deployment.server_status() == 200, timeout_s=1.5, interval_s=0.05, what="a free deployment"
+    )
     freed_after = time.monotonic() - gone
     completion = client(base_url).chat.completions.create(
         model="tiny-chat", messages=[{"role": "user", "content": "Hi"}], max_tokens=3
