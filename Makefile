@@ -6,8 +6,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 REQS := requirements.txt requirements-local.txt requirements-dev.txt constraints.txt
+# The app as the Flex Consumption remote build installs it: requirements.txt only (pinned by constraints.txt),
+# nothing local, no dev tools; tests/test_deployable.py imports the package in it. Rebuilt only when
+# requirements.txt or constraints.txt change: the stamp is named after their hash (the test computes the same).
+DEPLOY_VENV := .venv-deploy
+DEPLOY_HASH := $(shell $(PYTHON) -c 'import hashlib; print(hashlib.sha256(b"".join(open(f, "rb").read() \
+	for f in ("requirements.txt", "constraints.txt"))).hexdigest()[:16])')
+DEPLOY_STAMP := $(DEPLOY_VENV)/.installed-$(DEPLOY_HASH)
 
-.PHONY: demo test lint typecheck deps bench clean
+.PHONY: demo test lint typecheck deps deploy-venv bench clean
 
 deps: $(VENV)/.installed node_modules/.installed
 
@@ -22,6 +29,15 @@ $(VENV)/.installed: $(REQS)
 	$(PIP) install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
+deploy-venv: $(DEPLOY_STAMP)
+
+$(DEPLOY_STAMP):
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 2; }
+	rm -rf $(DEPLOY_VENV)
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -r requirements.txt
+	touch $@
+
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
@@ -29,13 +45,15 @@ node_modules/.installed: package.json package-lock.json
 demo: deps
 	$(PY) -m tunegrid demo
 
-test: deps
+test: deps deploy-venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
 lint: deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 typecheck: deps
 	$(VENV)/bin/mypy shared functions tunegrid function_app.py
@@ -46,4 +64,4 @@ bench: deps
 	$(PY) bench/train.py
 
 clean:
-	rm -rf $(VENV) node_modules .tunegrid .demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DEPLOY_VENV) node_modules .tunegrid .demo .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -7,9 +7,10 @@ The file (`bench/out/validate-<N>mb.jsonl`, gitignored, reused when already ther
 of `samples/*.jsonl`, each copy lightly perturbed (a varying prefix on one message) so that rows are
 distinct and the duplicate check does real work. The file is read once before measuring, so that
 every measurement finds it in the page cache. Each measurement runs in its own child process:
-`validate_path` as the CLI runs it (on a big file: in parts, by as many forked worker processes as
-usable CPUs, at most 4, while the child reads, hashes and merges), then the same with
-`processes=1` (one process, plus its SHA-256 thread), then the single-threaded orjson loop.
+`validate_path` (`tunegrid.validate_files`) as the CLI runs it (on a big file: in parts, by as many
+forked worker processes as usable CPUs, at most 4, while the child reads, hashes and merges), then
+the same with `processes=1` (one process, plus its SHA-256 thread), then the single-threaded orjson
+loop.
 Peak RSS: the largest single process (`ru_maxrss` over `RUSAGE_CHILDREN`, read right after the
 first child exits, before any other runs) and the sum over the child and its workers (sampled
 every 20 ms with psutil). Throughput excludes interpreter start-up and imports; CPU seconds
@@ -77,7 +78,7 @@ def child(kind: str, path: str) -> None:
     """Run one measurement in this (child) process and print its figures as JSON."""
     if kind in ("validate", "validate-1"):
         sys.path.insert(0, str(ROOT))
-        from shared.domain.validation import planned_processes, validate_path
+        from tunegrid.validate_files import planned_processes, validate_path
 
         processes = planned_processes(path) if kind == "validate" else 1
         start, cpu, workers_cpu = time.perf_counter(), time.process_time(), _children_cpu()

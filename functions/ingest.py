@@ -11,7 +11,7 @@ import logging
 import azure.functions as func
 import azurefunctions.extensions.bindings.blob as blob
 
-from shared.bootstrap import app_context
+from shared.bootstrap import app_context, build_token_counter
 from shared.settings import STORAGE_CONNECTION, TRAINING_CONTAINER
 from shared.usecases.ingest import ingest_dataset
 
@@ -36,6 +36,7 @@ def ingest_dataset_blob(client: blob.BlobClient) -> None:
         ledger=ctx.ledger,
         backend=ctx.backend,
         settings=ctx.settings,
+        token_counter=build_token_counter,
     )
     log.info(
         "ingest %s/%s: %s (%s)",

@@ -21,6 +21,7 @@ from shared.settings import AUDIT_TABLE, LEDGER_TABLE, USAGE_TABLE, Settings
 
 if TYPE_CHECKING:
     from shared.adapters.storage import BlobStore, StorageClients
+    from shared.domain.validation import TokenCounter
     from shared.ports import FineTuneBackend, LastProxyUse, Ledger, Upstream
     from shared.usecases.janitor import SweepReport
     from shared.usecases.rollout import Rollout
@@ -48,6 +49,13 @@ def build_backend(settings: Settings) -> FineTuneBackend:
         ) from exc
     backend_class = getattr(module, attr)
     return cast("FineTuneBackend", backend_class.from_settings(settings))
+
+
+def build_token_counter(name: str) -> TokenCounter:
+    """Exact token counts for ingest (`VALIDATION_TOKENIZER`): the `tokenizers` adapter (Rust, no torch)."""
+    from shared.adapters.tokenizer import TokenizersCounter
+
+    return TokenizersCounter.load(name)
 
 
 @dataclass

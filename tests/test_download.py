@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from shared.adapters.storage import BlobStore, StorageClients
-from shared.domain.validation import ValidationOptions, validate_path
+from shared.domain.validation import ValidationOptions
 from shared.settings import TRAINING_CONTAINER
 from tunegrid.dataset_download import DownloadedSplit, dataset_slug, download_dataset, upload_splits
+from tunegrid.validate_files import validate_path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,7 +140,11 @@ def test_bad_percentage_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_upload_without_connection_fails_before_downloading(tmp_path: Path) -> None:
     """--upload with no storage connection: exit 2 and nothing downloaded."""
-    result = run_cli("--dataset", "x/y", "--download_dir", str(tmp_path / "d"), "--upload", env={"HF_HUB_OFFLINE": "1"})
+    # set empty: the environment wins over local.settings(.sample).json, which names Azurite
+    no_connection = {"DataStorage": "", "AzureWebJobsStorage": ""}
+    result = run_cli(
+        "--dataset", "x/y", "--download_dir", str(tmp_path / "d"), "--upload", env={"HF_HUB_OFFLINE": "1", **no_connection}
+    )  # fmt: skip
     assert result.returncode == 2
     assert "DataStorage" in result.stderr
     assert not (tmp_path / "d").exists()

@@ -23,6 +23,7 @@ import yaml
 
 from shared import settings as app_settings
 from shared.domain.naming import RUN_TAG
+from tests.deploy_package import packaged_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -38,18 +39,6 @@ HOOK_PS1 = ROOT / "scripts" / "post-deploy.ps1"
 # Where the Function App's app settings live: main.bicep's own settings, and the connection and monitoring
 # settings that app/api.bicep adds (`union(appSettings, identitySettings)`).
 SETTINGS_OBJECTS = ((MAIN, "appSettings"), (API, "identitySettings"))
-
-# The code the Function App runs. Modules that only run on a workstation (the embedded local backend, the dev
-# host, the CLI, Azurite) are not scanned: what they read from the environment is not an Azure app setting.
-DEPLOYED_CODE = ("function_app.py", "functions", "shared")
-LOCAL_ONLY_CODE = (
-    "shared/backends/local",
-    "shared/devhost",
-    "shared/commands",
-    "shared/cli.py",
-    "shared/__main__.py",
-    "shared/azurite.py",
-)
 
 # Environment variables the code may read that are set by the platform or the libraries, not app settings.
 RUNTIME_ENV = {
@@ -249,14 +238,9 @@ def _bicep_files() -> list[Path]:
 
 # ---------------------------------------------------------------- reading the code
 
-
-def _deployed_sources() -> list[Path]:
-    files: list[Path] = []
-    for entry in DEPLOYED_CODE:
-        path = ROOT / entry
-        files.extend([path] if path.is_file() else sorted(path.rglob("*.py")))
-    return [f for f in files if not any(f.relative_to(ROOT).as_posix().startswith(skip) for skip in LOCAL_ONLY_CODE)]
-
+# The code the Function App runs is the package's Python files (the project minus `.funcignore`, see
+# tests/deploy_package.py). The local kit (tunegrid/) stays out: what it reads from the environment is not an
+# Azure app setting.
 
 _ENV_READ = re.compile(
     r"""(?:\benviron|\benv|\bgetenv)\s*(?:\.get\(|\[|\.setdefault\(|\()\s*["']([A-Za-z_][A-Za-z0-9_]*)["']"""
@@ -266,7 +250,7 @@ _ENV_READ = re.compile(
 def _env_literals() -> dict[str, list[str]]:
     """Environment variable names the deployed code reads by literal, with where."""
     found: dict[str, list[str]] = {}
-    for path in _deployed_sources():
+    for path in packaged_sources():
         for match in _ENV_READ.finditer(path.read_text(encoding="utf-8")):
             name = match.group(1)
             if name.isupper() or "__" in name or name.startswith("AzureWebJobs"):
@@ -411,7 +395,7 @@ def test_every_container_and_table_the_code_uses_is_declared(bindings: dict[str,
     used_containers = set(app_settings.CONTAINERS)
     used_containers |= {path.split("/")[0] for path in _binding_values(bindings, "path")}
     used_tables = set(app_settings.TABLES)
-    for path in _deployed_sources():
+    for path in packaged_sources():
         text = path.read_text(encoding="utf-8")
         used_containers.update(
             re.findall(
@@ -671,6 +655,8 @@ def test_funcignore_keeps_the_local_stack_out_of_the_package() -> None:
     ]
     for needed in (
         ".venv/",
+        ".venv-deploy/",
+        "tunegrid/",
         "node_modules/",
         "tests/",
         "bench/",

@@ -12,8 +12,9 @@ import orjson
 import pytest
 
 from shared.adapters.storage import BlobStore, StorageClients
-from shared.domain.validation import validate_chunks, validate_path
+from shared.domain.validation import validate_chunks
 from shared.settings import TRAINING_CONTAINER
+from tunegrid.validate_files import validate_path
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "samples" / "azureml_chat_train.jsonl"
@@ -118,7 +119,8 @@ def test_settings_give_the_defaults(tmp_path: Path) -> None:
 
 def test_blob_without_connection_exits_2() -> None:
     """A blob:// path with no storage connection configured is a usage error."""
-    result = cli("blob://training-data/x.jsonl")
+    # set empty: the environment wins over local.settings(.sample).json, which names Azurite
+    result = cli("blob://training-data/x.jsonl", env={"DataStorage": "", "AzureWebJobsStorage": ""})
     assert result.returncode == 2
     assert "DataStorage" in result.stderr
 

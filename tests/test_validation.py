@@ -5,24 +5,37 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
-import shared.domain.validation as validation
+from shared.adapters.storage import BlobStore
+from shared.adapters.tables import TableRunLedger
+from shared.adapters.tokenizer import TokenizersCounter
+from shared.bootstrap import build_token_counter
 from shared.domain.validation import (
     ERROR_CODES,
     WARNING_CODES,
     ValidationOptions,
     ValidationReport,
+    fastpath,
     iter_lines,
     validate_chunks,
-    validate_path,
 )
 from shared.errors import ConfigError
+from shared.settings import LEDGER_TABLE, REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
+from shared.usecases.ingest import ingest_dataset
+from tests.fakes import FakeBackend
+from tunegrid.tokenizer import TransformersTokenCounter
+from tunegrid.validate_files import validate_path
 
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples"
 
 
 def conversation(i: int, *, system: bool = False) -> dict:
@@ -48,11 +61,11 @@ def run(data: bytes, options: ValidationOptions = ValidationOptions()) -> Valida
 def run_both_paths(data: bytes, options: ValidationOptions = ValidationOptions()) -> ValidationReport:
     """The report, after checking the slow path alone gives exactly the same one."""
     fast = run(data, options)
-    validation._use_fast_path = False
+    fastpath._use_fast_path = False
     try:
         slow = run(data, options)
     finally:
-        validation._use_fast_path = True
+        fastpath._use_fast_path = True
     assert fast.to_dict() == slow.to_dict()
     return fast
 
@@ -400,7 +413,7 @@ def test_tokenizer_counts_exactly(tmp_path: Path) -> None:
 
     rows = [conversation(i, system=i == 0) for i in range(12)]
     data = b"\n".join(orjson.dumps(r) for r in rows)
-    report = run_both_paths(data, ValidationOptions(tokenizer=str(tmp_path / "tok")))
+    report = run_both_paths(data, ValidationOptions(token_counter=TransformersTokenCounter(str(tmp_path / "tok"))))
     assert report.stats["token_count_method"] == f"tokenizer:{tmp_path / 'tok'}"
     reference = AutoTokenizer.from_pretrained(tmp_path / "tok")
     per_row = []
@@ -416,4 +429,151 @@ def test_tokenizer_counts_exactly(tmp_path: Path) -> None:
 def test_unloadable_tokenizer_is_a_config_error(tmp_path: Path) -> None:
     """A tokenizer that cannot be loaded fails fast with a clear ConfigError."""
     with pytest.raises(ConfigError, match="cannot load tokenizer"):
-        run(b"\n".join(good_lines(10)), ValidationOptions(tokenizer=str(tmp_path / "missing")))
+        TransformersTokenCounter(str(tmp_path / "missing"))
+
+
+class SystemRefusingCounter:
+    """A hand-written `TokenCounter` whose "template" refuses rows with a system message."""
+
+    name = "fake"
+    note = "exact: one token a message"
+
+    def __init__(self) -> None:
+        self.template_failures = 0
+
+    def count(self, roles: Sequence[str], contents: Sequence[str], assistant_slice: slice) -> tuple[int, int]:
+        if roles[0] == "system":
+            self.template_failures += 1
+        return len(contents), len(contents[assistant_slice])
+
+
+def test_a_counter_reaches_the_report_and_each_run_reports_its_own_failures() -> None:
+    """The counter's name, note and counts make the stats; a reused counter's failures are counted per run."""
+    counter = SystemRefusingCounter()
+    data = b"\n".join(orjson.dumps(conversation(i, system=i % 4 == 0)) for i in range(12))
+    report = run_both_paths(data, ValidationOptions(token_counter=counter))  # the same counter, twice
+    assert counter.template_failures == 6
+    assert report.stats["chat_template_failures"] == 3
+    assert report.stats["token_count_method"] == "tokenizer:fake"
+    assert report.stats["token_count_note"] == "exact: one token a message"
+    assert report.stats["total_tokens"] == 12 * 2 + 3
+    assert report.stats["total_assistant_tokens"] == 12
+
+
+def word_tokenizer(folder: Path, *, truncate: bool = True) -> Path:
+    """A WordLevel tokenizer.json over the words of `conversation` rows, built offline; it adds [BOS]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = sorted({w for i in range(1000, 1012) for w in f"question {i} answer {i} be brief".split()})
+    vocab = {w: n for n, w in enumerate(["[UNK]", "[BOS]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
+    if truncate:
+        tok.enable_truncation(max_length=3)  # saved in the file: exact counts must ignore it
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
+def test_tokenizers_adapter_counts_contents_exactly(tmp_path: Path) -> None:
+    """The deployed counter: a tokenizer.json (file or folder) counts joined contents, and says the template is left out."""
+    file = word_tokenizer(tmp_path / "tok")
+    data = b"\n".join(orjson.dumps(conversation(1000 + i, system=i == 0)) for i in range(12))
+    for name in (str(file), str(file.parent)):
+        report = run_both_paths(data, ValidationOptions(token_counter=TokenizersCounter.load(name)))
+        stats = report.stats
+        assert stats["token_count_method"] == f"tokenizer:{name}"
+        assert "no chat template" in stats["token_count_note"] and "not included" in stats["token_count_note"]
+        # [BOS] + "question N" + "answer N"; the system row adds "be brief"; answers alone have no [BOS]
+        assert (stats["tokens_per_row"]["min"], stats["tokens_per_row"]["max"]) == (5, 7)
+        assert stats["total_tokens"] == 11 * 5 + 7
+        assert stats["total_assistant_tokens"] == 12 * 2
+        assert "chat_template_failures" not in stats
+
+
+@pytest.mark.parametrize("case", ["missing", "folder_without_file", "not_a_tokenizer", "missing_json"])
+def test_tokenizers_adapter_unloadable_is_a_config_error(tmp_path: Path, case: str) -> None:
+    """A tokenizer the adapter cannot load is a ConfigError naming it (a path never goes to the hub)."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.json").write_text('{"not": "a tokenizer"}')
+    name = {
+        "missing": str(tmp_path / "missing"),
+        "folder_without_file": str(tmp_path / "empty"),
+        "not_a_tokenizer": str(tmp_path / "bad.json"),
+        "missing_json": "./nowhere/tokenizer.json",
+    }[case]
+    with pytest.raises(ConfigError, match="cannot load tokenizer"):
+        TokenizersCounter.load(name)
+
+
+@pytest.mark.slow
+def test_tokenizers_adapter_counts_as_the_kit_does_without_a_template(tmp_path: Path) -> None:
+    """On a tokenizer with no chat template, the deployed adapter and the kit's counter give the same counts."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    file = word_tokenizer(tmp_path / "src", truncate=False)
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(file)), unk_token="[UNK]").save_pretrained(
+        tmp_path / "tok"
+    )
+    data = b"\n".join(orjson.dumps(conversation(1000 + i, system=i % 3 == 0)) for i in range(12))
+    name = str(tmp_path / "tok")
+    kit = run(data, ValidationOptions(token_counter=TransformersTokenCounter(name))).to_dict()
+    deployed = run(data, ValidationOptions(token_counter=TokenizersCounter.load(name))).to_dict()
+    assert kit["stats"].pop("token_count_note") != deployed["stats"].pop("token_count_note")
+    assert kit == deployed
+
+
+def test_the_deployed_counter_never_imports_transformers(tmp_path: Path) -> None:
+    """The composition root's counter loads and counts without importing transformers or torch."""
+    file = word_tokenizer(tmp_path / "tok")
+    code = (
+        "import sys\n"
+        "import shared.usecases.ingest\n"
+        "from shared.bootstrap import build_token_counter\n"
+        "counter = build_token_counter(sys.argv[1])\n"
+        "assert counter.count(('user', 'assistant'), ('question 1000', 'answer 1000'), slice(1, None, 2)) == (5, 2)\n"
+        "print(sorted(m for m in ('transformers', 'torch') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(file)], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.azurite
+def test_ingest_counts_with_the_counter_the_composition_root_wires(
+    storage: Any, storage_conn: str, unique: str, tmp_path: Path
+) -> None:
+    """VALIDATION_TOKENIZER: ingest counts with the wired factory; unwired or unloadable, the run is an error."""
+    file = word_tokenizer(tmp_path / "tok")
+    blobs = BlobStore(storage.blobs)
+    ledger = TableRunLedger(storage.tables.get_table_client(LEDGER_TABLE))
+    data = b"\n".join(orjson.dumps(conversation(1000 + i)) for i in range(12)) + b"\n"
+
+    def ingest(tokenizer: str, name: str, **kwargs: Any) -> Any:
+        settings = Settings.from_env(
+            {"DataStorage": storage_conn, "FINETUNE_BACKEND": "local", "VALIDATION_TOKENIZER": tokenizer}
+        )
+        blobs.upload(TRAINING_CONTAINER, f"t{unique}/{name}", data)
+        return ingest_dataset(
+            container=TRAINING_CONTAINER,
+            name=f"t{unique}/{name}",
+            blobs=blobs,
+            ledger=ledger,
+            backend=FakeBackend(),
+            settings=settings,
+            **kwargs,
+        )
+
+    outcome = ingest(str(file), "wired.jsonl", token_counter=build_token_counter)
+    assert outcome.action == "submitted", outcome
+    stored = json.loads(blobs.read_bytes(REPORTS_CONTAINER, f"t{unique}/wired.jsonl/{outcome.run_id}.report.json"))
+    assert stored["stats"]["token_count_method"] == f"tokenizer:{file}"
+    assert stored["stats"]["total_tokens"] == 12 * 5
+    unwired = ingest(str(file), "unwired.jsonl")
+    assert unwired.action == "error" and "no token counter" in unwired.reason
+    missing = ingest(str(tmp_path / "missing"), "missing.jsonl", token_counter=build_token_counter)
+    assert missing.action == "error" and "cannot load tokenizer" in missing.reason

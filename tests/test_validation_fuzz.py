@@ -6,7 +6,7 @@ import itertools
 import json
 import tempfile
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import orjson
@@ -14,12 +14,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import shared.domain.validation as validation
-from shared.domain.validation import ValidationOptions, validate_chunks
+import tunegrid.validate_files as validate_files
+from shared.domain.validation import ValidationOptions, fastpath, validate_chunks
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 OPTIONS = ValidationOptions(max_line_bytes=400, max_seq_length=40, min_rows=2)
+
+
+class WordCounter:
+    """A hand-written `TokenCounter`: a token is a whitespace-separated word."""
+
+    name = "words"
+    note = "exact: words"
+    template_failures = 0
+
+    def count(self, roles: Sequence[str], contents: Sequence[str], assistant_slice: slice) -> tuple[int, int]:
+        return sum(len(c.split()) for c in contents), sum(len(c.split()) for c in contents[assistant_slice])
 
 
 def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -33,7 +44,7 @@ def in_parts(data: bytes, options: ValidationOptions, *, part_bytes: int, proces
     with tempfile.TemporaryFile() as f:
         f.write(data)
         f.flush()
-        return validation._validate_in_parts(f, options, processes=processes, part_bytes=part_bytes).to_dict()
+        return validate_files._validate_in_parts(f, options, processes=processes, part_bytes=part_bytes).to_dict()
 
 
 def reports_agree(data: bytes, cuts: list[int], options: ValidationOptions = OPTIONS) -> dict:
@@ -41,11 +52,11 @@ def reports_agree(data: bytes, cuts: list[int], options: ValidationOptions = OPT
     whole = validate_chunks([data], options).to_dict()
     json.dumps(whole)  # the report is always plain JSON
     assert validate_chunks(chunked(data, cuts), options).to_dict() == whole
-    validation._use_fast_path = False
+    fastpath._use_fast_path = False
     try:
         assert validate_chunks(chunked(data, cuts[::-1]), options).to_dict() == whole
     finally:
-        validation._use_fast_path = True
+        fastpath._use_fast_path = True
     parts = in_parts(data, options, part_bytes=1 + (cuts[0] if cuts else len(data)) % 300)
     assert json.dumps(parts) == json.dumps(whole)  # the same, down to the order of the counts
     return whole
@@ -207,9 +218,9 @@ def test_forked_workers_give_the_one_pass_report(tmp_path: Path, processes: int)
     whole = validate_chunks([path.read_bytes()], options).to_dict()
     assert whole["warning_counts"]["duplicate_row"] > 50  # the merge lists duplicates, then only counts them
     with path.open("rb") as f:
-        forked = validation._validate_in_parts(f, options, processes=processes, part_bytes=20_000).to_dict()
+        forked = validate_files._validate_in_parts(f, options, processes=processes, part_bytes=20_000).to_dict()
     assert json.dumps(forked) == json.dumps(whole)
-    assert validation.validate_path(path, options, processes=processes).to_dict() == whole
+    assert validate_files.validate_path(path, options, processes=processes).to_dict() == whole
 
 
 def test_a_failed_worker_costs_nothing_but_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -220,9 +231,9 @@ def test_a_failed_worker_costs_nothing_but_time(tmp_path: Path, monkeypatch: pyt
 
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b"\n".join(line for p in sorted(SAMPLES.glob("*.jsonl")) for line in p.read_bytes().splitlines()))
-    monkeypatch.setattr(validation, "_work_on_parts", die)
+    monkeypatch.setattr(validate_files, "_work_on_parts", die)
     with path.open("rb") as f:
-        report = validation._validate_in_parts(f, ValidationOptions(), processes=2, part_bytes=50_000)
+        report = validate_files._validate_in_parts(f, ValidationOptions(), processes=2, part_bytes=50_000)
     assert report.to_dict() == validate_chunks([path.read_bytes()]).to_dict()
 
 
@@ -230,17 +241,17 @@ def test_planned_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     """Small files, a tokenizer or a single CPU keep one process; a big file gets one per CPU (at most 4)."""
     small = tmp_path / "small.jsonl"
     small.write_bytes(b"{}\n")
-    assert validation.planned_processes(small) == 1
-    monkeypatch.setattr(validation, "PARALLEL_MIN_BYTES", 1)
-    monkeypatch.setattr(validation, "_usable_cpus", lambda: 8)
+    assert validate_files.planned_processes(small) == 1
+    monkeypatch.setattr(validate_files, "PARALLEL_MIN_BYTES", 1)
+    monkeypatch.setattr(validate_files, "_usable_cpus", lambda: 8)
     # other tests of the session may have left threads running; forking is refused then
-    monkeypatch.setattr(validation.threading, "active_count", lambda: 2)
-    assert validation.planned_processes(small) == 1
-    monkeypatch.setattr(validation.threading, "active_count", lambda: 1)
-    assert validation.planned_processes(small) == validation.MAX_PROCESSES
-    assert validation.planned_processes(small, ValidationOptions(tokenizer="x")) == 1
-    monkeypatch.setattr(validation, "_usable_cpus", lambda: 1)
-    assert validation.planned_processes(small) == 1
+    monkeypatch.setattr(validate_files.threading, "active_count", lambda: 2)
+    assert validate_files.planned_processes(small) == 1
+    monkeypatch.setattr(validate_files.threading, "active_count", lambda: 1)
+    assert validate_files.planned_processes(small) == validate_files.MAX_PROCESSES
+    assert validate_files.planned_processes(small, ValidationOptions(token_counter=WordCounter())) == 1
+    monkeypatch.setattr(validate_files, "_usable_cpus", lambda: 1)
+    assert validate_files.planned_processes(small) == 1
 
 
 @pytest.mark.slow

@@ -1,15 +1,23 @@
 """`python -m tunegrid <command>` (also installed as `tunegrid`).
 
-Each module in `shared/commands/` adds its subcommands through `register(subparsers)`; a command
+Each module in `tunegrid/commands/` adds its subcommands through `register(subparsers)`; a command
 sets `func` to a callable taking the parsed args and returning the exit code.
 Exit codes: 0 success, 1 a negative verdict (invalid dataset, failed run), 2 usage or input error.
+
+App settings: every command runs with `local.settings.json` (else `local.settings.sample.json`) of the
+current directory in the environment, as the dev host loads them; environment variables win. A command
+that builds its own environment sets `local_settings=False` (devhost: its `--settings`; demo: its Azurite).
+Logging: warnings and errors only, so a command prints its result and nothing else; `-v` shows debug
+logs; a command may raise its own default with `log_level` (the dev host logs each invocation at INFO).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 from collections.abc import Sequence
@@ -17,6 +25,7 @@ from typing import NoReturn
 
 from shared.errors import ConfigError, TunegridError, UsageError
 from tunegrid import commands
+from tunegrid.devhost.config import local_settings_environ
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):  # helpers shared by the commands
+            continue
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
         module.register(sub)
     return parser
@@ -39,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else getattr(args, "log_level", logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -49,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(args.func(args))
+        with local_settings_environ() if getattr(args, "local_settings", True) else contextlib.nullcontext():
+            return int(args.func(args))
     except (UsageError, ConfigError) as exc:
         print(f"tunegrid: error: {exc}", file=sys.stderr)
         return 2
@@ -58,3 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`tunegrid settings | head`): not an error of ours. Point stdout at
+        # devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -217,8 +217,8 @@ def _run_loop(config: DemoConfig, env: dict[str, str], port: int, clock: Clock) 
     from openai import OpenAI
 
     from shared.bootstrap import app_context, reset_app_context, sweep_from_context
-    from tunegrid.commands.sweep import render_table
     from tunegrid.devhost import DevHost, HostTimings
+    from tunegrid.render import sweep_table
 
     reset_app_context()
     ctx = app_context()
@@ -279,12 +279,12 @@ def _run_loop(config: DemoConfig, env: dict[str, str], port: int, clock: Clock) 
 
         dry = sweep_from_context(ctx, dry_run=True)
         say(clock, "janitor, dry run (idle window IDLE_MINUTES=120): nothing is deleted")
-        print(render_table(dry))
+        print(sweep_table(dry))
         idle_s = 3.0
         say(clock, f"nobody calls the endpoint for {idle_s:.0f} s; janitor with a {idle_s:.0f}-second idle window:")
         time.sleep(idle_s + 0.5)
         live = sweep_from_context(ctx, dry_run=False, idle_minutes=idle_s / 60, grace_minutes=0)
-        print(render_table(live))
+        print(sweep_table(live))
         runs = {r.run_id: r.state.value for r in ctx.ledger.list()}
         say(clock, f"ledger: {runs}")
         return {

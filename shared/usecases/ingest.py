@@ -19,7 +19,14 @@ from shared.domain.naming import DATASET_TAG, OWNER_TAG, RUN_TAG, dataset_stem, 
 from shared.domain.resources import DataRef, FineTuneRequest
 from shared.domain.runs import RunRecord, RunState, new_record, run_id_for
 from shared.domain.sidecar import Sidecar, parse_sidecar
-from shared.domain.validation import Issue, ValidationOptions, ValidationReport, iter_lines, validate_chunks
+from shared.domain.validation import (
+    Issue,
+    TokenCounterFactory,
+    ValidationOptions,
+    ValidationReport,
+    iter_lines,
+    validate_chunks,
+)
 from shared.errors import BackendError, ConfigError, ConflictError, InvalidInput, TransientError
 from shared.ports import Blobs, FineTuneBackend, Ledger
 from shared.settings import PREPARED_CONTAINER, REPORTS_CONTAINER, Settings
@@ -106,11 +113,15 @@ def _split_stream(
     return stream(train_file), stream(test_file), counts
 
 
-def _validation_options(settings: Settings) -> ValidationOptions:
+def _validation_options(settings: Settings, token_counter: TokenCounterFactory | None) -> ValidationOptions:
+    """`token_counter` loads VALIDATION_TOKENIZER (the composition root chooses it: this module imports no adapter)."""
+    name = settings.validation_tokenizer
+    if name and token_counter is None:
+        raise ConfigError(f"VALIDATION_TOKENIZER={name!r} is set, but no token counter was wired into ingest")
     return ValidationOptions(
         max_line_bytes=settings.validation_max_line_bytes,
         max_seq_length=settings.validation_max_seq_length,
-        tokenizer=settings.validation_tokenizer or None,
+        token_counter=token_counter(name) if name and token_counter is not None else None,
     )
 
 
@@ -180,6 +191,7 @@ def ingest_dataset(
     backend: FineTuneBackend,
     settings: Settings,
     now: Callable[[], datetime] = utcnow,
+    token_counter: TokenCounterFactory | None = None,
 ) -> IngestOutcome:
     """Handle one delivery of a dataset blob. Safe to call any number of times, concurrently."""
     if not name.endswith(".jsonl"):
@@ -200,7 +212,15 @@ def ingest_dataset(
         )
     run_id = record.run_id
     try:
-        return _process(record, blobs=blobs, ledger=ledger, backend=backend, settings=settings, etag=etag)
+        return _process(
+            record,
+            blobs=blobs,
+            ledger=ledger,
+            backend=backend,
+            settings=settings,
+            etag=etag,
+            token_counter=token_counter,
+        )
     except (TransientError, OSError):
         _release(ledger, run_id)
         raise
@@ -221,14 +241,23 @@ def _fail(ledger: Ledger, run_id: str, reason: str) -> None:
 
 
 def _process(
-    record: RunRecord, *, blobs: Blobs, ledger: Ledger, backend: FineTuneBackend, settings: Settings, etag: str
+    record: RunRecord,
+    *,
+    blobs: Blobs,
+    ledger: Ledger,
+    backend: FineTuneBackend,
+    settings: Settings,
+    etag: str,
+    token_counter: TokenCounterFactory | None = None,
 ) -> IngestOutcome:
     run_id, container, name = record.run_id, record.container, record.blob
     extra = {"run_id": run_id, "blob": f"{container}/{name}"}
     if record.state == RunState.RECEIVED:
         record = ledger.transition(run_id, RunState.VALIDATING, expect=[RunState.RECEIVED])
     if record.state == RunState.VALIDATING:
-        outcome = _validate_and_prepare(record, blobs=blobs, ledger=ledger, settings=settings, etag=etag)
+        outcome = _validate_and_prepare(
+            record, blobs=blobs, ledger=ledger, settings=settings, etag=etag, token_counter=token_counter
+        )
         if outcome is not None:
             return outcome
         record = ledger.get(run_id) or record
@@ -258,13 +287,19 @@ def _process(
 
 
 def _validate_and_prepare(
-    record: RunRecord, *, blobs: Blobs, ledger: Ledger, settings: Settings, etag: str
+    record: RunRecord,
+    *,
+    blobs: Blobs,
+    ledger: Ledger,
+    settings: Settings,
+    etag: str,
+    token_counter: TokenCounterFactory | None = None,
 ) -> IngestOutcome | None:
     """Validate, store the report, split and upload; returns an outcome when the run ends here."""
     run_id, container, name = record.run_id, record.container, record.blob
     extra = {"run_id": run_id, "blob": f"{container}/{name}"}
     stem = dataset_stem(name)
-    options = _validation_options(settings)
+    options = _validation_options(settings, token_counter)
     report = validate_chunks(blobs.chunks(container, name, etag=etag), options)
     doc = report.to_dict()
     problems: list[Issue] = []

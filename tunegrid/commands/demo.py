@@ -34,4 +34,5 @@ def register(sub: Any) -> None:
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--temperature", type=float, default=None, help="of the demo question (0 = greedy)")
     p.add_argument("--workdir", type=Path, default=None, help="where the demo keeps its workspace (default .demo/)")
-    p.set_defaults(func=_demo)
+    # the demo runs on its own Azurite with its own settings: a local.settings.json must not leak into it
+    p.set_defaults(func=_demo, local_settings=False)

@@ -40,7 +40,8 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--blob-poll-interval", type=float, default=1.0, help="seconds between blob container scans")
     parser.add_argument("--show-keys", action="store_true", help="print the local function keys and exit")
-    parser.set_defaults(func=run)
+    # its own settings file (--settings) goes into the environment as the host starts; INFO logs each invocation
+    parser.set_defaults(func=run, local_settings=False, log_level=logging.INFO)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunegrid.render import table
+
 
 def register(subparsers: Any) -> None:
     model = subparsers.add_parser("local-model", help="prepare the local backend's base model ahead of the first job")
@@ -99,8 +101,8 @@ def run_jobs(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        for row in rows:
-            print(f"{row['name']:40} {row['status']:12} {row['error'] or ''}")
+        for line in table([row["name"], row["status"], row["error"] or ""] for row in rows):
+            print(line)
     return 0
 
 

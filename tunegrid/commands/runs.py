@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.bootstrap import app_context
+from tunegrid.render import table
 
 
 def _runs(args: argparse.Namespace) -> int:
@@ -19,12 +20,8 @@ def _runs(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     cols = ("run_id", "state", "dataset", "created_at", "updated_at", "model", "endpoint")
-    table = [cols] + [
-        tuple(str(r[c])[:40] if c != "created_at" and c != "updated_at" else str(r[c])[:19] for c in cols) for r in rows
-    ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    for row in table:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    widths = {"created_at": 19, "updated_at": 19}
+    print("\n".join(table([cols, *([str(r[c])[: widths.get(c, 40)] for c in cols] for r in rows)])))
     if not rows:
         print("(no runs yet: upload a .jsonl to the training-data container)", file=sys.stderr)
     return 0
@@ -43,41 +40,37 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2, default=str))
         return 0
-    _print_status(doc)
+    print(render_status(doc))
     return 0 if doc["state"] not in ("failed", "error", "rolled-back", "invalid", "canceled") else 1
 
 
-def _print_status(doc: dict[str, Any]) -> None:
-    print(f"run {doc['run_id']}: {doc['state']}")
-    print(f"  dataset   {doc['container']}/{doc['blob']}")
-    for label, key in (
-        ("job", "job_name"),
-        ("job link", "job_url"),
-        ("model", "model_id"),
-        ("endpoint", "endpoint"),
-        ("deployment", "deployment"),
-        ("report", "report_url"),
-        ("run report", "run_report_url"),
-        ("reason", "error"),
-    ):
-        if doc.get(key):
-            print(f"  {label:<10}{doc[key]}")
-    if doc.get("metrics"):
-        print(
-            "  metrics   "
-            + ", ".join(
-                f"{k}={v.get('last'):.4g}"
-                for k, v in sorted(doc["metrics"].items())
-                if isinstance(v, dict) and isinstance(v.get("last"), int | float)
-            )
-        )
+STATUS_FIELDS = (
+    ("job", "job_name"),
+    ("job link", "job_url"),
+    ("model", "model_id"),
+    ("endpoint", "endpoint"),
+    ("deployment", "deployment"),
+    ("report", "report_url"),
+    ("run report", "run_report_url"),
+    ("reason", "error"),
+)
+
+
+def render_status(doc: dict[str, Any]) -> str:
+    """One run for people: label/value lines with the values in one column, then the timeline."""
+    pairs = [("dataset", f"{doc['container']}/{doc['blob']}")]
+    pairs += [(label, str(doc[key])) for label, key in STATUS_FIELDS if doc.get(key)]
+    metrics = doc.get("metrics") or {}
+    last = {k: v.get("last") for k, v in sorted(metrics.items()) if isinstance(v, dict)}
+    if metrics:
+        pairs.append(("metrics", ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, int | float))))
     if doc.get("smoke"):
-        print(f"  smoke     passed={doc['smoke'].get('passed')} p50={doc['smoke'].get('p50_ms')} ms")
+        pairs.append(("smoke", f"passed={doc['smoke'].get('passed')} p50={doc['smoke'].get('p50_ms')} ms"))
     if doc.get("loss_curve"):
-        print(f"  loss PNG  {doc['loss_curve']['file']}")
-    print("  timeline")
-    for step in doc["timeline"]:
-        print(f"    {step['at'][:23]}  {step['state']}")
+        pairs.append(("loss PNG", doc["loss_curve"]["file"]))
+    lines = [f"run {doc['run_id']}: {doc['state']}", *table(pairs, indent="  "), "  timeline"]
+    lines += table(([step["at"][:23], step["state"]] for step in doc["timeline"]), indent="    ")
+    return "\n".join(lines)
 
 
 def _cancel(args: argparse.Namespace) -> int:

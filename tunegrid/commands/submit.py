@@ -68,14 +68,17 @@ def _sidecar(path: Path, config: Path | None) -> Sidecar:
 def _validate(path: Path, settings: Settings) -> str | None:
     """None when valid (or when the validator is not installed), else a short summary."""
     try:
-        from shared.domain.validation import ValidationOptions, validate_path
+        from shared.domain.validation import ValidationOptions
+        from tunegrid.tokenizer import TransformersTokenCounter
+        from tunegrid.validate_files import validate_path
     except ImportError:  # pragma: no cover - the validator ships with the app
         print("tunegrid: note: shared.validation is not available; the file was not validated", file=sys.stderr)
         return None
+    tokenizer = settings.validation_tokenizer
     options = ValidationOptions(
         max_line_bytes=settings.validation_max_line_bytes,
         max_seq_length=settings.validation_max_seq_length,
-        tokenizer=settings.validation_tokenizer or None,
+        token_counter=TransformersTokenCounter(tokenizer) if tokenizer else None,
     )
     report = validate_path(path, options)
     if report.valid:

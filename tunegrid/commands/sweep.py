@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from shared.usecases.janitor import SweepReport
+from tunegrid.render import sweep_table
 
 
 def _minutes(raw: str) -> float:
@@ -57,34 +57,5 @@ def run_sweep(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.public(), indent=2))
     else:
-        print(render_table(report))
+        print(sweep_table(report))
     return 1 if report.failures else 0
-
-
-def render_table(report: SweepReport) -> str:
-    """Decisions as an aligned text table, with a one-line summary."""
-    headers = ("KIND", "TARGET", "ACTION", "RULE", "LAST USE", "OUTCOME", "REASON")
-    rows = [
-        (
-            d.kind,
-            d.target,
-            d.action,
-            d.rule.value,
-            d.last_use.strftime("%Y-%m-%d %H:%M:%S") if d.last_use else "-",
-            d.outcome,
-            d.reason,
-        )
-        for d in report.decisions
-    ]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in (headers, *rows)]
-    mode = "dry run, nothing changed" if report.dry_run else "live"
-    idle = report.policy.idle.total_seconds() / 60
-    grace = report.policy.grace.total_seconds() / 60
-    lines.append(
-        f"sweep {report.sweep_id} ({mode}): {len(report.decisions)} decisions, {len(report.deletes)} deletes, "
-        f"{len(report.failures)} failed; idle {idle:g} min, grace {grace:g} min, instance {report.policy.instance}"
-    )
-    if not rows:
-        lines.insert(1, "(no endpoints)")
-    return "\n".join(lines)

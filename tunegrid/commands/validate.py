@@ -12,9 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shared.domain.validation import ValidationOptions, ValidationReport, validate_chunks, validate_path
+from shared.domain.validation import ValidationOptions, ValidationReport, validate_chunks
 from shared.errors import ConfigError, UsageError
 from shared.settings import Settings
+from tunegrid.tokenizer import TransformersTokenCounter
+from tunegrid.validate_files import validate_path
 
 BLOB_SCHEME = "blob://"
 
@@ -64,7 +66,7 @@ def options_from(args: argparse.Namespace, settings: Settings) -> ValidationOpti
     return ValidationOptions(
         max_line_bytes=args.max_line_bytes or settings.validation_max_line_bytes,
         max_seq_length=args.max_seq_length or settings.validation_max_seq_length,
-        tokenizer=tokenizer or None,
+        token_counter=TransformersTokenCounter(tokenizer) if tokenizer else None,
     )
 
 

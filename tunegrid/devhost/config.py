@@ -1,16 +1,18 @@
 """What the dev host reads before it loads the app: `local.settings.json`, `host.json`, `%NAME%` references.
 
 Core Tools puts the `Values` of `local.settings.json` into the environment before the worker imports the
-app, and real environment variables win over file values; the dev host does the same.
+app, and real environment variables win over file values; the dev host does the same, and so does every
+other CLI command (`local_settings_environ`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +41,11 @@ class LocalSettings:
         return int(port) if port not in (None, "") else None
 
 
-def load_local_settings(path: Path | None = None, *, root: Path | None = None) -> LocalSettings:
-    """Read `path`, else `local.settings.json` in `root`, else the sample next to it (and say so)."""
+def load_local_settings(
+    path: Path | None = None, *, root: Path | None = None, fallback_level: int = logging.WARNING
+) -> LocalSettings:
+    """Read `path`, else `local.settings.json` in `root`, else the sample next to it (and say so, at
+    `fallback_level`: the dev host warns, a one-shot CLI command only tells `-v`)."""
     root = root or Path.cwd()
     if path is not None:
         if not path.is_file():
@@ -51,11 +56,15 @@ def load_local_settings(path: Path | None = None, *, root: Path | None = None) -
         return _read_settings_file(primary, from_sample=False)
     sample = root / SAMPLE_SETTINGS_FILE
     if sample.is_file():
-        log.warning(
-            "%s not found; using %s (copy it to %s to change settings)", SETTINGS_FILE, sample.name, SETTINGS_FILE
+        log.log(
+            fallback_level,
+            "%s not found; using %s (copy it to %s to change settings)",
+            SETTINGS_FILE,
+            sample.name,
+            SETTINGS_FILE,
         )
         return _read_settings_file(sample, from_sample=True)
-    log.warning("no %s or %s in %s; using the environment only", SETTINGS_FILE, SAMPLE_SETTINGS_FILE, root)
+    log.log(fallback_level, "no %s or %s in %s; using the environment only", SETTINGS_FILE, SAMPLE_SETTINGS_FILE, root)
     return LocalSettings(values={})
 
 
@@ -92,6 +101,30 @@ def apply_to_environ(values: Mapping[str, str], environ: MutableMapping[str, str
             environ[name] = value
             added.append(name)
     return added
+
+
+@contextlib.contextmanager
+def local_settings_environ(
+    path: Path | None = None,
+    *,
+    root: Path | None = None,
+    environ: MutableMapping[str, str] | None = None,
+    fallback_level: int = logging.DEBUG,
+) -> Iterator[LocalSettings]:
+    """The settings file's values in the environment for the block, as Core Tools provides them before
+    the worker starts: variables already set win; the ones it added are removed again afterwards.
+
+    Every CLI command reads app settings through this (see `tunegrid.cli`), so `python -m tunegrid runs`
+    in a fresh checkout finds Azurite as the dev host does."""
+    environ = os.environ if environ is None else environ
+    loaded = load_local_settings(path, root=root, fallback_level=fallback_level)
+    added = apply_to_environ(loaded.values, environ)
+    log.debug("app settings from %s: %d values added to the environment", loaded.source, len(added))
+    try:
+        yield loaded
+    finally:
+        for name in added:
+            environ.pop(name, None)
 
 
 def resolve_references(value: str, env: Mapping[str, str]) -> str:
