@@ -218,5 +218,25 @@ def build_scoring_service(ctx: AppContext, **overrides: Any) -> ScoringService:
         ),
         upstream=overrides.pop("upstream", None) or ctx.upstream,
         usage=overrides.pop("usage", None) or UsageRecorder(lambda: ctx.usage_table),
+        token_counter=overrides.pop("token_counter", None) or _lazy_token_counter(settings.validation_tokenizer),
         **overrides,
     )
+
+
+def _lazy_token_counter(name: str) -> Callable[[], TokenCounter | None] | None:
+    """The proxy's token counter, loaded on first use; a tokenizer that cannot be loaded is logged once
+    and then not counted with (the answers still go out, with `stop` unless the upstream said more)."""
+    if not name:
+        return None
+    loaded: list[TokenCounter | None] = []
+
+    def counter() -> TokenCounter | None:
+        if not loaded:
+            try:
+                loaded.append(build_token_counter(name))
+            except ConfigError as exc:
+                log.warning("the proxy counts no tokens: %s", exc)
+                loaded.append(None)
+        return loaded[0]
+
+    return counter

@@ -347,3 +347,28 @@ def test_the_service_queues_calls_to_a_busy_deployment() -> None:
         refused = [r for r in outcomes if isinstance(r, QueueRejected)]
         assert len(refused) == 2 and all(r.code == "queue_full" for r in refused)
         assert sum(not isinstance(r, Exception) for r in outcomes) == 2
+
+
+class WordCounter:
+    """A hand-written `TokenCounter` (shared.domain.validation): one token per word."""
+
+    name = "words"
+    note = "one token per word"
+    template_failures = 0
+
+    def count(self, roles: Any, contents: Any, assistant_slice: slice) -> tuple[int, int]:
+        words = [len(c.split()) for c in contents]
+        return sum(words), sum(words[assistant_slice])
+
+
+@pytest.mark.parametrize(("max_tokens", "reason"), [(5, "length"), (6, "stop")])
+def test_the_tokenizer_tells_length_when_the_upstream_does_not(max_tokens: int, reason: str) -> None:
+    """An image that reports neither a finish reason nor usage: with the model's tokenizer known, an
+    answer as long as max_tokens is `length`; without one it can only be `stop`."""
+    with LoopbackUpstream(shape="indexed") as upstream:
+        upstream.reply = lambda conv: "one two three four five"
+        service, _ = make_service(upstream)
+        assert chat(service, max_tokens=max_tokens)["choices"][0]["finish_reason"] == "stop"
+        service.token_counter = WordCounter
+        out = chat(service, max_tokens=max_tokens)
+    assert out["choices"][0]["finish_reason"] == reason and "usage" not in out

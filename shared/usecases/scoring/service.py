@@ -36,6 +36,7 @@ from shared.usecases.scoring.render import DONE, ChunkRenderer, render_completio
 from shared.usecases.scoring.score_request import parse_score_request
 
 if TYPE_CHECKING:
+    from shared.domain.validation import TokenCounter
     from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,9 @@ class ScoringService:
     retry_wait_initial_s: float = 0.5
     retry_wait_max_s: float = 10.0
     clock: Callable[[], float] = time.time
+    token_counter: Callable[[], TokenCounter | None] | None = None
+    """The deployed model's tokenizer (VALIDATION_TOKENIZER: the base model's, which fine-tuning keeps),
+    to tell `length` from `stop` when an upstream reports neither a finish reason nor token counts."""
     keys: ApiKeys = field(init=False, repr=False)
     admission: Admission = field(init=False, repr=False)
 
@@ -253,13 +257,27 @@ class ScoringService:
             raise UpstreamError("the model endpoint answered with invalid JSON") from None
         return normalise_output(payload)
 
-    @staticmethod
-    def _single(output: ModelOutput, chat: ChatRequest) -> tuple[str, str, dict[str, int] | None]:
+    def _single(self, output: ModelOutput, chat: ChatRequest) -> tuple[str, str, dict[str, int] | None]:
         """The one answer of a chat call with its finish reason (see docs/scoring.md for the rule)."""
         if len(output.texts) != 1:
             raise UpstreamError(f"the model endpoint returned {len(output.texts)} answers for one conversation")
         text, stopped = apply_stop(output.texts[0], chat.stop)
-        return text, _finish_reason(stopped, output.finish_reasons[0], output.usage, chat), output.usage
+        reason = _finish_reason(stopped, output.finish_reasons[0], output.usage, chat)
+        if not stopped and output.finish_reasons[0] is None and output.usage is None:
+            # the upstream says neither why it stopped nor how much it generated: count, if we can
+            counted = self._count_tokens(output.texts[0])
+            if counted is not None and counted >= chat.max_new_tokens:
+                reason = "length"
+        return text, reason, output.usage
+
+    def _count_tokens(self, text: str) -> int | None:
+        """Tokens of a generated text with the model's tokenizer, when one is configured (else None)."""
+        if self.token_counter is None:
+            return None
+        counter = self.token_counter()
+        if counter is None:
+            return None
+        return counter.count(("assistant",), (text,), slice(0, 1))[1]
 
     # --- use cases
     async def chat(self, body: bytes, *, selector: str | None, request_id: str) -> Reply | StreamReply:
