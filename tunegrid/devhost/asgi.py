@@ -277,7 +277,7 @@ class HostAsgiApp:
         from starlette.responses import JSONResponse, Response
 
         # the route parameters, as the worker's RequestSynchronizer puts them in the request's path_params
-        request = Request({**scope, "path_params": dict(route_params)}, receive)
+        request = Request({**scope, "path_params": dict(route_params)}, receive)  # type: ignore[arg-type]
         invocation_id = str(uuid.uuid4()) if spec.wants_context else ""
         if spec.wants_context:
             kwargs = self._invoker.arguments(spec, request, invocation_id)

@@ -206,7 +206,7 @@ def build_app(endpoint_dir: Path) -> Any:
         finally:
             answer.close() if not answer.content.at_eof() else answer.release()
 
-    async def score(request: Request) -> Response:
+    async def score(request: Request) -> Response | StreamedBody:
         doc = view.current()
         if not authorized(doc, request.headers.get("authorization")):
             return JSONResponse(

@@ -116,14 +116,11 @@ def normalise_output(payload: Any) -> ModelOutput:
         texts = _texts_of(payload)
     except _UnknownShape as exc:
         raise UpstreamError(f"the endpoint answered in an unrecognised shape ({exc})") from None
-    reasons: list[str | None] = [None] * len(texts)
-    usage = None
     if isinstance(payload, dict) and "output" in payload and len(texts) == 1:
         # the local server's one-conversation answer carries its finish reason and token counts beside it
         reason = payload.get("finish_reason")
-        reasons = [reason if reason in FINISH_REASONS else None]
-        usage = _usage(payload.get("usage"))
-    return ModelOutput(texts, reasons, usage)
+        return ModelOutput(texts, [reason if reason in FINISH_REASONS else None], _usage(payload.get("usage")))
+    return ModelOutput(texts, [None] * len(texts), None)
 
 
 @dataclass(slots=True)

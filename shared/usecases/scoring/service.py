@@ -177,7 +177,8 @@ class ScoringService:
                 with attempt:
                     result = pending.pop() if pending else await once()
                     if result.status in RETRYABLE_STATUS:
-                        raise _RetryableReply(result)  # type: ignore[arg-type] (non-2xx answers come read)
+                        assert isinstance(result, UpstreamReply)  # non-2xx answers always come read
+                        raise _RetryableReply(result)
                     return result
         except _RetryableReply as exc:
             return exc.reply
