@@ -68,6 +68,9 @@ RUNTIME_ENV = {
     "TRANSFORMERS_OFFLINE",
     "HF_DATASETS_OFFLINE",
     "TOKENIZERS_PARALLELISM",
+    # the CA bundle the endpoint client trusts, read as requests / azure-core read it (shared/adapters/http_client.py)
+    "REQUESTS_CA_BUNDLE",
+    "SSL_CERT_FILE",
 }
 
 # App settings the templates set that no code of ours reads: the host and the azure-monitor exporter do.
