@@ -13,6 +13,11 @@ DEPLOY_VENV := .venv-deploy
 DEPLOY_HASH := $(shell $(PYTHON) -c 'import hashlib; print(hashlib.sha256(b"".join(open(f, "rb").read() \
 	for f in ("requirements.txt", "constraints.txt"))).hexdigest()[:16])')
 DEPLOY_STAMP := $(DEPLOY_VENV)/.installed-$(DEPLOY_HASH)
+# checkov (the Bicep static analyser tests/test_infra.py runs on infra/) in a venv of its own, from the full lock
+# requirements-checkov.txt; rebuilt only when that file changes (the stamp carries its hash; the test computes the same).
+CHECKOV_VENV := .venv-checkov
+CHECKOV_HASH := $(shell $(PYTHON) -c 'import hashlib; print(hashlib.sha256(open("requirements-checkov.txt", "rb").read()).hexdigest()[:16])')
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_HASH)
 
 .PHONY: demo test lint typecheck deps deploy-venv bench clean
 
@@ -38,6 +43,16 @@ $(DEPLOY_STAMP):
 	$(DEPLOY_VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -r requirements.txt
 	touch $@
 
+.PHONY: checkov-venv
+checkov-venv: $(CHECKOV_STAMP)
+
+$(CHECKOV_STAMP):
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 2; }
+	rm -rf $(CHECKOV_VENV)
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-checkov.txt
+	touch $@
+
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
@@ -45,7 +60,7 @@ node_modules/.installed: package.json package-lock.json
 demo: deps
 	$(PY) -m tunegrid demo
 
-test: deps deploy-venv
+test: deps deploy-venv checkov-venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
@@ -64,4 +79,4 @@ bench: deps
 	$(PY) bench/train.py
 
 clean:
-	rm -rf $(VENV) $(DEPLOY_VENV) node_modules .tunegrid .demo .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
+	rm -rf $(VENV) $(DEPLOY_VENV) $(CHECKOV_VENV) node_modules .tunegrid .demo .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -40,6 +40,9 @@ param functionAppName string = ''
 @description('Name of the data storage account; empty = derived from the environment.')
 param storageAccountName string = ''
 
+@description('Name of the Key Vault; empty = derived from the environment. A deleted vault keeps its name for 7 days (purge protection), so a new name lets a torn-down environment be provisioned again sooner.')
+param keyVaultName string = ''
+
 @allowed([
   512
   2048
@@ -88,13 +91,11 @@ param instanceTypeModelImport string = 'Standard_d12_v2'
 @description('Serverless instance type of the preprocess step (AZUREML_INSTANCE_TYPE_PREPROCESS).')
 param instanceTypePreprocess string = 'Standard_d12_v2'
 
-@minLength(1)
-@description('Serverless instance type of the fine-tune step (AZUREML_INSTANCE_TYPE_FINETUNE).')
-param instanceTypeFinetune string = 'Standard_nc24rs_v3'
+@description('Serverless instance type of the fine-tune step; empty = the base model\'s first recommended fine-tune SKU (AZUREML_INSTANCE_TYPE_FINETUNE).')
+param instanceTypeFinetune string = ''
 
-@minLength(1)
-@description('Serverless instance type of the evaluation step (AZUREML_INSTANCE_TYPE_MODEL_EVALUATION).')
-param instanceTypeModelEvaluation string = 'Standard_nc24rs_v3'
+@description('Serverless instance type of the evaluation step; empty = the base model\'s first recommended fine-tune SKU (AZUREML_INSTANCE_TYPE_MODEL_EVALUATION).')
+param instanceTypeModelEvaluation string = ''
 
 @description('GPUs per fine-tune node for serverless compute; empty = read from the cluster\'s size (AZUREML_GPUS_PER_NODE).')
 param gpusPerNode string = ''
@@ -102,9 +103,8 @@ param gpusPerNode string = ''
 @description('Azure ML datastore on the prepared-data container; empty = jobs get https blob URLs (AZUREML_DATASTORE).')
 param mlDatastore string = ''
 
-@minLength(1)
-@description('Instance type of new online deployments (INFERENCE_INSTANCE_TYPE).')
-param inferenceInstanceType string = 'Standard_NC6s_v3'
+@description('Instance type of new online deployments; empty = the base model\'s first recommended inference SKU (INFERENCE_INSTANCE_TYPE).')
+param inferenceInstanceType string = ''
 
 @minLength(1)
 @description('Value of the tunegrid-owner tag on everything this app creates; the janitor only touches resources carrying it (TUNEGRID_INSTANCE).')
@@ -125,18 +125,20 @@ param proxyApiKeys string
 
 // ---------------------------------------------------------------- names
 
+// Conditionals stay on one line and start without `!` (`empty(x) ? derived : x`): pycep, the parser checkov reads
+// Bicep with, rejects a multi-line one and reads `!a ? b : c` as `!(a ? b : c)` (docs/deploy.md).
 var abbrs = loadJsonContent('./abbreviations.json')
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
 var tags = {
   'azd-env-name': environmentName
 }
-var appName = !empty(functionAppName) ? functionAppName : '${abbrs.webSitesFunctions}api-${resourceToken}'
+var appName = empty(functionAppName) ? '${abbrs.webSitesFunctions}api-${resourceToken}' : functionAppName
 var deploymentStorageContainerName = 'app-package-${take(appName, 32)}-${take(toLower(uniqueString(appName, resourceToken)), 7)}'
 var storageSystemTopicName = '${abbrs.eventGridSystemTopics}${abbrs.storageStorageAccounts}-${resourceToken}'
 // One system topic per workspace, shared by every Tunegrid deployment on it: the name depends on the workspace only.
-var mlTopicName = !empty(mlSystemTopicName)
-  ? mlSystemTopicName
-  : '${abbrs.eventGridSystemTopics}${take(mlWorkspaceName, 30)}-${take(uniqueString(subscription().id, mlWorkspaceResourceGroup, mlWorkspaceName), 6)}'
+var mlTopicToken = take(uniqueString(subscription().id, mlWorkspaceResourceGroup, mlWorkspaceName), 6)
+var mlTopicDerivedName = '${abbrs.eventGridSystemTopics}${take(mlWorkspaceName, 30)}-${mlTopicToken}'
+var mlTopicName = empty(mlSystemTopicName) ? mlTopicDerivedName : mlSystemTopicName
 
 // shared/settings.py CONTAINERS and TABLES (tests/test_infra.py keeps these in step with the code).
 var dataContainers = [
@@ -157,7 +159,7 @@ var deadLetterContainerName = 'eventgrid-deadletter'
 // ---------------------------------------------------------------- resources
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
-  name: !empty(resourceGroupName) ? resourceGroupName : '${abbrs.resourcesResourceGroups}${environmentName}'
+  name: empty(resourceGroupName) ? '${abbrs.resourcesResourceGroups}${environmentName}' : resourceGroupName
   location: location
   tags: tags
 }
@@ -193,7 +195,7 @@ module storage 'br/public:avm/res/storage/storage-account:0.8.3' = {
   name: 'storage'
   scope: rg
   params: {
-    name: !empty(storageAccountName) ? storageAccountName : '${abbrs.storageStorageAccounts}${resourceToken}'
+    name: empty(storageAccountName) ? '${abbrs.storageStorageAccounts}${resourceToken}' : storageAccountName
     allowBlobPublicAccess: false
     allowSharedKeyAccess: false // identity only: no account keys, no SAS
     dnsEndpointType: 'Standard'
@@ -246,7 +248,7 @@ module keyVault 'app/keyvault.bicep' = {
   name: 'keyvault'
   scope: rg
   params: {
-    name: '${abbrs.keyVaultVaults}${resourceToken}'
+    name: empty(keyVaultName) ? '${abbrs.keyVaultVaults}${resourceToken}' : keyVaultName
     location: location
     tags: tags
     proxyApiKeys: proxyApiKeys
@@ -266,7 +268,7 @@ var appSettings = {
   VALIDATION_MAX_SEQ_LENGTH: '2048'
   VALIDATION_TOKENIZER: ''
   TEST_SPLIT_PERCENT: '5'
-  BASE_MODEL_NAME: 'Phi-3-mini-4k-instruct'
+  BASE_MODEL_NAME: 'Phi-4'
   BASE_MODEL_LABEL: 'latest'
   BASE_MODEL_VERSION: ''
   AZURE_SUBSCRIPTION_ID: subscription().subscriptionId
@@ -276,7 +278,7 @@ var appSettings = {
   AZUREML_PIPELINE_COMPONENT: 'chat_completion_pipeline'
   AZUREML_PIPELINE_COMPONENT_LABEL: 'latest'
   AZUREML_PIPELINE_COMPONENT_VERSION: ''
-  AZUREML_EXPERIMENT_NAME: 'chat_completion_Phi-3-mini-4k-instruct'
+  AZUREML_EXPERIMENT_NAME: 'chat_completion_{model}'
   AZUREML_COMPUTE: mlCompute
   AZUREML_INSTANCE_TYPE_MODEL_IMPORT: instanceTypeModelImport
   AZUREML_INSTANCE_TYPE_PREPROCESS: instanceTypePreprocess
@@ -355,7 +357,7 @@ module ml 'app/ml-workspace.bicep' = {
 
 module registryAccess 'app/registry-access.bicep' = if (assignRegistryRole) {
   name: 'mlRegistryAccess-${resourceToken}'
-  scope: resourceGroup(!empty(mlRegistryResourceGroup) ? mlRegistryResourceGroup : mlWorkspaceResourceGroup)
+  scope: resourceGroup(empty(mlRegistryResourceGroup) ? mlWorkspaceResourceGroup : mlRegistryResourceGroup)
   params: {
     registryName: mlRegistryName
     principalId: apiIdentity.outputs.principalId

@@ -7,7 +7,7 @@ $ErrorActionPreference = 'Stop'
 Set-Location (Join-Path $PSScriptRoot '..')
 
 if (-not (Get-Command az -ErrorAction SilentlyContinue)) {
-    Write-Error 'The Azure CLI (az) is not available; see docs/deploy.md (prerequisites).'
+    Write-Error 'The Azure CLI (az) is not available; see README.md#prerequisites.'
     exit 1
 }
 

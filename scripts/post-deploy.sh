@@ -12,7 +12,7 @@ set -eu
 cd "$(dirname "$0")/.."
 
 if ! command -v az >/dev/null 2>&1; then
-    echo "Error: the Azure CLI (az) is not available; see docs/deploy.md (prerequisites)." >&2
+    echo "Error: the Azure CLI (az) is not available; see README.md#prerequisites." >&2
     exit 1
 fi
 

@@ -8,6 +8,7 @@ its environment name, default, meaning, parser and constraints live in the field
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from shared.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,22 @@ def flag(raw: str) -> bool:
 
 def comma_list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+KEY_VAULT_REFERENCE = "@Microsoft.KeyVault("
+
+
+def api_keys(raw: str) -> tuple[str, ...]:
+    """Comma-separated keys. An unresolved Key Vault reference gives no key at all: when App Service
+    cannot resolve `@Microsoft.KeyVault(...)` (missing role, network, deleted secret) it passes the
+    reference text through as the value, which must never become a key anyone can send."""
+    if raw.lstrip().startswith(KEY_VAULT_REFERENCE):
+        log.error(
+            "PROXY_API_KEYS is an unresolved Key Vault reference: the proxy refuses every request until it "
+            "resolves (check the app identity's Key Vault Secrets User role and the secret)"
+        )
+        return ()
+    return comma_list(raw)
 
 
 def directory(raw: str) -> Path:
@@ -200,7 +219,10 @@ class Settings:
         check=between(1, 50),
     )
     base_model_name: str = setting(
-        "BASE_MODEL_NAME", "Phi-3-mini-4k-instruct", "Azure ML registry model to fine-tune (Azure backend)."
+        "BASE_MODEL_NAME",
+        "Phi-4",
+        "Azure ML registry model to fine-tune (Azure backend). Phi-4 is fine-tunable for chat completion with no "
+        "deprecation date; the notebook's Phi-3-mini-4k-instruct was retired for fine-tuning on 2025-08-30.",
     )
     base_model_label: str = setting(
         "BASE_MODEL_LABEL", "latest", "Registry label of the base model; ignored when BASE_MODEL_VERSION is set."
@@ -230,8 +252,9 @@ class Settings:
     )
     experiment_name: str = setting(
         "AZUREML_EXPERIMENT_NAME",
-        "chat_completion_Phi-3-mini-4k-instruct",
-        "Experiment the pipeline jobs are filed under.",
+        "chat_completion_{model}",
+        "Experiment the pipeline jobs are filed under; `{model}` becomes the base model's name (the notebook's "
+        "`chat_completion_<model>`).",
     )
     compute: str = setting(
         "AZUREML_COMPUTE", "serverless", "Cluster name for all four pipeline steps, or `serverless`."
@@ -243,12 +266,16 @@ class Settings:
         "AZUREML_INSTANCE_TYPE_PREPROCESS", "Standard_d12_v2", "Serverless instance type of the preprocess step."
     )
     instance_type_finetune: str = setting(
-        "AZUREML_INSTANCE_TYPE_FINETUNE", "Standard_nc24rs_v3", "Serverless instance type of the fine-tune step."
+        "AZUREML_INSTANCE_TYPE_FINETUNE",
+        "",
+        "Serverless instance type of the fine-tune step; empty = the base model's first recommended fine-tune SKU "
+        "that is not retired. A set value must be on the model's list.",
     )
     instance_type_model_evaluation: str = setting(
         "AZUREML_INSTANCE_TYPE_MODEL_EVALUATION",
-        "Standard_nc24rs_v3",
-        "Serverless instance type of the evaluation step.",
+        "",
+        "Serverless instance type of the evaluation step; empty = the base model's first recommended fine-tune SKU "
+        "that is not retired. A set value must be on the model's list.",
     )
     gpus_per_node: int | None = setting(
         "AZUREML_GPUS_PER_NODE",
@@ -261,8 +288,9 @@ class Settings:
     )
     inference_instance_type: str = setting(
         "INFERENCE_INSTANCE_TYPE",
-        "Standard_NC6s_v3",
-        "Instance type of new deployments (checked against the model's inference allow list).",
+        "",
+        "Instance type of new deployments; empty = the base model's first recommended inference SKU that is not "
+        "retired. A set value must be on that list.",
     )
     inference_instance_count: int = setting("INFERENCE_INSTANCE_COUNT", "1", "Instance count of new deployments.")
     request_timeout_ms: int = setting(
@@ -288,7 +316,11 @@ class Settings:
         "ROLLOUT_SCHEDULE", "0 */1 * * * *", "NCRONTAB schedule of the timer that resumes long rollout steps."
     )
     proxy_api_keys: tuple[str, ...] = setting(
-        "PROXY_API_KEYS", "", "Comma-separated keys accepted by the scoring proxy (or a Key Vault reference)."
+        "PROXY_API_KEYS",
+        "",
+        "Comma-separated keys accepted by the scoring proxy (or a Key Vault reference); an unresolved reference "
+        "is no key: every request is refused.",
+        parse=api_keys,
     )
     proxy_max_body_bytes: int = setting(
         "PROXY_MAX_BODY_BYTES", "1048576", "Largest accepted request body; bigger gives 413."

@@ -65,6 +65,7 @@ API_HOST = f"https://{LOCATION}.api.azureml.ms"
 MLFLOW_PATH = f"/mlflow/v1.0{WS_PATH}/api/2.0/mlflow"
 HISTORY_PATH = f"/history/v1.0{WS_PATH}"
 SCORING_HOST_TEMPLATE = "https://{endpoint}.{location}.inference.ml.azure.com"
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def load(filename: str, /, **subs: str) -> Any:
@@ -365,9 +366,10 @@ class AzureMLRig:
             }
         )
 
-    def backend(self, settings: Any = None, **caller: Any) -> Any:
+    def backend(self, settings: Any = None, *, clock: Callable[[], Any] | None = None, **caller: Any) -> Any:
         """An `AzureMLBackend` whose every request goes through this rig. Retries wait at most
-        milliseconds unless the test asks otherwise (`caller` goes to `ServiceCaller`)."""
+        milliseconds unless the test asks otherwise (`caller` goes to `ServiceCaller`); `clock` fixes
+        "now" (retirement dates, the metrics window)."""
         from shared.adapters.azureml.backend import AzureMLBackend
         from shared.adapters.azureml.service_calls import ServiceCaller
 
@@ -377,6 +379,7 @@ class AzureMLRig:
             credential=self.credential,
             transport=self.transport(),
             caller=ServiceCaller(**options),
+            **({"clock": clock} if clock is not None else {}),
         )
 
     def workspace_client(self, **kwargs: Any) -> Any:
@@ -404,16 +407,31 @@ class AzureMLRig:
         self.on("GET", re.escape(WS_PATH), Reply(200, load("workspace.json")))
         self.on("GET", "/discovery", Reply(200, load("workspace_discovery.json")), host=f"{LOCATION}.api.azureml.ms")
 
-    def serve_registry(self, *, model: Any = None, component: Any = None) -> None:
-        """Discovery, the base model (by label and by version) and the pipeline component."""
-        self.serve_registry_discovery()
-        model = model if model is not None else load("model_phi3_mini.json")
+    def serve_model_version(self, model: Any) -> None:
+        """A registry model version (a REST document) by version and as the label `latest`."""
         name = model["id"].split("/models/")[1].split("/")[0]
-        version = model["name"]
         base = re.escape(REGISTRY_PATH) + f"/models/{re.escape(name)}/versions"
         self.on("GET", base, Reply(200, {"value": [model]}))
-        self.on("GET", base + "/" + re.escape(version), Reply(200, model))
-        component = component if component is not None else load("component_chat_completion_pipeline.json")
+        self.on("GET", base + "/" + re.escape(str(model["name"])), Reply(200, model))
+
+    def serve_registry(self, *, model: Any = None, component: Any = None, listed: Sequence[str] | None = None) -> None:
+        """Discovery, the registry's model listing (`listed`: azureml-assets model specs, default all of
+        tests/data/azure-reference's), each listed model's latest version, the base model (default:
+        Phi-4 from its spec) and the pipeline component (default: chat_completion_pipeline 0.0.82 from
+        its spec). The base model is registered last, so it wins over a listed spec of the same name."""
+        from tests import azure_reference as ref
+
+        self.serve_registry_discovery()
+        specs = list(listed) if listed is not None else [ref.PHI3_MINI_SYSTEM_METADATA, ref.PHI3_SMALL, ref.PHI4]
+        self.on(
+            "GET",
+            re.escape(REGISTRY_PATH) + "/models",
+            Reply(200, {"value": [ref.model_container_doc(f) for f in specs]}),
+        )
+        for filename in specs:
+            self.serve_model_version(ref.model_version_doc(filename))
+        self.serve_model_version(model if model is not None else ref.model_version_doc(ref.PHI4))
+        component = component if component is not None else ref.component_version_doc()
         cbase = re.escape(REGISTRY_PATH) + "/components/chat_completion_pipeline/versions"
         self.on("GET", cbase, Reply(200, {"value": [component]}))
         self.on("GET", cbase + "/" + re.escape(component["name"]), Reply(200, component))
@@ -425,7 +443,7 @@ class AzureMLRig:
             Reply(200, load("vm_sizes.json")),
         )
 
-    def serve_cluster(self, name: str, *, vm_size: str = "STANDARD_NC24RS_V3", state: str = "Succeeded") -> None:
+    def serve_cluster(self, name: str, *, vm_size: str = "STANDARD_NC24ADS_A100_V4", state: str = "Succeeded") -> None:
         doc = load("compute_gpu_cluster.json", name=name, vm_size=vm_size, provisioning_state=state)
         self.on("GET", re.escape(f"{WS_PATH}/computes/{name}"), Reply(200, doc))
 
@@ -583,6 +601,32 @@ def no_sockets(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    yield attempts
+    assert not attempts, f"real sockets were attempted: {attempts}"
+
+
+@pytest.fixture
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """Azurite on 127.0.0.1 is reachable; any other socket (a request that escaped the rig) fails."""
+    attempts: list[Any] = []
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def guard(address: Any) -> None:
+        host = address[0] if isinstance(address, tuple) else address
+        if host not in LOOPBACK:
+            attempts.append(address)
+            raise RuntimeError(f"test tried to open a real socket to {address!r}")
+
+    def connect(self: socket.socket, address: Any) -> Any:
+        guard(address)
+        return real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> Any:
+        guard(address)
+        return real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
     yield attempts
     assert not attempts, f"real sockets were attempted: {attempts}"
 

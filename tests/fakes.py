@@ -17,6 +17,7 @@ from shared.domain.resources import (
     EndpointActivity,
     EndpointCredentials,
     EndpointInfo,
+    Finding,
     FineTuneRequest,
     JobRef,
     JobState,
@@ -60,6 +61,8 @@ class FakeBackend:
     """Deployments whose provisioning fails."""
     mute_deployments: set[str] = field(default_factory=set)
     """Deployments that provision but answer with empty text (a bad model)."""
+    findings: list[Finding] = field(default_factory=list)
+    """What `check_finetune` answers (errors make ingest refuse the run before submitting)."""
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     def __post_init__(self) -> None:
@@ -84,6 +87,10 @@ class FakeBackend:
         return False
 
     # jobs
+    def check_finetune(self, request: FineTuneRequest) -> list[Finding]:
+        self._call("check_finetune", request.job_name)
+        return list(self.findings)
+
     def submit_finetune(self, request: FineTuneRequest) -> JobRef:
         self._call("submit_finetune", request.job_name)
         with self.lock:

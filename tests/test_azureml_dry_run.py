@@ -16,11 +16,9 @@ import yaml
 from shared.domain.resources import DataRef, FineTuneRequest
 from shared.domain.sidecar import parse_sidecar
 from shared.settings import Settings
+from tests import azure_reference as ref
 from tests import azureml_rig as rig_module
-from tests.azureml_rig import (
-    AzureMLRig,
-    load,
-)
+from tests.azureml_rig import AzureMLRig
 from tunegrid.cli import main
 from tunegrid.commands.submit import blob_base_url, dry_run_spec, to_yaml
 
@@ -82,12 +80,13 @@ def test_dry_run_yaml_matches_the_notebook_field_by_field(
     assert code == 0, err
     assert out.startswith("# Tunegrid dry run")
     assert "GPUs per node are unknown without a network call, so 1 is shown" in out
+    assert "# instance_type_finetune, instance_type_model_evaluation: not set, so the submission takes the base" in out
     job = yaml.safe_load(out)
     assert job["$schema"] == "https://azuremlschemas.azureedge.net/latest/pipelineJob.schema.json"
     assert job["type"] == "pipeline"
-    assert job["experiment_name"] == "chat_completion_Phi-3-mini-4k-instruct"
+    assert job["experiment_name"] == "chat_completion_Phi-4"
     assert job["settings"] == {"force_rerun": True, "continue_on_step_failure": False}
-    assert job["display_name"] == "Phi-3-mini-4k-instruct-ultrachat-bs1-cosine-ds2-lora-save_limit-1-seqlen-1"
+    assert job["display_name"] == "Phi-4-ultrachat-bs1-cosine-ds2-lora-save_limit-1-seqlen-1"
     assert re.fullmatch(r"tunegrid-r[0-9a-f]{15}", job["name"])
     assert job["outputs"] == {"trained_model": {"type": "mlflow_model", "mode": "rw_mount"}}
     run_id = job["name"].removeprefix("tunegrid-")
@@ -95,7 +94,7 @@ def test_dry_run_yaml_matches_the_notebook_field_by_field(
         "tunegridrunid": run_id,
         "tunegriddataset": "ultrachat.jsonl",
         "tunegrid-owner": "tunegrid",
-        "tunegridbasemodelid": "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/labels/latest",
+        "tunegridbasemodelid": "azureml://registries/azureml/models/Phi-4/labels/latest",
     }
     [(node_name, node)] = job["jobs"].items()
     assert node_name == "chat_completion_pipeline" and node["type"] == "pipeline"
@@ -104,7 +103,7 @@ def test_dry_run_yaml_matches_the_notebook_field_by_field(
     inputs = node["inputs"]
     assert inputs.pop("mlflow_model_path") == {
         "type": "mlflow_model",
-        "path": "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/labels/latest",
+        "path": "azureml://registries/azureml/models/Phi-4/labels/latest",
     }
     base = f"https://sttunegrid.blob.core.windows.net/prepared-data/{run_id}"
     assert inputs.pop("train_file_path") == {"type": "uri_file", "path": f"{base}/train.jsonl"}
@@ -116,8 +115,7 @@ def test_dry_run_yaml_matches_the_notebook_field_by_field(
         "compute_model_evaluation": "serverless",
         "instance_type_model_import": "Standard_d12_v2",
         "instance_type_preprocess": "Standard_d12_v2",
-        "instance_type_finetune": "Standard_nc24rs_v3",
-        "instance_type_model_evaluation": "Standard_nc24rs_v3",
+        # no GPU sizes: the submission reads them from the model's list (a note above says so)
         "number_of_gpu_to_use_finetuning": 1,
         "num_nodes_finetune": 1,
         **NOTEBOOK_FINETUNE_PARAMETERS,
@@ -133,7 +131,7 @@ def test_dry_run_follows_settings_and_the_sidecar(
     monkeypatch.setenv("AZUREML_DATASTORE", "prepareddata")
     monkeypatch.setenv("AZUREML_PIPELINE_COMPONENT_VERSION", "0.0.82")
     (dataset.parent / "ultrachat.config.json").write_text(
-        json.dumps({"model_version": "15", "finetune": {"learning_rate": 2e-5, "apply_lora": False}})
+        json.dumps({"model_version": "8", "finetune": {"learning_rate": 2e-5, "apply_lora": False}})
     )
     code, out, err = _dry_run(capsys, str(dataset), "--backend", "azureml", "--dry-run")
     assert code == 0, err
@@ -141,14 +139,12 @@ def test_dry_run_follows_settings_and_the_sidecar(
     node = job["jobs"]["chat_completion_pipeline"]
     assert node["component"] == "azureml://registries/azureml/components/chat_completion_pipeline/versions/0.0.82"
     inputs = node["inputs"]
-    assert (
-        inputs["mlflow_model_path"]["path"] == "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/15"
-    )
+    assert inputs["mlflow_model_path"]["path"] == "azureml://registries/azureml/models/Phi-4/versions/8"
     assert inputs["compute_finetune"] == "gpu-cluster-big" and "instance_type_finetune" not in inputs
     assert inputs["number_of_gpu_to_use_finetuning"] == 8 and "from AZUREML_GPUS_PER_NODE" in out
     assert inputs["train_file_path"]["path"].startswith("azureml://datastores/prepareddata/paths/r")
     assert (inputs["learning_rate"], inputs["apply_lora"], inputs["num_train_epochs"]) == (2e-5, "false", 3)
-    assert job["display_name"] == "Phi-3-mini-4k-instruct-ultrachat-bs8-cosine-ds2-nolora-save_limit-1-seqlen-1"
+    assert job["display_name"] == "Phi-4-ultrachat-bs8-cosine-ds2-nolora-save_limit-1-seqlen-1"
 
 
 def test_an_invalid_dataset_exits_1_with_the_summary(
@@ -218,14 +214,15 @@ def test_the_dry_run_yaml_is_what_the_real_submission_puts(
     azureml_rig: AzureMLRig, dataset: Path, tmp_path: Path
 ) -> None:
     """azure-ai-ml loads the dry-run YAML (as the CLI does) into the same REST job the adapter PUTs,
-    once the registry labels are pinned to the versions they resolve to."""
+    once the registry labels are pinned to the versions they resolve to; the submission adds the two
+    GPU sizes, the first of Phi-4's list (the spec it is served from), which the dry run leaves out."""
     rig = azureml_rig
-    settings = rig.settings(AZUREML_GPUS_PER_NODE="4", DataStorage="AccountName=sttunegrid;AccountKey=a2V5")
+    settings = rig.settings(AZUREML_GPUS_PER_NODE="1", DataStorage="AccountName=sttunegrid;AccountKey=a2V5")
     sidecar = parse_sidecar(None)
     spec = dry_run_spec(dataset, sidecar, settings)
     from_yaml = _sdk_rest_body(to_yaml(spec), tmp_path)["properties"]
 
-    model = load("model_phi3_mini.json")
+    model = ref.model_version_doc(ref.PHI4)
     del model["properties"]["tags"]["model_specific_defaults"]
     rig.serve_registry(model=model)
     rig.serve_vm_sizes()
@@ -242,7 +239,7 @@ def test_the_dry_run_yaml_is_what_the_real_submission_puts(
     sent = put.calls[0].json["properties"]
 
     pinned = {
-        "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/labels/latest": "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/15",
+        "azureml://registries/azureml/models/Phi-4/labels/latest": "azureml://registries/azureml/models/Phi-4/versions/8",
         "azureml://registries/azureml/components/chat_completion_pipeline/labels/latest": "azureml://registries/azureml/components/chat_completion_pipeline/versions/0.0.82",
     }
     text = json.dumps(from_yaml)
@@ -250,12 +247,18 @@ def test_the_dry_run_yaml_is_what_the_real_submission_puts(
         text = text.replace(label_id, version_id)
     from_yaml = json.loads(text)
     yaml_node, sent_node = from_yaml["jobs"]["chat_completion_pipeline"], sent["jobs"]["chat_completion_pipeline"]
+    chosen = {
+        k: sent_node["inputs"].pop(k)["value"] for k in ("instance_type_finetune", "instance_type_model_evaluation")
+    }
+    assert chosen == dict.fromkeys(chosen, "Standard_NC24ads_A100_v4")
     assert yaml_node["inputs"] == sent_node["inputs"]
     assert (yaml_node["componentId"], yaml_node["outputs"], yaml_node["type"]) == (
         sent_node["componentId"],
         sent_node["outputs"],
         sent_node["type"],
     )
+    # the SDK copies the component output's description onto the submitted job's output
+    assert sent["outputs"]["trained_model"].pop("description").startswith("output folder containing _best_")
     for key in ("displayName", "experimentName", "tags", "outputs", "jobType"):
         assert from_yaml[key] == sent[key], key
     assert {k: v for k, v in from_yaml["settings"].items() if k != "_source"} == {

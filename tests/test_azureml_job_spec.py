@@ -15,7 +15,7 @@ from shared.adapters.azureml.job_spec import (
     display_name_for,
     registry_asset_id,
 )
-from shared.adapters.azureml.model_tags import parse_allow_list, parse_model_defaults, parse_model_tags
+from shared.adapters.azureml.model_tags import parse_allow_list, parse_model_defaults
 from shared.domain.resources import DataRef, FineTuneRequest
 from shared.domain.sidecar import NOTEBOOK_DEFAULTS
 from shared.errors import ConfigError, InvalidInput
@@ -59,14 +59,15 @@ def _plan(target: str = "serverless", gpus: int | None = 4, nodes: int = 1) -> C
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ("['Standard_NC24rs_v3', 'Standard_ND40rs_v2']", ("Standard_NC24rs_v3", "Standard_ND40rs_v2")),
+        ("['Standard_NC24ads_A100_v4', 'Standard_ND96asr_v4']", ("Standard_NC24ads_A100_v4", "Standard_ND96asr_v4")),
         ('["Standard_NC24ads_A100_v4"]', ("Standard_NC24ads_A100_v4",)),
-        ("'Standard_NC6s_v3'", ("Standard_NC6s_v3",)),
+        ("'Standard_NC24ads_A100_v4'", ("Standard_NC24ads_A100_v4",)),
+        (["Standard_NC24ads_A100_v4", " Standard_ND96asr_v4 "], ("Standard_NC24ads_A100_v4", "Standard_ND96asr_v4")),
         (None, None),
     ],
 )
-def test_allow_list_tags_parse(raw: str | None, expected: tuple[str, ...] | None) -> None:
-    """Allow lists are Python or JSON list literals; a missing tag means no allow list."""
+def test_allow_list_tags_parse(raw: Any, expected: tuple[str, ...] | None) -> None:
+    """Allow lists are Python or JSON list literals (a spec file's YAML list as it is); a missing tag means no list."""
     assert parse_allow_list("m", "finetune_compute_allow_list", raw) == expected
 
 
@@ -96,9 +97,13 @@ def test_malformed_allow_list_is_a_config_error(raw: str) -> None:
             {"apply_deepspeed": "true", "max_seq_length": 2048},
         ),
         ('{"apply_lora": "true", "some_new_input": "x"}', {"apply_lora": "true", "some_new_input": "x"}),
+        (  # a spec file's YAML mapping (model-Phi-4.spec.yaml's form), PyYAML reading 5e-6 as text
+            {"deepspeed_stage": 3, "precision": 16, "learning_rate": "5e-6", "logging_strategy": "steps"},
+            {"deepspeed_stage": "3", "precision": "16", "learning_rate": 5e-6, "logging_strategy": "steps"},
+        ),
     ],
 )
-def test_model_specific_defaults_parse(raw: str, expected: dict[str, Any]) -> None:
+def test_model_specific_defaults_parse(raw: Any, expected: dict[str, Any]) -> None:
     """Defaults in the registry's literal forms become component input values of the sidecar's kinds."""
     assert parse_model_defaults("m", raw) == expected
 
@@ -116,7 +121,7 @@ def test_model_specific_defaults_parse(raw: str, expected: dict[str, Any]) -> No
 def test_malformed_model_defaults_are_config_errors(raw: str, match: str) -> None:
     """A `model_specific_defaults` tag that cannot be used gives a clear ConfigError."""
     with pytest.raises(ConfigError, match=match):
-        parse_model_tags("m", {"model_specific_defaults": raw})
+        parse_model_defaults("m", raw)
 
 
 def test_precedence_app_defaults_then_model_defaults_then_sidecar() -> None:
@@ -169,18 +174,48 @@ def test_serverless_passes_instance_types_and_a_cluster_does_not() -> None:
         "model_path": "azureml://registries/azureml/models/m/versions/1",
         "component": "azureml://registries/azureml/components/c/versions/1",
     }
-    serverless = build_job_spec(_settings(), _request(), compute=_plan("serverless"), **common)
+    pinned = _settings(
+        AZUREML_INSTANCE_TYPE_FINETUNE="Standard_NC24ads_A100_v4",
+        AZUREML_INSTANCE_TYPE_MODEL_EVALUATION="Standard_NC48ads_A100_v4",
+    )
+    serverless = build_job_spec(pinned, _request(), compute=compute_plan(pinned, {"gpus_per_node": 1}), **common)
     cluster = build_job_spec(_settings(), _request(), compute=_plan("gpu-cluster-big"), **common)
     assert {k: serverless.compute_inputs[k] for k in INSTANCE_TYPE_INPUTS} == {
         "instance_type_model_import": "Standard_d12_v2",
         "instance_type_preprocess": "Standard_d12_v2",
-        "instance_type_finetune": "Standard_nc24rs_v3",
-        "instance_type_model_evaluation": "Standard_nc24rs_v3",
+        "instance_type_finetune": "Standard_NC24ads_A100_v4",
+        "instance_type_model_evaluation": "Standard_NC48ads_A100_v4",
     }
     assert cluster.compute_inputs == dict.fromkeys(
         ("compute_model_import", "compute_preprocess", "compute_finetune", "compute_model_evaluation"),
         "gpu-cluster-big",
     )
+
+
+def test_unset_gpu_sizes_are_left_to_the_models_list_with_a_note() -> None:
+    """With the shipped defaults the fine-tune and evaluation sizes are not in the spec (the submission
+    takes them from the model's list); the note says so, and what the component would use instead."""
+    plan = _plan()
+    assert plan.instance_types["instance_type_finetune"] == "" and plan.sources["instance_type_finetune"] == (
+        "the base model's fine-tune SKU list"
+    )
+    spec = build_job_spec(_settings(), _request(), model_name="m", model_path="p", component="c", compute=plan)
+    assert "instance_type_finetune" not in spec.compute_inputs
+    assert "instance_type_model_evaluation" not in spec.compute_inputs
+    assert spec.compute_inputs["instance_type_preprocess"] == "Standard_d12_v2"
+    [note] = [n for n in spec.notes if n.startswith("instance_type_finetune, instance_type_model_evaluation")]
+    assert "first fine-tune SKU that is not retired" in note and "Standard_nc24rs_v3 (NCv3, retired 2025-09-30)" in note
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [(None, "chat_completion_Phi-4"), ("tunegrid-{model}-runs", "tunegrid-Phi-4-runs"), ("fixed", "fixed")],
+)
+def test_the_experiment_name_fills_in_the_model(setting: str | None, expected: str) -> None:
+    """AZUREML_EXPERIMENT_NAME's `{model}` (the default `chat_completion_{model}`) is the base model's name."""
+    settings = _settings(**({"AZUREML_EXPERIMENT_NAME": setting} if setting is not None else {}))
+    spec = build_job_spec(settings, _request(), model_name="Phi-4", model_path="p", component="c", compute=_plan())
+    assert spec.experiment_name == expected
 
 
 def test_sidecar_compute_overrides_settings() -> None:

@@ -14,6 +14,7 @@ import stamina
 
 from shared.domain.resources import DataRef, FineTuneRequest, JobState
 from shared.errors import ComputeError, ConfigError, ConflictError, NotFound, PermissionDenied, TransientError
+from tests import azure_reference as ref
 from tests import azureml_rig as rig_module
 from tests.azureml_rig import (
     API_HOST,
@@ -30,7 +31,8 @@ from tests.azureml_rig import (
 azureml_rig = rig_module.azureml_rig  # fixtures: the rig (no socket may open) and the socket guard alone
 no_sockets = rig_module.no_sockets
 
-NOTEBOOK_MODEL_ID = "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/15"
+PHI4_ID = "azureml://registries/azureml/models/Phi-4/versions/8"
+"""The shipped default base model, served from tests/data/azure-reference/azureml-assets/model-Phi-4.spec.yaml."""
 NOTEBOOK_COMPONENT_ID = "azureml://registries/azureml/components/chat_completion_pipeline/versions/0.0.82"
 
 
@@ -50,9 +52,14 @@ def _request(**kwargs: Any) -> FineTuneRequest:
     return FineTuneRequest(**{**base, **kwargs})
 
 
-def _model_without_defaults() -> Any:
-    model = load("model_phi3_mini.json")
-    del model["properties"]["tags"]["model_specific_defaults"]
+def _phi4(*, defaults: bool = True, skus: bool = True) -> Any:
+    """Phi-4 as the registry answers it (from its spec), optionally without its model_specific_defaults
+    tag or its system_metadata.SKU lists (the model then has no list at all)."""
+    model = ref.model_version_doc(ref.PHI4)
+    if not defaults:
+        del model["properties"]["tags"]["model_specific_defaults"]
+    if not skus:
+        del model["properties"]["system_metadata"]["SKU"]
     return model
 
 
@@ -63,20 +70,21 @@ def _literals(node: dict[str, Any]) -> dict[str, Any]:
 def test_submission_puts_the_notebooks_pipeline_job(azureml_rig: AzureMLRig) -> None:
     """The PUT body is the notebook's pipeline, field by field; the job name is ours and nothing waits."""
     rig = azureml_rig
-    rig.serve_registry(model=_model_without_defaults())
+    rig.serve_registry(model=_phi4(defaults=False))
     rig.serve_vm_sizes()
     put = rig.accept_job_submission()
     backend = rig.backend(rig.settings(AZUREML_DATASTORE="prepareddata"))
 
-    ref = backend.submit_finetune(_request())
+    job = backend.submit_finetune(_request())
 
-    assert ref.name == "tunegrid-r1" and ref.base_model_id == NOTEBOOK_MODEL_ID
-    assert ref.studio_url and "tunegrid-r1" in ref.studio_url
+    assert job.name == "tunegrid-r1" and job.base_model_id == PHI4_ID
+    assert job.studio_url and "tunegrid-r1" in job.studio_url
     assert rig.summary() == [
         "GET {ws}/jobs/tunegrid-r1",  # check before act
         "GET /registrymanagement/v1.0/registries/azureml/discovery",
-        "GET {registry}/models/Phi-3-mini-4k-instruct/versions",  # label latest
-        "GET {registry}/models/Phi-3-mini-4k-instruct/versions/15",
+        "GET {registry}/models/Phi-4/versions",  # label latest
+        "GET {registry}/models/Phi-4/versions/8",
+        "GET {registry}/models/Phi-4/versions/8",  # again, as the REST document (isArchived, system_metadata)
         "GET {ws}",  # the workspace's location, for list_sizes
         f"GET /subscriptions/{SUBSCRIPTION}/providers/Microsoft.MachineLearningServices/locations/eastus/vmSizes",
         "GET {registry}/components/chat_completion_pipeline/versions",
@@ -87,20 +95,26 @@ def test_submission_puts_the_notebooks_pipeline_job(azureml_rig: AzureMLRig) -> 
     assert call.query["api-version"] == "2024-01-01-preview"
     props = call.json["properties"]
     assert props["jobType"] == "Pipeline"
-    assert props["experimentName"] == "chat_completion_Phi-3-mini-4k-instruct"
-    assert props["displayName"] == "Phi-3-mini-4k-instruct-ultrachat-bs4-cosine-ds2-lora-save_limit-1-seqlen-1"
+    assert props["experimentName"] == "chat_completion_Phi-4"
+    assert props["displayName"] == "Phi-4-ultrachat-bs1-cosine-ds2-lora-save_limit-1-seqlen-1"
     assert props["settings"] == {"continue_on_step_failure": False, "force_rerun": True, "_source": "DSL"}
     assert props["tags"] == {
         "tunegridrunid": "r1",
         "tunegriddataset": "ultrachat.jsonl",
         "tunegrid-owner": "tunegrid",
-        "tunegridbasemodelid": NOTEBOOK_MODEL_ID,
+        "tunegridbasemodelid": PHI4_ID,
     }
-    assert props["outputs"] == {"trained_model": {"mode": "ReadWriteMount", "jobOutputType": "mlflow_model"}}
+    assert props["outputs"] == {  # the description comes from the component's own mlflow_model_folder output
+        "trained_model": {
+            "mode": "ReadWriteMount",
+            "jobOutputType": "mlflow_model",
+            "description": "output folder containing _best_ finetuned model in mlflow format.",
+        }
+    }
     node = props["jobs"]["chat_completion_pipeline"]
     assert node["componentId"] == NOTEBOOK_COMPONENT_ID and node["type"] == "pipeline"
     assert node["outputs"] == {"mlflow_model_folder": {"value": "${{parent.outputs.trained_model}}", "type": "literal"}}
-    assert node["inputs"]["mlflow_model_path"] == {"uri": NOTEBOOK_MODEL_ID, "job_input_type": "mlflow_model"}
+    assert node["inputs"]["mlflow_model_path"] == {"uri": PHI4_ID, "job_input_type": "mlflow_model"}
     assert node["inputs"]["train_file_path"] == {
         "uri": "azureml://datastores/prepareddata/paths/r1/train.jsonl",
         "job_input_type": "uri_file",
@@ -110,20 +124,21 @@ def test_submission_puts_the_notebooks_pipeline_job(azureml_rig: AzureMLRig) -> 
         "job_input_type": "uri_file",
     }
     assert _literals(node) == {
-        # the notebook's compute inputs (serverless here, with the component's instance types)
+        # the notebook's compute inputs (serverless here); the GPU sizes are the first of Phi-4's
+        # system_metadata.SKU.finetuneRecommendedSkus, as no setting names one
         "compute_model_import": "serverless",
         "compute_preprocess": "serverless",
         "compute_finetune": "serverless",
         "compute_model_evaluation": "serverless",
         "instance_type_model_import": "Standard_d12_v2",
         "instance_type_preprocess": "Standard_d12_v2",
-        "instance_type_finetune": "Standard_nc24rs_v3",
-        "instance_type_model_evaluation": "Standard_nc24rs_v3",
-        "mlflow_model_path": NOTEBOOK_MODEL_ID,
+        "instance_type_finetune": "Standard_NC24ads_A100_v4",
+        "instance_type_model_evaluation": "Standard_NC24ads_A100_v4",
+        "mlflow_model_path": PHI4_ID,
         "train_file_path": "azureml://datastores/prepareddata/paths/r1/train.jsonl",
         "test_file_path": "azureml://datastores/prepareddata/paths/r1/test.jsonl",
-        # GPUs per node from list_sizes() for Standard_nc24rs_v3
-        "number_of_gpu_to_use_finetuning": "4",
+        # GPUs per node from list_sizes() for Standard_NC24ads_A100_v4
+        "number_of_gpu_to_use_finetuning": "1",
         "num_nodes_finetune": "1",
         # the notebook's finetune_parameters
         "num_train_epochs": "3",
@@ -140,22 +155,22 @@ def test_submission_puts_the_notebooks_pipeline_job(azureml_rig: AzureMLRig) -> 
 def test_model_specific_defaults_and_sidecar_values_reach_the_job(azureml_rig: AzureMLRig) -> None:
     """model_specific_defaults override the notebook's defaults; the user's sidecar values override both."""
     rig = azureml_rig
-    rig.serve_registry()  # its tag: apply_deepspeed/apply_lora true, precision 16, ignore_mismatched_sizes false, max_seq_length 2048
+    rig.serve_registry()  # Phi-4's tag: deepspeed_stage 3, precision 16, num_train_epochs 1, learning_rate 5e-6, ...
     rig.serve_vm_sizes()
     put = rig.accept_job_submission()
     rig.backend().submit_finetune(_request(params={"max_seq_length": 1024, "learning_rate": 1e-4}))
     inputs = _literals(put.calls[0].json["properties"]["jobs"]["chat_completion_pipeline"])
-    assert inputs["precision"] == "16" and inputs["ignore_mismatched_sizes"] == "false"
+    assert inputs["precision"] == "16" and inputs["deepspeed_stage"] == "3" and inputs["logging_strategy"] == "steps"
     assert inputs["max_seq_length"] == "1024" and inputs["learning_rate"] == "0.0001"
-    assert inputs["num_train_epochs"] == "3"
+    assert inputs["num_train_epochs"] == "1"  # the model's default beats the notebook's 3
 
 
 def test_an_existing_job_is_returned_not_resubmitted(azureml_rig: AzureMLRig) -> None:
     """Check before act: a job with our name exists, so nothing else is read or sent."""
     rig = azureml_rig
     rig.serve_job("tunegrid-r1", status="Running")
-    ref = rig.backend().submit_finetune(_request())
-    assert ref.name == "tunegrid-r1" and ref.base_model_id == NOTEBOOK_MODEL_ID
+    job = rig.backend().submit_finetune(_request())
+    assert job.name == "tunegrid-r1" and job.base_model_id == PHI4_ID
     assert rig.summary() == ["GET {ws}/jobs/tunegrid-r1", "GET {ws}"]
     assert not rig.requests("PUT")
 
@@ -177,24 +192,27 @@ def test_a_concurrent_submission_409_reads_the_job_created_first(azureml_rig: Az
 
 
 @pytest.mark.parametrize(
-    ("cluster_state", "vm_size", "model_tags", "error"),
+    ("cluster_state", "vm_size", "listed", "error"),
     [
-        (None, "", None, "compute cluster 'gpu-cluster-big' does not exist"),
-        ("Failed", "STANDARD_ND40RS_V2", None, "failed provisioning state"),
-        ("Succeeded", "Standard_NC6", "none", r"Standard_NC6 .*K80"),
-        ("Succeeded", "STANDARD_NC6S_V3", None, r"STANDARD_NC6S_V3 .*not in the allow-listed computes"),
-        ("Succeeded", "Standard_E4s_v3", "none", r"GPUs of VM size Standard_E4s_v3 .*not found"),
+        (None, "", True, "compute cluster 'gpu-cluster-big' does not exist"),
+        ("Failed", "STANDARD_ND96ASR_V4", True, "failed provisioning state"),
+        ("Succeeded", "Standard_NC6", False, r"Standard_NC6 \(cluster gpu-cluster-big\) has K80 GPUs"),
+        (
+            "Succeeded",
+            "STANDARD_NC6S_V3",
+            True,
+            r"STANDARD_NC6S_V3 \(cluster gpu-cluster-big\) is in the NCv3 family, retired on 2025-09-30",
+        ),
+        ("Succeeded", "Standard_E4s_v3", True, r"Standard_E4s_v3 .*not on the fine-tune SKU list of Phi-4:8"),
+        ("Succeeded", "Standard_E4s_v3", False, r"GPUs of VM size Standard_E4s_v3 .*not found"),
     ],
 )
 def test_compute_checks_refuse_before_submitting(
-    azureml_rig: AzureMLRig, cluster_state: str | None, vm_size: str, model_tags: str | None, error: str
+    azureml_rig: AzureMLRig, cluster_state: str | None, vm_size: str, listed: bool, error: str
 ) -> None:
-    """Missing or failed clusters, K80 sizes and sizes outside the allow list stop the submission."""
+    """Missing or failed clusters, K80 and retired sizes, and sizes off the model's list stop the submission."""
     rig = azureml_rig
-    model = load("model_phi3_mini.json")
-    if model_tags == "none":
-        del model["properties"]["tags"]["finetune_compute_allow_list"]
-    rig.serve_registry(model=model)
+    rig.serve_registry(model=_phi4(skus=listed))
     rig.serve_vm_sizes()
     rig.accept_job_submission()
     if cluster_state is None:
@@ -234,18 +252,19 @@ def test_more_gpus_than_the_size_has_is_refused(azureml_rig: AzureMLRig) -> None
     rig.serve_registry()
     rig.serve_vm_sizes()
     rig.accept_job_submission()
-    with pytest.raises(ComputeError, match="more than the 4 GPUs"):
+    with pytest.raises(ComputeError, match="more than the 1 GPUs of Standard_NC24ads_A100_v4"):
         rig.backend(rig.settings(AZUREML_GPUS_PER_NODE="8")).submit_finetune(_request())
 
 
 def test_malformed_model_tags_are_a_config_error(azureml_rig: AzureMLRig) -> None:
     """A registry model whose tags cannot be parsed stops the submission with a clear ConfigError."""
     rig = azureml_rig
-    model = load("model_phi3_mini.json")
+    model = _phi4()
     model["properties"]["tags"]["model_specific_defaults"] = "{'apply_lora': 'true'"
     rig.serve_registry(model=model)
+    rig.serve_vm_sizes()
     rig.accept_job_submission()
-    with pytest.raises(ConfigError, match=r"Phi-3-mini-4k-instruct:15: tag 'model_specific_defaults'"):
+    with pytest.raises(ConfigError, match=r"Phi-4:8: tag 'model_specific_defaults'"):
         rig.backend().submit_finetune(_request())
     assert not rig.requests("PUT")
 
@@ -254,8 +273,8 @@ def test_malformed_model_tags_are_a_config_error(azureml_rig: AzureMLRig) -> Non
     ("route", "match"),
     [
         (
-            re.escape(REGISTRY_PATH) + "/models/Phi-3-mini-4k-instruct/versions",
-            r"base model Phi-3-mini-4k-instruct \(label latest\) in registry azureml: not found",
+            re.escape(REGISTRY_PATH) + "/models/Phi-4/versions",
+            r"base model Phi-4 \(label latest\) in registry azureml: not found",
         ),
         (
             re.escape(REGISTRY_PATH) + "/components/chat_completion_pipeline/versions",
@@ -283,12 +302,12 @@ def test_a_pinned_model_version_is_read_directly(azureml_rig: AzureMLRig) -> Non
     rig.accept_job_submission()
     rig.on(
         "GET",
-        re.escape(REGISTRY_PATH) + "/models/Phi-3-mini-4k-instruct/versions/99",
+        re.escape(REGISTRY_PATH) + "/models/Phi-4/versions/99",
         error_reply(404, "NotFound", "no such version"),
     )
-    with pytest.raises(NotFound, match=r"base model Phi-3-mini-4k-instruct \(version 99\)"):
+    with pytest.raises(NotFound, match=r"base model Phi-4 \(version 99\)"):
         rig.backend().submit_finetune(_request(base_model_version="99"))
-    assert not rig.requests("GET", r"/models/Phi-3-mini-4k-instruct/versions$")
+    assert not rig.requests("GET", r"/models/Phi-4/versions$")
 
 
 @pytest.mark.parametrize(

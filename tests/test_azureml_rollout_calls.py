@@ -5,7 +5,7 @@ long-running operations are accepted and then polled by azure-core on its own th
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -19,17 +19,14 @@ from shared.errors import (
     ConfigError,
     ConflictError,
     InvalidInput,
-    MetricsUnavailable,
     NotFound,
 )
 from shared.ports import FineTuneBackend
+from tests import azure_reference as ref
 from tests import azureml_rig as rig_module
 from tests.azureml_rig import (
     ARM,
     LOCATION,
-    RESOURCE_GROUP,
-    SUBSCRIPTION,
-    WORKSPACE,
     WS_PATH,
     AzureMLRig,
     Reply,
@@ -43,6 +40,8 @@ no_sockets = rig_module.no_sockets
 MODEL_ARM_ID = f"{WS_PATH}/models/phi3-chat/versions/r1"
 MODEL = ModelRef(name="phi3-chat", version="r1", id=MODEL_ARM_ID)
 SCORE_HOST = f"ep-chat.{LOCATION}.inference.ml.azure.com"
+PHI4_INFERENCE_SKUS = ref.spec(ref.PHI4)["system_metadata"]["SKU"]["inferenceRecommendedSkus"]
+"""Standard_NC24ads_A100_v4 first (tests/data/azure-reference/azureml-assets/model-Phi-4.spec.yaml)."""
 
 
 def _spec(**kwargs: Any) -> DeploymentSpec:
@@ -50,7 +49,7 @@ def _spec(**kwargs: Any) -> DeploymentSpec:
         "endpoint": "ep-chat",
         "name": "green",
         "model": MODEL,
-        "instance_type": "Standard_NC6s_v3",
+        "instance_type": "Standard_NC24ads_A100_v4",
         "tags": {"tunegridrunid": "r1"},
     }
     return DeploymentSpec(**{**base, **kwargs})
@@ -104,8 +103,9 @@ def test_register_puts_an_mlflow_model_from_the_jobs_output(azureml_rig: AzureML
     assert (
         tags["tunegridrunid"] == "r1" and tags["tunegrid-owner"] == "tunegrid" and tags["tunegridjob"] == "tunegrid-r1"
     )
-    assert tags["tunegridbasemodelid"] == "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/15"
-    assert tags["inference_compute_allow_list"].startswith("['Standard_NC6s_v3'")
+    assert tags["tunegridbasemodelid"] == "azureml://registries/azureml/models/Phi-4/versions/8"
+    # Phi-4 keeps its list in system_metadata.SKU.inferenceRecommendedSkus; the tag carries it to the deployment step
+    assert tags["inference_compute_allow_list"] == str(PHI4_INFERENCE_SKUS)
 
 
 def test_registering_twice_is_a_no_op(azureml_rig: AzureMLRig) -> None:
@@ -229,7 +229,7 @@ def test_create_deployment_sends_the_notebooks_deployment(azureml_rig: AzureMLRi
             "appInsightsEnabled": False,
             "requestSettings": {"maxConcurrentRequestsPerInstance": 4, "requestTimeout": "PT1M30S"},
             "livenessProbe": {"initialDelay": "PT10M"},
-            "instanceType": "Standard_NC6s_v3",
+            "instanceType": "Standard_NC24ads_A100_v4",
             "endpointComputeType": "Managed",
         },
         "tags": {"tunegrid-owner": "tunegrid", "tunegridrunid": "r1"},
@@ -265,9 +265,60 @@ def test_an_instance_type_outside_the_inference_allow_list_is_refused(azureml_ri
         re.escape(f"{WS_PATH}/onlineEndpoints/ep-chat/deployments/green"),
         error_reply(404, "NotFound", "Deployment not found"),
     )
-    with pytest.raises(ComputeError, match=r"Standard_DS3_v2 is not in the inference allow list"):
+    with pytest.raises(
+        ComputeError, match=r"Standard_DS3_v2 \(deployment ep-chat/green\) is not on the inference SKU list"
+    ):
         rig.backend().begin_create_deployment(_spec(instance_type="Standard_DS3_v2"))
     assert not rig.requests("PUT")
+
+
+def _deployment_routes(rig: AzureMLRig, *, tags: dict[str, str] | None = None) -> Any:
+    rig.serve_endpoint("ep-chat")
+    rig.serve_model("phi3-chat", "r1", tags=tags)
+    rig.on(
+        "GET",
+        re.escape(f"{WS_PATH}/onlineEndpoints/ep-chat/deployments/green"),
+        error_reply(404, "NotFound", "Deployment not found"),
+    )
+    return rig.lro(
+        "PUT",
+        re.escape(f"{WS_PATH}/onlineEndpoints/ep-chat/deployments/green"),
+        final=rig.deployment_doc("ep-chat", "green"),
+    )
+
+
+def test_an_unset_instance_type_is_the_models_first_inference_sku(azureml_rig: AzureMLRig) -> None:
+    """INFERENCE_INSTANCE_TYPE empty (the shipped default): the first size of the list the model carries."""
+    put = _deployment_routes(azureml_rig)
+    azureml_rig.backend().begin_create_deployment(_spec(instance_type=""))
+    assert put.calls[0].json["properties"]["instanceType"] == PHI4_INFERENCE_SKUS[0] == "Standard_NC24ads_A100_v4"
+
+
+def test_a_retired_size_is_refused_even_where_a_stale_list_names_it(azureml_rig: AzureMLRig) -> None:
+    """Phi-3-mini's (tags form) inference list still starts with Standard_NC6s_v3: explicit, it is refused
+    with the NCv3 retirement date; unset, the first size that is not retired is taken."""
+    phi3 = ref.spec(ref.PHI3_MINI_TAGS)["tags"]["inference_compute_allow_list"]
+    tags = {"inference_compute_allow_list": str(phi3)}
+    put = _deployment_routes(azureml_rig, tags=tags)
+    backend = azureml_rig.backend()
+    with pytest.raises(ComputeError, match=r"Standard_NC6s_v3 .*NCv3 family, retired on 2025-09-30"):
+        backend.begin_create_deployment(_spec(instance_type="Standard_NC6s_v3"))
+    assert not put.calls
+    backend.begin_create_deployment(_spec(instance_type=""))
+    assert put.calls[0].json["properties"]["instanceType"] == "Standard_ND40rs_v2"  # the first not in a retired family
+
+
+def test_a_model_without_an_inference_list_is_warned_about(
+    azureml_rig: AzureMLRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No list on the model: an explicit size is deployed with a warning; no size at all is refused."""
+    put = _deployment_routes(azureml_rig, tags={"tunegrid-owner": "tunegrid"})
+    backend = azureml_rig.backend()
+    with pytest.raises(ComputeError, match=r"lists no inference SKUs.*set INFERENCE_INSTANCE_TYPE"):
+        backend.begin_create_deployment(_spec(instance_type=""))
+    backend.begin_create_deployment(_spec(instance_type="Standard_NC48ads_A100_v4"))
+    assert put.calls[0].json["properties"]["instanceType"] == "Standard_NC48ads_A100_v4"
+    assert "lists no inference SKUs" in caplog.text and "is not checked against a list" in caplog.text
 
 
 def test_a_malformed_inference_allow_list_is_a_config_error(azureml_rig: AzureMLRig) -> None:
@@ -458,16 +509,6 @@ def test_keys_come_from_list_keys_and_stay_out_of_repr(azureml_rig: AzureMLRig) 
     assert rig.one("POST", "listKeys").body == b""
 
 
-def test_token_auth_gives_a_token_with_its_expiry(azureml_rig: AzureMLRig) -> None:
-    """An aml_token endpoint: POST token gives an access token and when it expires."""
-    rig = azureml_rig
-    doc = rig.serve_endpoint("ep-chat")
-    doc["properties"]["authMode"] = "AMLToken"
-    rig.on("POST", re.escape(f"{WS_PATH}/onlineEndpoints/ep-chat/token"), Reply(200, load("endpoint_token.json")))
-    creds = rig.backend().get_credentials("ep-chat")
-    assert creds.key.startswith("eyJ") and creds.expires_at == datetime(2031, 1, 1, tzinfo=UTC)
-
-
 def test_list_endpoints_reads_tags_traffic_creation_time_and_deployments(azureml_rig: AzureMLRig) -> None:
     """The janitor's view: every endpoint with its tags, traffic, created_at and deployments."""
     rig = azureml_rig
@@ -488,60 +529,6 @@ def test_list_endpoints_reads_tags_traffic_creation_time_and_deployments(azureml
         ProvisioningState.SUCCEEDED,
         datetime(2025, 6, 1, 9, 10, tzinfo=UTC),
     )
-
-
-def test_endpoint_activity_sums_requests_per_minute(azureml_rig: AzureMLRig) -> None:
-    """RequestsPerMinute of the endpoint resource: the total, and the latest minute with requests."""
-    rig = azureml_rig
-    batch = rig.on(
-        "POST",
-        rf"/subscriptions/{SUBSCRIPTION}/metrics:getBatch",
-        Reply(200, load("monitor_requests_per_minute.json", endpoint="ep-chat")),
-        host=f"{LOCATION}.metrics.monitor.azure.com",
-    )
-    since = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
-    activity = rig.backend().get_endpoint_activity("ep-chat", since=since)
-    assert (activity.requests, activity.last_request_at, activity.source) == (
-        8,
-        datetime(2025, 6, 1, 10, 2, tzinfo=UTC),
-        "azure-monitor",
-    )
-    call = batch.calls[0]
-    assert call.json == {
-        "resourceids": [
-            f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.MachineLearningServices/workspaces/{WORKSPACE}/onlineEndpoints/ep-chat"
-        ]
-    }
-    assert (
-        call.query["metricnames"] == "RequestsPerMinute"
-        and call.query["interval"] == "PT1M"
-        and call.query["aggregation"] == "Total"
-    )
-    assert call.query["metricnamespace"] == "Microsoft.MachineLearningServices/workspaces/onlineEndpoints"
-    assert call.query["starttime"].startswith(since.strftime("%Y-%m-%dT%H:%M:%S"))
-
-
-def test_no_data_points_mean_no_requests(azureml_rig: AzureMLRig) -> None:
-    """An endpoint nobody called has no data points: 0 requests, no last request."""
-    rig = azureml_rig
-    doc = load("monitor_requests_per_minute.json", endpoint="ep-chat")
-    doc["values"][0]["value"][0]["timeseries"] = []
-    rig.on("POST", r".*/metrics:getBatch", Reply(200, doc), host=f"{LOCATION}.metrics.monitor.azure.com")
-    activity = rig.backend().get_endpoint_activity("ep-chat", since=datetime(2025, 6, 1, 10, 0, tzinfo=UTC))
-    assert (activity.requests, activity.last_request_at) == (0, None)
-
-
-def test_unreadable_metrics_are_metrics_unavailable(azureml_rig: AzureMLRig) -> None:
-    """The janitor must not delete on a guess: 403 from Azure Monitor is MetricsUnavailable naming the role."""
-    rig = azureml_rig
-    rig.on(
-        "POST",
-        r".*/metrics:getBatch",
-        error_reply(403, "AuthorizationFailed", "no access"),
-        host=f"{LOCATION}.metrics.monitor.azure.com",
-    )
-    with pytest.raises(MetricsUnavailable, match="Monitoring Reader"):
-        rig.backend().get_endpoint_activity("ep-chat", since=datetime(2025, 6, 1, 10, 0, tzinfo=UTC))
 
 
 def test_a_rollout_sends_these_calls_in_this_order(azureml_rig: AzureMLRig, never_wait: None) -> None:

@@ -9,6 +9,7 @@ the templates is read by the code or the host.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -659,6 +660,7 @@ def test_funcignore_keeps_the_local_stack_out_of_the_package() -> None:
     for needed in (
         ".venv/",
         ".venv-deploy/",
+        ".venv-checkov/",
         "tunegrid/",
         "node_modules/",
         "tests/",
@@ -668,6 +670,7 @@ def test_funcignore_keeps_the_local_stack_out_of_the_package() -> None:
         "docs/",
         "infra/",
         "requirements-local.txt",
+        "requirements-checkov.txt",
         "local.settings.json",
     ):
         assert needed in patterns, needed
@@ -776,3 +779,232 @@ def test_hook_scripts_have_no_bashisms_for_sh() -> None:
             proc = subprocess.run([path, "-n", str(HOOK_SH)], capture_output=True, text=True, check=False)
             assert proc.returncode == 0, proc.stderr
     assert os.access(HOOK_SH, os.X_OK)
+
+
+# ---------------------------------------------------------------- static analysis: pycep and checkov (docs/deploy.md)
+
+CHECKOV_VENV = ROOT / ".venv-checkov"
+CHECKOV_REQUIREMENTS = ROOT / "requirements-checkov.txt"
+DEPLOY_DOC = ROOT / "docs" / "deploy.md"
+
+# Offline: `--skip-download` stops the guideline download from the Prisma Cloud API, this variable the PyPI release
+# check (with both, strace shows no connect()). The proxies point at the closed discard port, so a call that slipped
+# through fails here instead of leaving the machine.
+CHECKOV_OFFLINE_ENV = {
+    "CKV_SKIP_PACKAGE_UPDATE_CHECK": "true",
+    **{name: "http://127.0.0.1:9" for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
+    "NO_PROXY": "",
+    "no_proxy": "",
+}
+
+# The checks suppressed on purpose (`// checkov:skip=` in the resource, a row in docs/deploy.md), by resource.
+SUPPRESSED_CHECKS = {
+    ("CKV_AZURE_189", "Microsoft.KeyVault/vaults.vault"),
+    ("CKV_AZURE_109", "Microsoft.KeyVault/vaults.vault"),
+    ("CKV_AZURE_41", "Microsoft.KeyVault/vaults/secrets.proxyKeys"),
+}
+
+# Run by the checkov venv's interpreter: parse each file with pycep on its own, as checkov's Bicep runner does, and
+# write, per file, the parse error (or null) and where pycep's tree has `!(a ? b : c)`: pycep reads `!a ? b : c`
+# that way, while Bicep reads `(!a) ? b : c`, so the analyser would see another expression than Azure does.
+PYCEP_SCRIPT = """
+import json, sys
+from pathlib import Path
+from pycep import BicepParser
+
+def negated_conditionals(node, where):
+    if isinstance(node, dict):
+        operator = node.get("operator")
+        if isinstance(operator, dict) and operator.get("type") == "not":
+            inner = (operator.get("operands") or {}).get("bool_value")
+            if isinstance(inner, dict) and (inner.get("operator") or {}).get("type") == "conditional":
+                yield where
+        for key, value in node.items():
+            yield from negated_conditionals(value, f"{where}/{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from negated_conditionals(value, f"{where}/{index}")
+
+found = {}
+for name in sys.argv[2:]:
+    try:
+        tree = BicepParser().parse(file_path=Path(name))
+    except Exception as exc:
+        found[name] = {"error": f"{type(exc).__name__}: {exc}", "negated_conditionals": []}
+    else:
+        found[name] = {"error": None, "negated_conditionals": list(negated_conditionals(tree, ""))}
+Path(sys.argv[1]).write_text(json.dumps(found), encoding="utf-8")
+"""
+
+
+def checkov_requirements_hash() -> str:
+    """The key of the checkov venv; the Makefile names its stamp `.installed-<this>` the same way."""
+    return hashlib.sha256(CHECKOV_REQUIREMENTS.read_bytes()).hexdigest()[:16]
+
+
+def _offline_env() -> dict[str, str]:
+    return {**os.environ, **CHECKOV_OFFLINE_ENV}
+
+
+@pytest.fixture(scope="module")
+def checkov_bin() -> Path:
+    """The bin/ of `.venv-checkov/`, current with requirements-checkov.txt."""
+    stamp = CHECKOV_VENV / f".installed-{checkov_requirements_hash()}"
+    if not stamp.is_file():
+        pytest.fail(f"{CHECKOV_VENV.name}/ is missing or stale (no {stamp.name}): run `make checkov-venv`")
+    return CHECKOV_VENV / "bin"
+
+
+@pytest.fixture(scope="module")
+def pycep_results(checkov_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """For each .bicep file under infra/: pycep's parse error (None: parsed) and its negated conditionals."""
+    out = tmp_path_factory.mktemp("pycep") / "errors.json"
+    names = [path.relative_to(ROOT).as_posix() for path in _bicep_files()]
+    subprocess.run(
+        [str(checkov_bin / "python"), "-c", PYCEP_SCRIPT, str(out), *names],
+        cwd=ROOT,
+        env=_offline_env(),
+        check=True,
+        timeout=300,
+    )
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def checkov_report(checkov_bin: Path) -> dict[str, Any]:
+    """checkov's JSON report of `--framework bicep` on infra/, run offline."""
+    command = [
+        str(checkov_bin / "checkov"),
+        *("--directory", "infra", "--framework", "bicep", "--skip-download", "--output", "json"),
+    ]
+    proc = subprocess.run(command, cwd=ROOT, env=_offline_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode in (0, 1), f"checkov exited {proc.returncode}: {proc.stderr[-2000:]}"
+    report = json.loads(proc.stdout)
+    reports = report if isinstance(report, list) else [report]
+    (bicep,) = [r for r in reports if r.get("check_type") == "bicep"]
+    return bicep
+
+
+@pytest.mark.checkov
+@pytest.mark.parametrize("path", _bicep_files(), ids=lambda p: p.relative_to(INFRA).as_posix())
+def test_every_template_parses_with_pycep(path: Path, pycep_results: dict[str, dict[str, Any]]) -> None:
+    """checkov reads Bicep with pycep, checks nothing in a file it cannot parse, and must read what Bicep reads."""
+    result = pycep_results[path.relative_to(ROOT).as_posix()]
+    assert result["error"] is None, f"pycep cannot parse {path.relative_to(ROOT)}: {result['error']}"
+    assert not result["negated_conditionals"], (
+        f"{path.relative_to(ROOT)}: pycep reads `!a ? b : c` as `!(a ? b : c)`; write `a ? c : b` "
+        f"(at {result['negated_conditionals']})"
+    )
+
+
+@pytest.mark.checkov
+def test_checkov_finds_no_failed_check_and_no_parsing_error(checkov_report: dict[str, Any]) -> None:
+    """Zero failed checks and zero parsing errors on infra/: a finding is fixed or suppressed with its reason."""
+    results, summary = checkov_report["results"], checkov_report["summary"]
+    failed = [
+        f"{c['check_id']} {c['check_name']!r} on {c['resource']} ({c['file_path']}:{c['file_line_range']})"
+        for c in results["failed_checks"]
+    ]
+    assert not failed, "checkov failed checks:\n" + "\n".join(failed)
+    assert summary["failed"] == 0
+    assert results["parsing_errors"] == [] and summary["parsing_errors"] == 0, results["parsing_errors"]
+
+
+@pytest.mark.checkov
+def test_checkov_checked_the_key_vault_recovery_settings(checkov_report: dict[str, Any]) -> None:
+    """The vault's soft delete and purge protection pass, so checkov read the resources (not an empty run)."""
+    passed = {(c["check_id"], c["resource"]) for c in checkov_report["results"]["passed_checks"]}
+    for check in ("CKV_AZURE_42", "CKV_AZURE_110", "CKV_AZURE_111"):
+        assert (check, "Microsoft.KeyVault/vaults.vault") in passed, check
+    assert checkov_report["summary"]["checkov_version"] == "3.3.30"
+
+
+@pytest.mark.checkov
+def test_checkov_suppressions_are_the_documented_ones(checkov_report: dict[str, Any]) -> None:
+    """Each skipped check is one of the known suppressions, says why, and has its row in docs/deploy.md."""
+    skipped = checkov_report["results"]["skipped_checks"]
+    assert {(c["check_id"], c["resource"]) for c in skipped} == SUPPRESSED_CHECKS
+    for check in skipped:
+        reason = check["check_result"].get("suppress_comment", "").strip()
+        assert reason and reason != "No comment provided", check["check_id"]
+    doc = DEPLOY_DOC.read_text(encoding="utf-8")
+    for check_id, _ in SUPPRESSED_CHECKS:
+        assert re.search(rf"^\| `{check_id}` ", doc, re.MULTILINE), f"{check_id} has no row in docs/deploy.md"
+
+
+# ---------------------------------------------------------------- references between files
+
+
+# Files whose paths and links must resolve: the docs, the azd template and its hooks.
+REFERENCING_FILES = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "azure.yaml")
+TOP_LEVEL_FOLDERS = ("bench", "docs", "functions", "infra", "samples", "scripts", "shared", "tests", "tunegrid")
+# A path in one of our folders (or README.md), optionally with an anchor: `infra/main.bicep`, `README.md#tear-down`.
+_PATH_MENTION = re.compile(
+    rf"(?<![\w./@-])(?:\./)?((?:{'|'.join(TOP_LEVEL_FOLDERS)})/[\w./-]*[\w/]|README\.md)(?:#([\w-]+))?"
+)
+_MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
+# Mentions of another repository's file, on purpose.
+FOREIGN_PATHS = {
+    ("README.md", "infra/app/processor.bicep"): "the Azure-Samples quickstart's module our app module follows",
+}
+
+
+def _referencing_files() -> list[Path]:
+    return [*REFERENCING_FILES, *sorted(p for p in (ROOT / "scripts").iterdir() if p.is_file())]
+
+
+def _heading_anchors(path: Path) -> set[str]:
+    """GitHub's anchors for the headings of a Markdown file (code blocks skipped; repeats get -1, -2, ...)."""
+    anchors: set[str] = set()
+    seen: dict[str, int] = {}
+    fenced = False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        heading = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if fenced or not heading:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", heading.group(1).lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def _references(path: Path) -> list[tuple[Path, str | None, str]]:
+    """(target, anchor, as written) of every path and link in `path`: links relative to the file, paths to the root."""
+    text = path.read_text(encoding="utf-8")
+    rel = path.relative_to(ROOT).as_posix()
+    found: list[tuple[Path, str | None, str]] = []
+    for match in _PATH_MENTION.finditer(text):
+        if (rel, match.group(1)) not in FOREIGN_PATHS:
+            found.append((ROOT / match.group(1), match.group(2), match.group(0)))
+    if path.suffix == ".md":
+        for match in _MARKDOWN_LINK.finditer(text):
+            target = match.group(1)
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+                continue
+            file_part, _, anchor = target.partition("#")
+            found.append(((path.parent / file_part) if file_part else path, anchor or None, target))
+    return found
+
+
+@pytest.mark.parametrize("path", _referencing_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_path_and_link_resolves(path: Path) -> None:
+    """Each path, link and Markdown anchor in the README, docs/, azure.yaml and scripts/ names something that exists."""
+    broken: list[str] = []
+    for target, anchor, written in _references(path):
+        if not target.exists():
+            broken.append(f"{written}: no such file")
+        elif anchor and target.suffix == ".md" and anchor not in _heading_anchors(target):
+            broken.append(f"{written}: no heading #{anchor} in {target.relative_to(ROOT).as_posix()}")
+    assert not broken, f"{path.relative_to(ROOT)}:\n" + "\n".join(broken)
+
+
+def test_reference_scan_sees_the_deploy_pointers() -> None:
+    """The scan finds what the hooks and azure.yaml point at, so a broken pointer cannot slip past it."""
+    written = {w for p in _referencing_files() for _, _, w in _references(p)}
+    assert {"README.md#prerequisites", "README.md#deploy-to-azure", "docs/deploy.md"} <= written
+    assert "./scripts/post-deploy.sh" in written
+    assert "docs/deploy.md#the-key-vault-soft-delete-and-purge-protection" in written

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from shared.domain.runs import RunRecord, RunState, run_id_for
 from shared.ports import UpstreamReply
 from shared.settings import PREPARED_CONTAINER, RUN_REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
 from shared.usecases.rollout import Rollout, handle_run_event, tick
+from tests import azureml_rig as rig_module
 from tests.azureml_rig import (
     API_HOST,
     LOCATION,
@@ -45,40 +45,14 @@ from tests.azureml_rig import (
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 EVENTS = Path(__file__).resolve().parent / "data" / "events"
-BASE_MODEL_ID = "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/15"
+BASE_MODEL_ID = "azureml://registries/azureml/models/Phi-4/versions/8"
 """What ingest records as `base_model` on Azure ML: the registry id the job was submitted with."""
 MLFLOW_HOST = API_HOST.removeprefix("https://")
-LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 SMOKE_ROWS = 2
+loopback_only = rig_module.loopback_only  # fixture: Azurite on 127.0.0.1 only
 
 
 # --- fixtures --------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
-    """Azurite on 127.0.0.1 is reachable; any other socket (a request that escaped the rig) fails."""
-    attempts: list[Any] = []
-    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
-
-    def guard(address: Any) -> None:
-        host = address[0] if isinstance(address, tuple) else address
-        if host not in LOOPBACK:
-            attempts.append(address)
-            raise RuntimeError(f"test tried to open a real socket to {address!r}")
-
-    def connect(self: socket.socket, address: Any) -> Any:
-        guard(address)
-        return real_connect(self, address)
-
-    def connect_ex(self: socket.socket, address: Any) -> Any:
-        guard(address)
-        return real_connect_ex(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
-    yield attempts
-    assert not attempts, f"real sockets were attempted: {attempts}"
 
 
 @pytest.fixture
@@ -147,7 +121,7 @@ def world(rig: AzureMLRig, never_wait: None, storage: Any, storage_conn: str, un
         DataStorage=storage_conn,
         TUNEGRID_INSTANCE=f"t{unique}",
         SMOKE_ROWS=str(SMOKE_ROWS),
-        INFERENCE_INSTANCE_TYPE="Standard_NC24s_v3",
+        INFERENCE_INSTANCE_TYPE="Standard_NC48ads_A100_v4",  # on Phi-4's list, not its first
         INFERENCE_INSTANCE_COUNT="2",
         REQUEST_TIMEOUT_MS="120000",
     )
@@ -497,7 +471,7 @@ def test_a_completed_job_goes_live_with_these_calls_in_this_order(world: World) 
         "tunegridjob": record.job_name,
         "tunegridbasemodel": BASE_MODEL_ID,
     }
-    assert "Standard_NC24s_v3" in registered["tags"]["inference_compute_allow_list"]
+    assert "Standard_NC48ads_A100_v4" in registered["tags"]["inference_compute_allow_list"]
 
     created_endpoint, traffic_update = [c.json for c in rig.requests("PUT", rf"/onlineEndpoints/{endpoint}$")]
     assert created_endpoint == {
@@ -521,7 +495,7 @@ def test_a_completed_job_goes_live_with_these_calls_in_this_order(world: World) 
             "appInsightsEnabled": False,
             "requestSettings": {"maxConcurrentRequestsPerInstance": 1, "requestTimeout": "PT2M"},
             "livenessProbe": {"initialDelay": "PT10M"},
-            "instanceType": "Standard_NC24s_v3",
+            "instanceType": "Standard_NC48ads_A100_v4",
             "endpointComputeType": "Managed",
         },
         "tags": {"tunegrid-owner": settings.instance, "tunegridrunid": record.run_id},
@@ -645,4 +619,4 @@ def test_a_failed_job_is_recorded_with_the_failed_steps_error(world: World) -> N
 def test_the_model_family_is_named_after_the_base_model_not_its_version(world: World) -> None:
     """With the base model id ingest records on Azure ML, the registered name starts with the model's name."""
     record = _submitted_run(world)
-    assert model_name_for(record).startswith("Phi-3-mini-4k-instruct-")
+    assert model_name_for(record).startswith("Phi-4-")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import fields
 from pathlib import Path
 
@@ -173,3 +174,14 @@ def test_azureml_needs_the_workspace_settings_even_when_blank() -> None:
     with pytest.raises(ConfigError, match=r"needs settings: AZUREML_WORKSPACE_NAME$"):
         Settings.from_env({**AZURE, "FINETUNE_BACKEND": "azureml", "AZUREML_WORKSPACE_NAME": " "})
     assert Settings.from_env({**AZURE, "FINETUNE_BACKEND": "AzureML"}).backend == "azureml"
+
+
+def test_an_unresolved_key_vault_reference_is_no_key(caplog: pytest.LogCaptureFixture) -> None:
+    """App Service passes an unresolvable Key Vault reference through as text: it must not become a key."""
+    reference = "@Microsoft.KeyVault(SecretUri=https://kv.vault.azure.net/secrets/proxy-keys/)"
+    with caplog.at_level(logging.ERROR, logger="shared.settings"):
+        settings = Settings.from_env({"PROXY_API_KEYS": reference})
+    assert settings.proxy_api_keys == ()
+    assert "unresolved Key Vault reference" in caplog.text
+    assert reference not in caplog.text
+    assert Settings.from_env({"PROXY_API_KEYS": " a , b "}).proxy_api_keys == ("a", "b")

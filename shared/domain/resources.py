@@ -203,3 +203,27 @@ class EndpointActivity:
     requests: int
     last_request_at: datetime | None
     source: str
+
+
+class FindingLevel(enum.StrEnum):
+    ERROR = "error"
+    """The job would fail or cost money for nothing: it is refused before anything is submitted."""
+    WARNING = "warning"
+    """Worth knowing (a deprecated model, a model with no SKU list); the job is still submitted."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One result of a backend's pre-submission checks (`FineTuneBackend.check_finetune`), shown in
+    the validation report the user reads. `code` is stable (e.g. `model_retired`, `sku_not_allowed`)."""
+
+    level: FindingLevel
+    code: str
+    message: str
+
+    @property
+    def is_error(self) -> bool:
+        return self.level == FindingLevel.ERROR
+
+    def to_dict(self) -> dict[str, str]:
+        return {"level": self.level.value, "code": self.code, "message": self.message}

@@ -4,6 +4,11 @@ One sidecar drives both backends: fine-tune parameter names are the `chat_comple
 component's input names. Precedence (lowest to highest): the component's own defaults, the app's
 defaults (`NOTEBOOK_DEFAULTS`, as in the seed notebook), the base model's `model_specific_defaults`
 tag, then the values the user wrote in the sidecar.
+
+Only names, types and ranges are checked here. The allowed values of a choice parameter (`optim`,
+`lr_scheduler_type`, ...) change between component versions (`optim` lost `adamw_hf` by 0.0.82), so
+they are checked at submission against the enum of the component version actually fetched (the
+Azure ML adapter), or against what the local trainer supports (the local backend).
 """
 
 from __future__ import annotations
@@ -15,18 +20,18 @@ from typing import Any
 
 from shared.errors import InvalidInput
 
-_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 _BOOL_STR = ("true", "false")
 
 # name -> (kind, constraint). kind: int | float | bool | str | choice. Booleans are sent as the
-# strings "true"/"false", as the component expects.
+# strings "true"/"false", as the component expects. A `choice` is a string (a number is accepted and
+# sent as its text, e.g. deepspeed_stage 3 -> "3"); its allowed values come from the component.
 FINETUNE_PARAMS: Mapping[str, tuple[str, Any]] = {
     "num_train_epochs": ("int", (1, 1000)),
     "max_steps": ("int", (-1, 10_000_000)),
     "per_device_train_batch_size": ("int", (1, 4096)),
     "per_device_eval_batch_size": ("int", (1, 4096)),
     "auto_find_batch_size": ("bool", None),
-    "optim": ("choice", ("adamw_hf", "adamw_torch", "adafactor")),
+    "optim": ("choice", None),
     "learning_rate": ("float", (0.0, 1.0)),
     "warmup_steps": ("int", (0, 10_000_000)),
     "weight_decay": ("float", (0.0, 1.0)),
@@ -35,18 +40,18 @@ FINETUNE_PARAMS: Mapping[str, tuple[str, Any]] = {
     "adam_epsilon": ("float", (0.0, 1.0)),
     "gradient_accumulation_steps": ("int", (1, 4096)),
     "eval_accumulation_steps": ("int", (-1, 4096)),
-    "lr_scheduler_type": ("choice", _SCHEDULERS),
-    "precision": ("choice", ("32", "16")),
+    "lr_scheduler_type": ("choice", None),
+    "precision": ("choice", None),
     "seed": ("int", (0, 2**31 - 1)),
     "enable_full_determinism": ("bool", None),
     "dataloader_num_workers": ("int", (0, 64)),
     "ignore_mismatched_sizes": ("bool", None),
     "max_grad_norm": ("float", (0.0, 1e6)),
-    "evaluation_strategy": ("choice", ("epoch", "steps")),
+    "evaluation_strategy": ("choice", None),
     "eval_steps": ("int", (1, 10_000_000)),
-    "logging_strategy": ("choice", ("epoch", "steps")),
+    "logging_strategy": ("choice", None),
     "logging_steps": ("int", (1, 10_000_000)),
-    "metric_for_best_model": ("str", None),
+    "metric_for_best_model": ("choice", None),
     "resume_from_checkpoint": ("bool", None),
     "save_total_limit": ("int", (-1, 1000)),
     "apply_early_stopping": ("bool", None),
@@ -58,7 +63,7 @@ FINETUNE_PARAMS: Mapping[str, tuple[str, Any]] = {
     "lora_r": ("int", (1, 4096)),
     "lora_dropout": ("float", (0.0, 1.0)),
     "apply_deepspeed": ("bool", None),
-    "deepspeed_stage": ("choice", ("2", "3")),
+    "deepspeed_stage": ("choice", None),
     "apply_ort": ("bool", None),
     "max_seq_length": ("int", (-1, 1_000_000)),
     "pad_to_max_length": ("bool", None),
@@ -145,10 +150,9 @@ def _coerce(path: str, kind: str, constraint: Any, value: Any) -> Any:
             raise InvalidInput(f"{path}: {value} is outside [{lo}, {hi}]")
         return float(value)
     if kind == "choice":
-        text = str(value) if isinstance(value, int | str) and not isinstance(value, bool) else None
-        if text not in constraint:
-            raise InvalidInput(f"{path}: expected one of {', '.join(constraint)}, got {value!r}")
-        return text
+        if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip():
+            raise InvalidInput(f"{path}: expected a string (one of the component's choices), got {value!r}")
+        return str(value).strip()
     if not isinstance(value, str) or not value.strip():
         raise InvalidInput(f"{path}: expected a non-empty string, got {value!r}")
     return value

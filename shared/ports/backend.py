@@ -17,6 +17,7 @@ from shared.domain.resources import (
     EndpointActivity,
     EndpointCredentials,
     EndpointInfo,
+    Finding,
     FineTuneRequest,
     JobRef,
     JobStatus,
@@ -33,6 +34,12 @@ class FineTuneBackend(Protocol):
     name: str
 
     # jobs
+    def check_finetune(self, request: FineTuneRequest) -> list[Finding]:
+        """What would stop (errors) or should worry (warnings) a submission of `request`: a retired
+        base model, a SKU off the model's list, a choice the component does not offer. Reads only;
+        `submit_finetune` refuses the same errors itself."""
+        ...
+
     def submit_finetune(self, request: FineTuneRequest) -> JobRef: ...
     def get_job(self, job_name: str) -> JobStatus | None: ...
     def cancel_job(self, job_name: str) -> Operation: ...

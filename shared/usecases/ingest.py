@@ -16,7 +16,7 @@ from typing import Any
 
 from shared.domain.clock import utcnow
 from shared.domain.naming import DATASET_TAG, OWNER_TAG, RUN_TAG, dataset_stem, job_name_for
-from shared.domain.resources import DataRef, FineTuneRequest
+from shared.domain.resources import DataRef, Finding, FineTuneRequest
 from shared.domain.runs import RunRecord, RunState, new_record, run_id_for
 from shared.domain.sidecar import Sidecar, parse_sidecar
 from shared.domain.validation import (
@@ -37,6 +37,7 @@ CLAIM_TTL = timedelta(minutes=15)
 COMPANION_SUFFIXES = (".test.jsonl", ".validation.jsonl")
 SIDECAR_SUFFIX = ".config.json"
 MIN_TRAIN_ROWS = 10
+REPORT_READ_LIMIT = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,29 @@ def _store_report(blobs: Blobs, *, name: str, run_id: str, report: dict[str, Any
     )
     blobs.upload(REPORTS_CONTAINER, f"{base}.report.md", markdown.encode(), content_type="text/markdown; charset=utf-8")
     return url
+
+
+CHECKS_HEADING = "\n## Submission checks\n"
+
+
+def _record_findings(blobs: Blobs, record: RunRecord, findings: list[Finding]) -> None:
+    """The backend's pre-submission findings go into the stored report (JSON `submission_checks`,
+    a markdown section), replacing any earlier ones, so a repeated delivery writes the same report."""
+    if not findings:
+        return
+    base = f"{record.blob}/{record.run_id}"
+    raw = blobs.read_bytes(REPORTS_CONTAINER, f"{base}.report.json", limit=REPORT_READ_LIMIT)
+    markdown = (blobs.read_bytes(REPORTS_CONTAINER, f"{base}.report.md", limit=REPORT_READ_LIMIT) or b"").decode()
+    import orjson
+
+    doc = orjson.loads(raw) if raw else {}
+    doc["submission_checks"] = {
+        "passed": not any(f.is_error for f in findings),
+        "findings": [f.to_dict() for f in findings],
+    }
+    markdown = markdown.split(CHECKS_HEADING, 1)[0].rstrip("\n") + "\n" + CHECKS_HEADING
+    markdown += "".join(f"- **{f.level.value}** `{f.code}`: {f.message}\n" for f in findings)
+    _store_report(blobs, name=record.blob, run_id=record.run_id, report=doc, markdown=markdown)
 
 
 def _claim(ledger: Ledger, container: str, name: str, etag: str, settings: Settings, now: datetime) -> RunRecord | None:
@@ -266,8 +290,13 @@ def _process(
     job = backend.get_job(record.job_name)
     if job is None:
         request = _request_from_record(record, settings)
-        log.info("submitting fine-tune job %s for run %s", record.job_name, run_id, extra=extra)
         try:
+            findings = backend.check_finetune(request)
+            _record_findings(blobs, record, findings)
+            errors = [f.message for f in findings if f.is_error]
+            if errors:
+                raise ConfigError("; ".join(errors))
+            log.info("submitting fine-tune job %s for run %s", record.job_name, run_id, extra=extra)
             ref = backend.submit_finetune(request)
         except (BackendError, ConfigError, InvalidInput) as exc:
             _fail(ledger, run_id, f"submission refused: {exc}")

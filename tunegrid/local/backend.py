@@ -36,6 +36,8 @@ from shared.domain.resources import (
     EndpointActivity,
     EndpointCredentials,
     EndpointInfo,
+    Finding,
+    FindingLevel,
     FineTuneRequest,
     JobRef,
     JobStatus,
@@ -149,7 +151,9 @@ class LocalBackend:
             event_key=settings.local_event_key,
             fetch_data=blob_fetcher(settings.storage_connection),
             instance=settings.instance,
-            experiment_name=settings.experiment_name or "tunegrid-local",
+            # AZUREML_EXPERIMENT_NAME's `{model}` is the base model's name, here the local one.
+            experiment_name=settings.experiment_name.replace("{model}", settings.local_base_model or SMOLLM2)
+            or "tunegrid-local",
             model_cache_dir=settings.local_model_cache_dir or None,
             max_eval_rows=settings.local_max_eval_rows,
         )
@@ -193,6 +197,14 @@ class LocalBackend:
 
     def job_dir(self, job_name: str) -> Path:
         return self._job(job_name).dir
+
+    def check_finetune(self, request: FineTuneRequest) -> list[Finding]:
+        """The local trainer's own check of the parameters (its choices, not a component's)."""
+        try:
+            resolve_train_config(request.params)
+        except InvalidInput as exc:
+            return [Finding(FindingLevel.ERROR, "invalid_parameter", str(exc))]
+        return []
 
     def submit_finetune(self, request: FineTuneRequest) -> JobRef:
         """Copy the data, start the job process, return. The same job name again returns the same job."""

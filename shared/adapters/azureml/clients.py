@@ -8,9 +8,11 @@ goes through `_call`, i.e. `ServiceCaller` (error translation and the one retry 
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -19,11 +21,13 @@ from azure.core.pipeline.transport import HttpTransport
 
 from shared.adapters.azureml.observability import ARM_SCOPE, http_client
 from shared.adapters.azureml.service_calls import Scope, ServiceCaller, not_found_is_none
+from shared.domain.clock import utcnow
 from shared.domain.resources import Operation
 from shared.errors import ConfigError
 from shared.settings import Settings
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def build_credential(settings: Settings, *, env: Mapping[str, str] | None = None) -> TokenCredential:
@@ -62,8 +66,8 @@ class AzureMLClients:
         transport: HttpTransport | None = None,
         workspace_client: Any = None,
         registry_client: Any = None,
-        metrics_client_factory: Callable[[], Any] | None = None,
         caller: ServiceCaller | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         missing = [
             n
@@ -80,16 +84,17 @@ class AzureMLClients:
         self._credential = credential
         self._transport = transport
         self._caller = caller or ServiceCaller()
+        self._clock = clock  # "now" for retirement dates and the metrics window; tests fix it
         self._client_kwargs: dict[str, Any] = {"enable_telemetry": False, "retry_total": 0, "user_agent": "tunegrid"}
         if transport is not None:
             self._client_kwargs["transport"] = transport
         self._ws = workspace_client if workspace_client is not None else self._workspace_client()
         self._registry = registry_client
-        self._metrics_client_factory = metrics_client_factory
         self._lock = threading.Lock()
         self._registry_lock = threading.Lock()
         self._workspace_entity: Any = None
-        self._arm_http: Any = None
+        self._arm_client: Any = None
+        self._alternatives_cache: dict[tuple[str, str], tuple[float, str]] = {}
         self._deployment_pollers: dict[tuple[str, str], Any] = {}
         workspace_id = (
             f"/subscriptions/{settings.subscription_id}/resourceGroups/{settings.resource_group}"
@@ -140,6 +145,28 @@ class AzureMLClients:
                 )
             return self._registry
 
+    def _raw_model_version(self, name: str, version: str) -> dict[str, Any] | None:
+        """A registry model version as the REST document. azure-ai-ml 1.35's `Model` entity has no
+        `isArchived`, and keeps `system_metadata` only where the REST object has that attribute
+        (the registry's objects do not), so the version is read once more through the model
+        operations' own registry read (`models._get`, a private method: the only one returning the
+        document). Another SDK without it leaves the entity's tags as the only source."""
+        reg = self._registry_client()
+        getter = getattr(reg.models, "_get", None)
+        if getter is None:
+            log.warning("this azure-ai-ml has no models._get: %s:%s is read from its tags only", name, version)
+            return None
+        raw = self._call(
+            lambda: getter(name, str(version)),
+            f"read the metadata of model {name}:{version} in registry {self._settings.registry_name}",
+            what=f"model {name}:{version} in registry {self._settings.registry_name}",
+            registry=True,
+        )
+        as_dict = getattr(raw, "as_dict", None)
+        if callable(as_dict):
+            return dict(as_dict())
+        return dict(raw) if isinstance(raw, Mapping) else None
+
     def _workspace(self) -> Any:
         with self._lock:
             cached = self._workspace_entity
@@ -152,11 +179,12 @@ class AzureMLClients:
                 self._workspace_entity = cached
         return cached
 
-    def _mlflow_http(self) -> Any:
+    def _arm_http(self) -> Any:
+        """Plain HTTPS with an ARM token: the MLflow REST API and Azure Monitor's metrics API."""
         with self._lock:
-            if self._arm_http is None:
-                self._arm_http = http_client(self._transport, credential=self._credential, scope=ARM_SCOPE)
-            return self._arm_http
+            if self._arm_client is None:
+                self._arm_client = http_client(self._transport, credential=self._credential, scope=ARM_SCOPE)
+            return self._arm_client
 
     # -- reads shared by the parts (a 404 reads as None: check before acting) ---------------------
     def _job_entity(self, job_name: str) -> Any:

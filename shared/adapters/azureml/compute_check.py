@@ -1,11 +1,10 @@
-"""The notebook's compute checks, before any money is spent.
+"""The notebook's compute checks on the workspace, before any money is spent.
 
-- A cluster must exist and not be in the failed provisioning state.
-- The fine-tune VM size must be in the model's `finetune_compute_allow_list` when it has one,
-  else must not be a K80 size (standard_nc6 / nc12 / nc24 / nc24r).
+- A cluster must exist and not be in the failed provisioning state; its VM size is what the
+  model's lists are checked against (`model_lifecycle.sku_findings`, by the caller).
 - GPUs per node come from `compute.list_sizes()` matched by size name (an explicit sidecar or
   settings value wins, but may not exceed what the size has).
-- `serverless` applies the same size rules to `instance_type_finetune`.
+Which sizes are allowed (the model's lists, retired families, K80) is decided in `model_lifecycle`.
 """
 
 from __future__ import annotations
@@ -15,8 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from shared.adapters.azureml.job_spec import K80_SIZES, ComputePlan
-from shared.adapters.azureml.model_tags import in_allow_list
+from shared.adapters.azureml.job_spec import ComputePlan
 from shared.adapters.azureml.service_calls import not_found_is_none
 from shared.errors import ComputeError
 
@@ -24,18 +22,6 @@ log = logging.getLogger(__name__)
 
 Read = Callable[[Callable[[], Any], str], Any]
 """`read(fn, action)` runs an SDK call through the adapter's retry and error translation."""
-
-
-def check_vm_size(size: str, *, model: str, allow_list: tuple[str, ...] | None, where: str) -> None:
-    if allow_list is not None:
-        if not in_allow_list(size, allow_list):
-            raise ComputeError(
-                f"VM size {size} ({where}) is not in the allow-listed computes for fine-tuning {model}: {', '.join(allow_list)}"
-            )
-    elif size.lower() in K80_SIZES:
-        raise ComputeError(
-            f"VM size {size} ({where}) is not supported for fine-tuning (K80 GPUs); pick an NCv3, NC A100 or ND size"
-        )
 
 
 def gpus_of_size(sizes: list[Any], size: str, *, where: str) -> int:
@@ -53,38 +39,27 @@ def gpus_of_size(sizes: list[Any], size: str, *, where: str) -> int:
     )
 
 
-def resolve_compute(
-    workspace: Any,
-    read: Read,
-    plan: ComputePlan,
-    *,
-    model: str,
-    allow_list: tuple[str, ...] | None,
-    workspace_name: str,
-) -> ComputePlan:
-    """The plan with `gpus_per_node` filled in, or ComputeError saying what to fix."""
-    if plan.serverless:
-        size = plan.instance_types["instance_type_finetune"]
-        where = "serverless instance_type_finetune"
-    else:
-        cluster = read(
-            not_found_is_none(lambda: workspace.compute.get(plan.target)), f"read compute cluster {plan.target}"
+def cluster_size(workspace: Any, read: Read, plan: ComputePlan, *, workspace_name: str) -> str:
+    """The VM size of the plan's cluster, or ComputeError when it is missing or failed."""
+    cluster = read(not_found_is_none(lambda: workspace.compute.get(plan.target)), f"read compute cluster {plan.target}")
+    if cluster is None:
+        raise ComputeError(
+            f"compute cluster {plan.target!r} does not exist in workspace {workspace_name}: create it "
+            "(the notebook's AmlCompute) or set AZUREML_COMPUTE=serverless"
         )
-        if cluster is None:
-            raise ComputeError(
-                f"compute cluster {plan.target!r} does not exist in workspace {workspace_name}: create it "
-                "(the notebook's AmlCompute) or set AZUREML_COMPUTE=serverless"
-            )
-        state = str(getattr(cluster, "provisioning_state", "") or "")
-        if state.split(".")[-1].lower() == "failed":
-            raise ComputeError(
-                f"compute cluster {plan.target!r} is in the failed provisioning state; recreate it or use another cluster"
-            )
-        size = str(getattr(cluster, "size", "") or "")
-        if not size:
-            raise ComputeError(f"compute {plan.target!r} has no VM size; it must be an AmlCompute cluster")
-        where = f"cluster {plan.target}"
-    check_vm_size(size, model=model, allow_list=allow_list, where=where)
+    state = str(getattr(cluster, "provisioning_state", "") or "")
+    if state.split(".")[-1].lower() == "failed":
+        raise ComputeError(
+            f"compute cluster {plan.target!r} is in the failed provisioning state; recreate it or use another cluster"
+        )
+    size = str(getattr(cluster, "size", "") or "")
+    if not size:
+        raise ComputeError(f"compute {plan.target!r} has no VM size; it must be an AmlCompute cluster")
+    return size
+
+
+def resolve_gpus(workspace: Any, read: Read, plan: ComputePlan, *, size: str, where: str) -> ComputePlan:
+    """The plan with `gpus_per_node` filled in from the size, or ComputeError saying what to fix."""
     sizes = read(lambda: list(workspace.compute.list_sizes()), "list the workspace's VM sizes")
     sku_gpus = gpus_of_size(sizes, size, where=where)
     if plan.gpus_per_node is None:

@@ -14,7 +14,8 @@ from datetime import datetime
 from typing import Any
 
 from shared.adapters.azureml.clients import AzureMLClients, operation_now, service_word
-from shared.adapters.azureml.model_tags import INFERENCE_ALLOW_LIST_TAG, in_allow_list, parse_allow_list
+from shared.adapters.azureml.model_lifecycle import ModelMetadata, SkuList, default_sku, sku_findings
+from shared.adapters.azureml.model_tags import INFERENCE_ALLOW_LIST_TAG, parse_allow_list
 from shared.domain.clock import parse_time
 from shared.domain.naming import OWNER_TAG
 from shared.domain.resources import (
@@ -148,14 +149,47 @@ class EndpointsMixin(AzureMLClients):
         poller = self._call(lambda: self._ws.online_endpoints.begin_create_or_update(entity), f"create endpoint {name}")
         return operation_now("create-endpoint", name, poller)
 
-    def _inference_allow_list(self, model: ModelRef) -> tuple[str, ...] | None:
+    def _inference_skus(self, model: ModelRef) -> ModelMetadata:
+        """The registered model with the inference SKU list registration copied from its base model."""
         entity = self._call(
             lambda: self._ws.models.get(model.name, version=model.version),
             f"read model {model.name}:{model.version}",
             what=f"model {model.name}:{model.version} in workspace {self._settings.workspace_name}",
         )
+        ref = f"{model.name}:{model.version}"
         raw = (getattr(entity, "tags", None) or {}).get(INFERENCE_ALLOW_LIST_TAG)
-        return parse_allow_list(f"{model.name}:{model.version}", INFERENCE_ALLOW_LIST_TAG, raw)
+        listed = parse_allow_list(ref, INFERENCE_ALLOW_LIST_TAG, raw)
+        skus = SkuList(listed, f"its {INFERENCE_ALLOW_LIST_TAG} tag, from the base model") if listed else None
+        return ModelMetadata(name=model.name, version=model.version, inference_skus=skus)
+
+    def _instance_type(self, spec: DeploymentSpec) -> str:
+        """The deployment's size: the one asked for, checked against the model's inference list and
+        the retired families; else the list's first usable size. Errors raise ComputeError."""
+        meta = self._inference_skus(spec.model)
+        now = self._clock()
+        if spec.instance_type:
+            findings = sku_findings(
+                spec.instance_type,
+                meta.inference_skus,
+                meta=meta,
+                role="inference",
+                where=f"deployment {spec.endpoint}/{spec.name}",
+                now=now,
+            )
+            size: str | None = spec.instance_type
+        else:
+            size, findings = default_sku(
+                meta.inference_skus,
+                meta=meta,
+                role="inference",
+                setting="INFERENCE_INSTANCE_TYPE or the sidecar's deployment.instance_type",
+            )
+        errors = [f.message for f in findings if f.is_error]
+        if errors or not size:
+            raise ComputeError("; ".join(errors))
+        for finding in findings:
+            log.warning("deployment %s/%s: %s", spec.endpoint, spec.name, finding.message)
+        return size
 
     def begin_create_deployment(self, spec: DeploymentSpec) -> Operation:
         _check_name("deployment", spec.name)
@@ -164,18 +198,7 @@ class EndpointsMixin(AzureMLClients):
         if existing is not None:
             state = ProvisioningState.parse(service_word(existing.provisioning_state))
             return Operation(kind="create-deployment", target=target, status=state.value, done=not state.in_progress)
-        allow = self._inference_allow_list(spec.model)
-        if allow is None:
-            log.info(
-                "model %s:%s carries no inference allow list; %s is not checked",
-                spec.model.name,
-                spec.model.version,
-                spec.instance_type,
-            )
-        elif not in_allow_list(spec.instance_type, allow):
-            raise ComputeError(
-                f"instance type {spec.instance_type} is not in the inference allow list of the base model: {', '.join(allow)}"
-            )
+        instance_type = self._instance_type(spec)
         timeout_ms = spec.request_timeout_ms
         if timeout_ms > MAX_REQUEST_TIMEOUT_MS:
             log.warning("request_timeout_ms %d capped at %d (Azure's maximum)", timeout_ms, MAX_REQUEST_TIMEOUT_MS)
@@ -186,7 +209,7 @@ class EndpointsMixin(AzureMLClients):
             name=spec.name,
             endpoint_name=spec.endpoint,
             model=spec.model.id,
-            instance_type=spec.instance_type,
+            instance_type=instance_type,
             instance_count=spec.instance_count,
             liveness_probe=ProbeSettings(initial_delay=spec.liveness_initial_delay_s),
             request_settings=OnlineRequestSettings(

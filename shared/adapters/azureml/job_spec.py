@@ -36,8 +36,16 @@ INSTANCE_TYPE_INPUTS = (
     "instance_type_finetune",
     "instance_type_model_evaluation",
 )
-K80_SIZES = frozenset({"standard_nc6", "standard_nc12", "standard_nc24", "standard_nc24r"})
-"""VM sizes with K80 GPUs, which the fine-tune components do not support (from the notebook)."""
+INSTANCE_TYPE_SETTINGS = {
+    "instance_type_model_import": "AZUREML_INSTANCE_TYPE_MODEL_IMPORT",
+    "instance_type_preprocess": "AZUREML_INSTANCE_TYPE_PREPROCESS",
+    "instance_type_finetune": "AZUREML_INSTANCE_TYPE_FINETUNE",
+    "instance_type_model_evaluation": "AZUREML_INSTANCE_TYPE_MODEL_EVALUATION",
+}
+MODEL_LISTED_INPUTS = ("instance_type_finetune", "instance_type_model_evaluation")
+"""Serverless sizes that, when not set, are the base model's first recommended fine-tune SKU."""
+FROM_MODEL_LIST = "the base model's fine-tune SKU list"
+EXPERIMENT_MODEL_PLACEHOLDER = "{model}"
 
 
 def registry_asset_id(
@@ -62,13 +70,15 @@ class MlflowModel:
 @dataclass(frozen=True)
 class ComputePlan:
     """Where the four pipeline steps run. `gpus_per_node` is None until known (settings, sidecar
-    or the cluster's size via `list_sizes()`)."""
+    or the cluster's size via `list_sizes()`). An empty instance type is one the base model's list
+    decides at submission; `sources` says where each one came from."""
 
     target: str
     instance_types: Mapping[str, str]
     num_nodes: int
     gpus_per_node: int | None
     gpus_source: str
+    sources: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def serverless(self) -> bool:
@@ -77,14 +87,23 @@ class ComputePlan:
 
 def compute_plan(settings: Settings, overrides: Mapping[str, Any]) -> ComputePlan:
     """Settings, overridden by the sidecar's `compute` section (cluster, instance_type_*,
-    num_nodes_finetune, gpus_per_node)."""
+    num_nodes_finetune, gpus_per_node). The fine-tune and evaluation sizes stay empty unless set:
+    the submission takes them from the base model's list (`model_lifecycle.default_sku`)."""
     defaults = {
         "instance_type_model_import": settings.instance_type_model_import,
         "instance_type_preprocess": settings.instance_type_preprocess,
         "instance_type_finetune": settings.instance_type_finetune,
         "instance_type_model_evaluation": settings.instance_type_model_evaluation,
     }
-    instance_types = {k: str(overrides.get(k) or v) for k, v in defaults.items()}
+    instance_types: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    for key, value in defaults.items():
+        if overrides.get(key):
+            instance_types[key], sources[key] = str(overrides[key]), f"the sidecar's compute.{key}"
+        elif value:
+            instance_types[key], sources[key] = value, INSTANCE_TYPE_SETTINGS[key]
+        else:
+            instance_types[key], sources[key] = "", FROM_MODEL_LIST
     gpus = overrides.get("gpus_per_node")
     source = "sidecar compute.gpus_per_node"
     if not gpus:
@@ -95,6 +114,7 @@ def compute_plan(settings: Settings, overrides: Mapping[str, Any]) -> ComputePla
         num_nodes=int(overrides.get("num_nodes_finetune") or settings.num_nodes_finetune or 1),
         gpus_per_node=int(gpus) if gpus else None,
         gpus_source=source if gpus else "unknown",
+        sources=sources,
     )
 
 
@@ -133,6 +153,12 @@ def dataset_label(dataset: str) -> str:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
     return "-".join(name.split()) or "dataset"
+
+
+def experiment_name_for(settings: Settings, model_name: str) -> str:
+    """AZUREML_EXPERIMENT_NAME with `{model}` filled in (the default `chat_completion_{model}` gives
+    the notebook's `chat_completion_<model>`)."""
+    return settings.experiment_name.replace(EXPERIMENT_MODEL_PLACEHOLDER, model_name) or f"chat_completion_{model_name}"
 
 
 def job_tags(settings: Settings, request: FineTuneRequest, *, model_path: str) -> dict[str, str]:
@@ -208,7 +234,16 @@ def build_job_spec(
     gpus = compute.gpus_per_node or 1
     compute_inputs: dict[str, Any] = dict.fromkeys(COMPUTE_INPUTS, compute.target)
     if compute.serverless:
-        compute_inputs.update({k: compute.instance_types[k] for k in INSTANCE_TYPE_INPUTS})
+        chosen = {k: compute.instance_types[k] for k in INSTANCE_TYPE_INPUTS if compute.instance_types[k]}
+        compute_inputs.update(chosen)
+        unresolved = [k for k in MODEL_LISTED_INPUTS if k not in chosen]
+        if unresolved:
+            notes.append(
+                f"{', '.join(unresolved)}: not set, so the submission takes the base model's first fine-tune SKU that "
+                "is not retired (system_metadata.SKU.finetuneRecommendedSkus or the finetune_compute_allow_list tag). "
+                "Set AZUREML_INSTANCE_TYPE_FINETUNE / AZUREML_INSTANCE_TYPE_MODEL_EVALUATION to pin one; without "
+                "them this file gets the component's own default, Standard_nc24rs_v3 (NCv3, retired 2025-09-30)."
+            )
     data_inputs = {
         "train_file_path": UriFile(data_uri(settings, request.train)),
         "test_file_path": UriFile(data_uri(settings, request.test)),
@@ -221,7 +256,7 @@ def build_job_spec(
         display_name=display_name_for(
             model_name, request.dataset, params, gpus_per_node=gpus, num_nodes=compute.num_nodes
         ),
-        experiment_name=settings.experiment_name,
+        experiment_name=experiment_name_for(settings, model_name),
         component=component,
         model_path=model_path,
         compute_inputs=compute_inputs,

@@ -1,30 +1,62 @@
-"""The fine-tune job: plan and submit the notebook's pipeline, read its state, cancel it, and read
-what it logged.
+"""The fine-tune job: check, plan and submit the notebook's pipeline, read its state, cancel it, and
+read what it logged.
 
-The job name is deterministic and looked up first, so a repeated submission finds the first job.
+Before anything is submitted, the plan checks the base model's lifecycle (retired or archived:
+refused, naming the date and a fine-tunable alternative from the same registry; deprecated:
+warned), the VM sizes against the model's own lists and the retired families, and every choice
+parameter against the enum of the component version fetched (`model_lifecycle`,
+`component_choices`). The job name is deterministic and looked up first, so a repeated submission
+finds the first job.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from shared.adapters.azureml.clients import AzureMLClients, operation_now, service_word
-from shared.adapters.azureml.compute_check import resolve_compute
+from shared.adapters.azureml.component_choices import choice_findings, component_enums
+from shared.adapters.azureml.compute_check import cluster_size, resolve_gpus
 from shared.adapters.azureml.job_spec import (
     BASE_MODEL_ID_TAG,
+    FROM_MODEL_LIST,
+    INSTANCE_TYPE_INPUTS,
+    INSTANCE_TYPE_SETTINGS,
+    MODEL_LISTED_INPUTS,
     MODEL_OUTPUT_OF_COMPONENT,
     TRAINED_MODEL_OUTPUT,
+    ComputePlan,
     FineTuneJobSpec,
     MlflowModel,
     UriFile,
     build_job_spec,
     compute_plan,
 )
-from shared.adapters.azureml.model_tags import parse_model_tags
+from shared.adapters.azureml.model_lifecycle import (
+    ModelMetadata,
+    alternative_sentence,
+    candidate_order,
+    default_sku,
+    finetune_lifecycle_findings,
+    is_retired_for_finetuning,
+    pick_alternative,
+    read_model_entity,
+    read_model_version,
+    sku_findings,
+    vm_size_findings,
+)
+from shared.adapters.azureml.model_tags import MODEL_DEFAULTS_TAG, parse_model_defaults
 from shared.adapters.azureml.observability import mlflow_base_url, read_run_metrics
 from shared.domain.resources import (
+    Finding,
+    FindingLevel,
     FineTuneRequest,
     JobRef,
     JobState,
@@ -33,11 +65,16 @@ from shared.domain.resources import (
     Operation,
     job_state_from_run_status,
 )
-from shared.errors import ConflictError, NotFound, TunegridError
+from shared.errors import ComputeError, ConfigError, ConflictError, InvalidInput, NotFound, TunegridError
 
 log = logging.getLogger(__name__)
 
 _FAILED_CHILD_DEPTH = 3
+_MAX_LISTED_MODELS = 5000
+"""Registry model containers read when looking for an alternative (paged by the SDK)."""
+_ALTERNATIVE_READS = 12
+"""Model versions read at most when looking for an alternative to a retired model."""
+_ALTERNATIVE_TTL_S = 3600.0
 
 
 def pipeline_job_from_spec(spec: FineTuneJobSpec, component: Any) -> Any:
@@ -69,8 +106,39 @@ def pipeline_job_from_spec(spec: FineTuneJobSpec, component: Any) -> Any:
     return job
 
 
+@dataclass(frozen=True)
+class SubmissionPlan:
+    """What a submission would send, and what the checks found. `spec` is None when an error
+    stopped the planning early (the base model is retired, say)."""
+
+    findings: tuple[Finding, ...]
+    spec: FineTuneJobSpec | None = None
+    component: Any = None
+    model: ModelMetadata | None = None
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.is_error]
+
+
+COMPUTE_FINDINGS = frozenset({"sku_retired", "sku_unsupported", "sku_not_allowed", "no_sku_list", "no_usable_sku"})
+
+
+def refusal(findings: list[Finding]) -> TunegridError:
+    """The error `submit_finetune` raises for the checks' errors: ComputeError when only VM sizes are
+    at fault, else ConfigError (a setting or the sidecar names something that cannot run)."""
+    message = "fine-tune refused before submission: " + "; ".join(f.message for f in findings)
+    return ComputeError(message) if all(f.code in COMPUTE_FINDINGS for f in findings) else ConfigError(message)
+
+
+def _param_sources(request: FineTuneRequest, model_defaults: Mapping[str, Any], model: str) -> dict[str, str]:
+    sources = {name: f"{model}'s model_specific_defaults" for name in model_defaults}
+    sources.update({name: f"the sidecar's finetune.{name}" for name in request.params})
+    return sources
+
+
 class JobsMixin(AzureMLClients):
-    """`submit_finetune`, `get_job`, `cancel_job`, `get_job_metrics` (and `plan_submission`)."""
+    """`check_finetune`, `submit_finetune`, `get_job`, `cancel_job`, `get_job_metrics` (and `plan_submission`)."""
 
     def _job_ref(self, job: Any, *, base_model_id: str | None = None) -> JobRef:
         tags = dict(getattr(job, "tags", None) or {})
@@ -81,19 +149,57 @@ class JobsMixin(AzureMLClients):
             base_model_id=base_model_id or tags.get(BASE_MODEL_ID_TAG),
         )
 
-    def _base_model(self, request: FineTuneRequest) -> Any:
+    def _base_model(self, request: FineTuneRequest) -> tuple[Any, ModelMetadata]:
         s = self._settings
         name = request.base_model or s.base_model_name
         version = request.base_model_version or (None if request.base_model_label else s.base_model_version) or None
         label = None if version else (request.base_model_label or s.base_model_label or "latest")
         reg = self._registry_client()
         ref = f"version {version}" if version else f"label {label}"
-        return self._call(
+        entity = self._call(
             lambda: reg.models.get(name, version=version) if version else reg.models.get(name, label=label),
             f"read the base model {name} ({ref}) from registry {s.registry_name}",
             what=f"base model {name} ({ref}) in registry {s.registry_name}",
             registry=True,
         )
+        raw = self._raw_model_version(entity.name, str(entity.version))
+        return entity, read_model_entity(entity, raw=raw, registry=s.registry_name)
+
+    def _alternative(self, meta: ModelMetadata) -> str:
+        """A sentence naming a fine-tunable chat-completion model of the same registry with no
+        deprecation date, read from the registry's own listing (its family first, at most
+        `_ALTERNATIVE_READS` versions read); remembered for an hour."""
+        registry = self._settings.registry_name
+        key = (registry, meta.name)
+        with self._lock:
+            hit = self._alternatives_cache.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        reg = self._registry_client()
+        try:
+            containers = self._call(
+                lambda: list(itertools.islice(reg.models.list(), _MAX_LISTED_MODELS)),
+                f"list the models of registry {registry}",
+                registry=True,
+            )
+            latest = {str(c.name): str(getattr(c, "latest_version", "") or "") for c in containers}
+            found: ModelMetadata | None = None
+            for name in candidate_order(latest, like=meta.name)[:_ALTERNATIVE_READS]:
+                if not latest[name]:
+                    continue
+                raw = self._raw_model_version(name, latest[name])
+                if raw is None:
+                    continue
+                found = pick_alternative([read_model_version(raw, registry=registry)], like=meta.name)
+                if found is not None:
+                    break
+            sentence = alternative_sentence(found, registry=registry)
+        except TunegridError as exc:
+            log.warning("no alternative to %s: %s", meta.ref, exc)
+            return alternative_sentence(None, registry=registry, detail=f" (its models could not be read: {exc})")
+        with self._lock:
+            self._alternatives_cache[key] = (time.monotonic() + _ALTERNATIVE_TTL_S, sentence)
+        return sentence
 
     def _component(self) -> Any:
         s = self._settings
@@ -112,31 +218,96 @@ class JobsMixin(AzureMLClients):
             registry=True,
         )
 
-    def plan_submission(self, request: FineTuneRequest) -> tuple[FineTuneJobSpec, Any]:
-        """Resolve the base model, the compute and the component, then build the job's spec (the
-        same function the dry run uses). Reads only; submits nothing."""
-        model = self._base_model(request)
-        tags = parse_model_tags(f"{model.name}:{model.version}", getattr(model, "tags", None))
-        plan = resolve_compute(
-            self._ws,
-            lambda fn, action: self._call(fn, action),
-            compute_plan(self._settings, request.compute),
-            model=f"{model.name}:{model.version}",
-            allow_list=tags.finetune_allow_list,
-            workspace_name=self._settings.workspace_name,
-        )
+    def _compute(
+        self, request: FineTuneRequest, meta: ModelMetadata, *, now: datetime
+    ) -> tuple[ComputePlan, list[Finding]]:
+        """Sizes from settings, the sidecar or the model's list, checked against the model's lists and
+        the retired families; then the GPU count of the fine-tune size."""
+        plan = compute_plan(self._settings, request.compute)
+        findings: list[Finding] = []
+        if plan.serverless:
+            chosen = dict(plan.instance_types)
+            for key in INSTANCE_TYPE_INPUTS:
+                value, source = chosen[key], plan.sources.get(key, key)
+                where = f"serverless {key}, from {source}"
+                if key not in MODEL_LISTED_INPUTS:
+                    findings += vm_size_findings(value, where=where, now=now, gpu_step=False)
+                elif value:
+                    findings += sku_findings(
+                        value, meta.finetune_skus, meta=meta, role="fine-tune", where=where, now=now
+                    )
+                else:
+                    default, errors = default_sku(
+                        meta.finetune_skus,
+                        meta=meta,
+                        role="fine-tune",
+                        setting=f"{INSTANCE_TYPE_SETTINGS[key]} or the sidecar's compute.{key}",
+                    )
+                    findings += errors
+                    chosen[key] = default or ""
+            plan = dataclasses.replace(plan, instance_types=chosen)
+            size, where = chosen["instance_type_finetune"], "serverless instance_type_finetune"
+        else:
+            size = cluster_size(
+                self._ws, lambda fn, action: self._call(fn, action), plan, workspace_name=self._settings.workspace_name
+            )
+            where = f"cluster {plan.target}"
+            findings += sku_findings(size, meta.finetune_skus, meta=meta, role="fine-tune", where=where, now=now)
+        if any(f.is_error for f in findings) or not size:
+            return plan, findings
+        return resolve_gpus(self._ws, lambda fn, action: self._call(fn, action), plan, size=size, where=where), findings
+
+    def plan_submission(self, request: FineTuneRequest, *, now: datetime | None = None) -> SubmissionPlan:
+        """Resolve and check the base model (lifecycle), the compute (the model's SKU lists) and the
+        component (its choices), then build the job's spec (the same function the dry run uses).
+        Reads only; submits nothing. Policy problems are findings; a missing cluster or model, or a
+        service error, raises."""
+        now = now or self._clock()
+        entity, meta = self._base_model(request)
+        findings: list[Finding] = []
+        alternative = self._alternative(meta) if is_retired_for_finetuning(meta, now=now) else ""
+        findings += finetune_lifecycle_findings(meta, now=now, alternative=alternative)
+        if any(f.is_error for f in findings):
+            return SubmissionPlan(tuple(findings), model=meta)
+        plan, compute_findings = self._compute(request, meta, now=now)
+        findings += compute_findings
+        if any(f.is_error for f in findings):
+            return SubmissionPlan(tuple(findings), model=meta)
+        defaults = parse_model_defaults(meta.ref, (meta.tags or {}).get(MODEL_DEFAULTS_TAG))
         component = self._component()
         spec = build_job_spec(
             self._settings,
             request,
-            model_name=model.name,
-            model_path=model.id,
+            model_name=entity.name,
+            model_path=entity.id,
             component=component.id,
             compute=plan,
-            model_defaults=tags.defaults,
+            model_defaults=defaults,
             component_inputs=set((getattr(component, "inputs", None) or {}).keys()) or None,
+            notes=[
+                f"{key} = {plan.instance_types[key]}, the first usable size of {meta.ref}'s list "
+                f"({meta.finetune_skus.source if meta.finetune_skus else 'none'})"
+                for key in MODEL_LISTED_INPUTS
+                if plan.serverless and plan.sources.get(key) == FROM_MODEL_LIST
+            ],
         )
-        return spec, component
+        sources = _param_sources(request, defaults, meta.ref)
+        findings += choice_findings(
+            {**spec.compute_inputs, **spec.training_inputs},
+            component_enums(component),
+            component=f"{component.name} {component.version}",
+            sources=sources,
+        )
+        return SubmissionPlan(tuple(findings), spec=spec, component=component, model=meta)
+
+    def check_finetune(self, request: FineTuneRequest) -> list[Finding]:
+        """The plan's findings; a compute, config or input problem found while planning (a missing
+        cluster, unreadable tags) is an error finding too. Permission and service errors raise."""
+        try:
+            return list(self.plan_submission(request).findings)
+        except (ComputeError, ConfigError, InvalidInput) as exc:
+            code = "compute" if isinstance(exc, ComputeError) else "config"
+            return [Finding(FindingLevel.ERROR, code, str(exc))]
 
     def submit_finetune(self, request: FineTuneRequest) -> JobRef:
         extra = {"run_id": request.run_id}
@@ -149,7 +320,12 @@ class JobsMixin(AzureMLClients):
                 extra=extra,
             )
             return self._job_ref(existing)
-        spec, component = self.plan_submission(request)
+        planned = self.plan_submission(request)
+        if planned.errors or planned.spec is None:
+            raise refusal(planned.errors)
+        for finding in planned.findings:
+            log.warning("job %s: %s", request.job_name, finding.message, extra=extra)
+        spec, component = planned.spec, planned.component
         try:
             created = self._call(
                 lambda: self._ws.jobs.create_or_update(
@@ -226,7 +402,7 @@ class JobsMixin(AzureMLClients):
         try:
             base = mlflow_base_url(str(getattr(self._workspace(), "mlflow_tracking_uri", "") or ""))
             return self._call(
-                lambda: read_run_metrics(self._mlflow_http(), base, job_name),
+                lambda: read_run_metrics(self._arm_http(), base, job_name),
                 f"read the MLflow metrics of job {job_name}",
             )
         except (TunegridError, ValueError) as exc:

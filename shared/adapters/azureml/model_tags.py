@@ -1,6 +1,7 @@
 """The registry model's tags that steer a fine-tune: compute allow lists and `model_specific_defaults`.
 
-The tags are Python literals stored as strings (the notebook reads them with `ast.literal_eval`).
+The tags are Python literals stored as strings (the notebook reads them with `ast.literal_eval`);
+a model spec file (YAML) holds the same values as lists and mappings, which are taken as they are.
 Some registry models wrap the defaults as `ordereddict({...})` or `OrderedDict([...])`; both are
 unwrapped here. Nothing is ever `eval`-ed. A tag that cannot be read gives a `ConfigError` naming
 the model and the tag, because retrying will not fix it.
@@ -12,7 +13,6 @@ import ast
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from shared.domain.sidecar import FINETUNE_PARAMS, validate_finetune_params
@@ -24,13 +24,6 @@ MODEL_DEFAULTS_TAG = "model_specific_defaults"
 
 _MAX_TAG_CHARS = 65_536
 _ORDERED_DICT = re.compile(r"(?:collections\.)?(?:ordereddict|OrderedDict)\((?P<inner>.*)\)", re.DOTALL)
-
-
-@dataclass(frozen=True)
-class ModelTags:
-    finetune_allow_list: tuple[str, ...] | None = None
-    inference_allow_list: tuple[str, ...] | None = None
-    defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _literal(model: str, tag: str, raw: str) -> Any:
@@ -59,16 +52,16 @@ def _literal(model: str, tag: str, raw: str) -> Any:
     return value
 
 
-def parse_allow_list(model: str, tag: str, raw: str | None) -> tuple[str, ...] | None:
+def parse_allow_list(model: str, tag: str, raw: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...] | None:
     """A VM-size allow list, or None when the model has no such tag."""
     if raw is None:
         return None
-    value = _literal(model, tag, raw)
+    value = list(raw) if isinstance(raw, list | tuple) else _literal(model, tag, raw)
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v.strip() for v in value):
         raise ConfigError(
-            f"model {model}: tag {tag!r} must be a list of VM sizes such as ['Standard_NC24rs_v3'], got {raw[:120]!r}"
+            f"model {model}: tag {tag!r} must be a list of VM sizes such as ['Standard_NC24ads_A100_v4'], got {str(raw)[:120]!r}"
         )
     return tuple(v.strip() for v in value)
 
@@ -89,15 +82,15 @@ def _lenient(name: str, value: Any) -> Any:
     return value
 
 
-def parse_model_defaults(model: str, raw: str | None) -> dict[str, Any]:
+def parse_model_defaults(model: str, raw: str | Mapping[str, Any] | None) -> dict[str, Any]:
     """`model_specific_defaults` as component input values. Known parameters are checked like the
     sidecar's; unknown names are kept (the component may know them) when they are plain scalars."""
     if raw is None:
         return {}
-    value = _literal(model, MODEL_DEFAULTS_TAG, raw)
+    value = dict(raw) if isinstance(raw, Mapping) else _literal(model, MODEL_DEFAULTS_TAG, raw)
     if not isinstance(value, dict):
         raise ConfigError(
-            f"model {model}: tag {MODEL_DEFAULTS_TAG!r} must be a dict of fine-tune parameters, got {raw[:120]!r}"
+            f"model {model}: tag {MODEL_DEFAULTS_TAG!r} must be a dict of fine-tune parameters, got {str(raw)[:120]!r}"
         )
     known: dict[str, Any] = {}
     other: dict[str, Any] = {}
@@ -117,16 +110,3 @@ def parse_model_defaults(model: str, raw: str | None) -> dict[str, Any]:
     except InvalidInput as exc:
         raise ConfigError(f"model {model}: {exc}") from None
     return {**checked, **other}
-
-
-def parse_model_tags(model: str, tags: Mapping[str, str] | None) -> ModelTags:
-    tags = tags or {}
-    return ModelTags(
-        finetune_allow_list=parse_allow_list(model, FINETUNE_ALLOW_LIST_TAG, tags.get(FINETUNE_ALLOW_LIST_TAG)),
-        inference_allow_list=parse_allow_list(model, INFERENCE_ALLOW_LIST_TAG, tags.get(INFERENCE_ALLOW_LIST_TAG)),
-        defaults=parse_model_defaults(model, tags.get(MODEL_DEFAULTS_TAG)),
-    )
-
-
-def in_allow_list(size: str, allow_list: tuple[str, ...]) -> bool:
-    return size.lower() in {s.lower() for s in allow_list}

@@ -10,11 +10,12 @@ from collections.abc import Mapping
 
 from shared.adapters.azureml.clients import AzureMLClients, service_word
 from shared.adapters.azureml.job_spec import BASE_MODEL_ID_TAG, TRAINED_MODEL_OUTPUT
+from shared.adapters.azureml.model_lifecycle import read_model_version
 from shared.adapters.azureml.model_tags import INFERENCE_ALLOW_LIST_TAG
 from shared.adapters.azureml.service_calls import not_found_is_none
 from shared.domain.naming import OWNER_TAG
 from shared.domain.resources import JobState, ModelRef, job_state_from_run_status
-from shared.errors import BackendError, ConflictError, NotFound, TunegridError
+from shared.errors import BackendError, ConfigError, ConflictError, NotFound, TunegridError
 
 log = logging.getLogger(__name__)
 
@@ -31,20 +32,31 @@ class ModelsMixin(AzureMLClients):
         return None if model is None else ModelRef(name=model.name, version=str(model.version), id=model.id)
 
     def _inference_allow_list_tag(self, base_model_id: str | None) -> str | None:
-        """The base model's `inference_compute_allow_list` tag, read from the registry (best effort)."""
+        """The base model's inference SKU list (`system_metadata.SKU.inferenceRecommendedSkus` or the
+        `inference_compute_allow_list` tag), as the tag the deployment step reads on the fine-tuned
+        model; None (with a log line) when the base model has none or cannot be read."""
         match = _REGISTRY_MODEL_ID.fullmatch(base_model_id or "")
         if not match or match.group(1) != self._settings.registry_name:
             return None
-        _, name, version = match.groups()
+        registry, name, version = match.groups()
         try:
-            reg = self._registry_client()
-            model = self._call(
-                lambda: reg.models.get(name, version=version), f"read the base model {name}:{version}", registry=True
-            )
+            raw = self._raw_model_version(name, version)
         except TunegridError as exc:
-            log.warning("inference allow list of %s unavailable: %s", base_model_id, exc)
+            log.warning("inference SKU list of %s unavailable: %s", base_model_id, exc)
             return None
-        return (getattr(model, "tags", None) or {}).get(INFERENCE_ALLOW_LIST_TAG)
+        if raw is None:
+            return None
+        try:
+            skus = read_model_version(raw, registry=registry).inference_skus
+        except ConfigError as exc:
+            log.warning("inference SKU list of %s unreadable: %s", base_model_id, exc)
+            return None
+        if skus is None:
+            log.warning(
+                "base model %s lists no inference SKUs; deployments of its fine-tunes are not checked", base_model_id
+            )
+            return None
+        return str(list(skus.skus))
 
     def register_model(
         self, *, job_name: str, name: str, version: str, description: str, tags: Mapping[str, str]

@@ -37,7 +37,8 @@ from shared.errors import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 529})
+"""Retried with backoff; 529 is what some Azure front doors (Azure Monitor among them) send when overloaded."""
 
 
 @dataclass(frozen=True)
