@@ -1,17 +1,26 @@
 """Scoring proxy benchmark: added latency and throughput of our proxy against direct calls, a naive
-pass-through (Starlette + one shared httpx client) and, when installable, LiteLLM.
+pass-through (Starlette + one shared httpx client) and, when installable, LiteLLM; the CPU cost of
+the two candidate HTTP clients; and time to first token on the local model, through the proxy and direct.
 
 One run starts, each in its own process:
-- a loopback upstream that answers every POST instantly with a fixed chat.completion (raw asyncio);
+- an instant upstream that answers every POST with a fixed chat.completion (uvicorn + httptools, a raw
+  ASGI callable);
 - our proxy: the chat blueprint served by the dev host (`tunegrid.devhost.DevHost`: uvicorn + httptools
-  + uvloop, one worker, real `func.HttpRequest` objects), with a fake backend port pointing at the
-  upstream and an in-memory ledger holding one live run;
+  + uvloop, one worker, FastAPI requests as the worker hands them over), with a fake backend port
+  pointing at the upstreams and an in-memory ledger holding two live runs (the instant upstream, with
+  room for 256 calls at once, and the local tiny model, capacity 1);
 - the naive pass-through (uvicorn, one worker);
-- LiteLLM (`litellm --config`, one worker) from a separate venv, if `--litellm` points at one.
+- LiteLLM (`litellm --config`, one worker) from a separate venv, if `--litellm` points at one;
+- the local endpoint: the tiny model's deployment server and its router (`tunegrid.local`), for time
+  to first token (skipped with `--no-ttft`).
 
-The load generator is a raw asyncio keep-alive client on uvloop. Concurrency 1: 1,000 requests,
-latency p50/p99 per path; the proxy's *added* latency is its percentile minus the direct one.
-Concurrency 64: 5,000 requests after a 1,000-request warm-up; requests per second and errors.
+The load generator is aiohttp's client on uvloop (one keep-alive connection per concurrent caller).
+Concurrency 1: 1,000 requests, latency p50/p99 per path; the proxy's *added* latency is its percentile
+minus the direct one. Concurrency 64: 5,000 requests after a 1,000-request warm-up; requests per
+second and errors. Clients: 2,000 sequential POSTs to the instant upstream with aiohttp and with httpx,
+CPU microseconds per request of the calling process (why the proxy uses aiohttp). Time to first
+token: 20 streamed requests each, direct to the endpoint (NDJSON) and through the proxy (SSE), median
+time to the first piece of text.
 
 Last line: `PROXY_BENCH {json}`.
 """
@@ -35,6 +44,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_KEY = "bench-proxy-key-0123456789"
 UPSTREAM_KEY = "bench-upstream-key-abcdef"
+LOCAL_KEY = "bench-local-endpoint-key"
+LOCAL_TOKEN = "bench-local-server-token"
 FIXED_ANSWER = json.dumps(
     {
         "id": "chatcmpl-upstream",
@@ -69,44 +80,30 @@ SCORE_BODY = json.dumps(
 
 
 def serve_upstream(port_file: str) -> None:
-    """The instant upstream: any POST gets the fixed chat.completion, keep-alive, pipelining-safe."""
-    import uvloop
+    """The instant upstream: any POST gets the fixed chat.completion (keep-alive; uvicorn parses HTTP)."""
+    import uvicorn
 
-    response = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (
-        len(FIXED_ANSWER),
-        FIXED_ANSWER,
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(FIXED_ANSWER)).encode())]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        more = True
+        while more:
+            more = (await receive()).get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": FIXED_ANSWER})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    Path(port_file).write_text(str(sock.getsockname()[1]))
+    config = uvicorn.Config(
+        app, http="httptools", loop="uvloop", lifespan="off", access_log=False, log_level="warning", backlog=1024
     )
-
-    class Upstream(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport = transport
-            self.buf = b""
-
-        def data_received(self, data: bytes) -> None:
-            self.buf += data
-            while True:
-                end = self.buf.find(b"\r\n\r\n")
-                if end < 0:
-                    return
-                length = 0
-                for line in self.buf[:end].split(b"\r\n")[1:]:
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                if len(self.buf) < end + 4 + length:
-                    return
-                self.buf = self.buf[end + 4 + length :]
-                self.transport.write(response)  # type: ignore[attr-defined]
-
-    async def main() -> None:
-        server = await asyncio.get_running_loop().create_server(Upstream, "127.0.0.1", 0, backlog=1024)
-        Path(port_file).write_text(str(server.sockets[0].getsockname()[1]))  # noqa: ASYNC240 (start-up, once)
-        await asyncio.Event().wait()
-
-    uvloop.run(main())
+    uvicorn.Server(config).run(sockets=[sock])
 
 
-def serve_proxy(port_file: str, upstream_port: int) -> None:
+def serve_proxy(port_file: str, upstream_port: int, local_port: int | None) -> None:
     """Our proxy on the dev host, one worker, with a fake backend and an in-memory ledger."""
     sys.path.insert(0, str(ROOT))
     from datetime import UTC, datetime
@@ -125,26 +122,37 @@ def serve_proxy(port_file: str, upstream_port: int) -> None:
         name = "bench"
 
         def get_credentials(self, endpoint: str) -> EndpointCredentials:
+            if endpoint == "ep-tiny":
+                return EndpointCredentials(scoring_uri=f"http://127.0.0.1:{local_port}/score", key=LOCAL_KEY)
             return EndpointCredentials(scoring_uri=f"http://127.0.0.1:{upstream_port}/score", key=UPSTREAM_KEY)
 
     now = datetime.now(UTC)
-    record = RunRecord(
-        run_id="rbench",
-        state=RunState.LIVE,
-        container="training-data",
-        blob="bench.jsonl",
-        blob_version="v1",
-        created_at=now,
-        updated_at=now,
-        model_name="bench",
-        model_version="1",
-        endpoint="ep-bench",
-        deployment="blue",
-    )
+
+    def live(name: str, endpoint: str, **extra: Any) -> RunRecord:
+        return RunRecord(
+            run_id=f"r{name}",
+            state=RunState.LIVE,
+            container="training-data",
+            blob="bench.jsonl",
+            blob_version="v1",
+            created_at=now,
+            updated_at=now,
+            model_name=name,
+            model_version="1",
+            endpoint=endpoint,
+            deployment="blue",
+            extra=extra,
+        )
+
+    # The instant upstream stands for a deployment with room for 256 calls at once; the tiny model
+    # serves one at a time (its server's --max-concurrent 1).
+    records = [live("bench", "ep-bench")]
+    if local_port:
+        records.append(live("tiny", "ep-tiny", sidecar={"deployment": {"max_concurrent_requests_per_instance": 1}}))
 
     class Ledger:
         def list(self) -> list[RunRecord]:
-            return [record]
+            return records
 
     class _Row(dict[str, Any]):
         metadata: dict[str, str]
@@ -170,7 +178,7 @@ def serve_proxy(port_file: str, upstream_port: int) -> None:
             self.create_entity(entity)
 
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # the host thread inherits it
-    settings = Settings.from_env({"PROXY_API_KEYS": BENCH_KEY})
+    settings = Settings.from_env({"PROXY_API_KEYS": BENCH_KEY, "MAX_CONCURRENT_REQUESTS_PER_INSTANCE": "256"})
     set_app_context(
         AppContext(settings, overrides={"ledger": Ledger(), "backend": Backend(), "usage_table": MemoryTable()})
     )
@@ -218,78 +226,31 @@ def serve_naive(port_file: str, upstream_port: int) -> None:
 # ------------------------------------------------------------------------------------------ load
 
 
-class _Client(asyncio.Protocol):
-    """One keep-alive connection of the load generator: send, wait for one full answer."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.waiter: asyncio.Future[int] | None = None
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        head = bytes(self.buf[:end]).lower()
-        status = int(head[9:12])
-        i = head.find(b"content-length:")
-        if i >= 0:
-            length = int(head[i + 15 : head.find(b"\r\n", i) if head.find(b"\r\n", i) > 0 else None])
-            if len(self.buf) < end + 4 + length:
-                return
-            del self.buf[: end + 4 + length]
-        elif b"transfer-encoding: chunked" in head:
-            tail = self.buf.find(b"\r\n0\r\n\r\n", end)
-            if tail < 0:
-                return
-            del self.buf[: tail + 7]
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(status)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(ConnectionError("closed"))
-
-    async def request(self, data: bytes) -> int:
-        self.waiter = asyncio.get_running_loop().create_future()
-        assert self.transport is not None
-        self.transport.write(data)
-        return await self.waiter
+async def _post(session: Any, url: str, body: bytes, headers: dict[str, str]) -> int:
+    async with session.post(url, data=body, headers=headers) as reply:
+        await reply.read()
+        return int(reply.status)
 
 
-def _request_bytes(port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
-    lines = [
-        f"POST {path} HTTP/1.1",
-        f"Host: 127.0.0.1:{port}",
-        "Content-Type: application/json",
-        f"Content-Length: {len(body)}",
-    ]
-    lines += [f"{k}: {v}" for k, v in headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+def _session(concurrency: int) -> Any:
+    import aiohttp
+
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=concurrency, force_close=False), skip_auto_headers=("User-Agent",)
+    )
 
 
-async def _connect(port: int) -> _Client:
-    _, client = await asyncio.get_running_loop().create_connection(_Client, "127.0.0.1", port)
-    return client
-
-
-async def measure_c1(port: int, data: bytes, n: int) -> tuple[list[float], int]:
-    client = await _connect(port)
+async def measure_c1(url: str, body: bytes, headers: dict[str, str], n: int) -> tuple[list[float], int]:
     errors = 0
-    for _ in range(min(200, n)):
-        await client.request(data)
-    lat = []
-    for _ in range(n):
-        t0 = time.perf_counter_ns()
-        status = await client.request(data)
-        lat.append((time.perf_counter_ns() - t0) / 1e6)
-        errors += status != 200
-    assert client.transport is not None
-    client.transport.close()
+    async with _session(1) as session:
+        for _ in range(min(200, n)):
+            await _post(session, url, body, headers)
+        lat = []
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            status = await _post(session, url, body, headers)
+            lat.append((time.perf_counter_ns() - t0) / 1e6)
+            errors += status != 200
     return lat, errors
 
 
@@ -311,40 +272,80 @@ def _cpu_seconds(pid: int | None) -> float:
 
 
 async def measure_cn(
-    port: int, data: bytes, concurrency: int, n: int, warmup: int, *, server_pid: int | None = None
+    url: str, body: bytes, headers: dict[str, str], concurrency: int, n: int, warmup: int, *, server_pid: int | None
 ) -> tuple[float, int, float]:
     """Requests per second, errors, and the server's CPU microseconds per request over the timed part."""
-    clients = [await _connect(port) for _ in range(concurrency)]
     errors = 0
+    async with _session(concurrency) as session:
 
-    async def run(total: int) -> None:
-        nonlocal errors
-        left = total
+        async def run(total: int) -> None:
+            nonlocal errors
+            left = total
 
-        async def worker(client: _Client) -> None:
-            nonlocal left, errors
-            while left > 0:
-                left -= 1
-                try:
-                    status = await client.request(data)
-                except ConnectionError:
-                    errors += 1
-                    return
-                errors += status != 200
+            async def worker() -> None:
+                nonlocal left, errors
+                while left > 0:
+                    left -= 1
+                    try:
+                        status = await _post(session, url, body, headers)
+                    except OSError:
+                        errors += 1
+                        continue
+                    errors += status != 200
 
-        await asyncio.gather(*(worker(c) for c in clients))
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
 
-    await run(warmup)
-    errors = 0
-    cpu0 = _cpu_seconds(server_pid)
-    t0 = time.perf_counter()
-    await run(n)
-    elapsed = time.perf_counter() - t0
-    cpu_us = (_cpu_seconds(server_pid) - cpu0) / n * 1e6
-    for c in clients:
-        if c.transport is not None:
-            c.transport.close()
+        await run(warmup)
+        errors = 0
+        cpu0 = _cpu_seconds(server_pid)
+        t0 = time.perf_counter()
+        await run(n)
+        elapsed = time.perf_counter() - t0
+        cpu_us = (_cpu_seconds(server_pid) - cpu0) / n * 1e6
     return n / elapsed, errors, cpu_us
+
+
+async def client_cpu(url: str, n: int) -> dict[str, float]:
+    """CPU microseconds per sequential POST of this process, aiohttp's client against httpx's."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {UPSTREAM_KEY}", "Content-Type": "application/json"}
+    out: dict[str, float] = {}
+    async with _session(1) as session:
+        for _ in range(200):
+            await _post(session, url, SCORE_BODY, headers)
+        t0 = time.process_time()
+        for _ in range(n):
+            await _post(session, url, SCORE_BODY, headers)
+        out["aiohttp"] = (time.process_time() - t0) / n * 1e6
+    async with httpx.AsyncClient() as client:
+        for _ in range(200):
+            (await client.post(url, content=SCORE_BODY, headers=headers)).read()
+        t0 = time.process_time()
+        for _ in range(n):
+            (await client.post(url, content=SCORE_BODY, headers=headers)).read()
+        out["httpx"] = (time.process_time() - t0) / n * 1e6
+    return out
+
+
+async def first_token(url: str, body: bytes, headers: dict[str, str], *, sse: bool, n: int) -> list[float]:
+    """Seconds from sending to the first piece of text, for `n` streamed requests one after another."""
+    times = []
+    async with _session(1) as session:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            async with session.post(url, data=body, headers=headers) as reply:
+                assert reply.status == 200, reply.status
+                first = None
+                async for line in reply.content:  # read to the end: the deployment is free for the next one
+                    if first is None and (
+                        (sse and line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line)
+                        or (not sse and line.startswith(b'{"delta"'))
+                    ):
+                        first = time.perf_counter() - t0
+                assert first is not None, "no text came"
+                times.append(first)
+    return times
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -387,16 +388,27 @@ def _free_port() -> int:
 
 
 def _wait_http(port: int, path: str, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
+    import httpx
+
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError("exited before it listened")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-            if s.recv(16).startswith(b"HTTP/1."):
-                return
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}{path}", timeout=1)
+            return
         time.sleep(0.5)
     raise RuntimeError(f"nothing answered on port {port} within {timeout_s} s")
+
+
+def start_local_endpoint(tmp: Path) -> Any:
+    """The tiny model's deployment server (capacity 1) and its endpoint router, as the local backend starts them."""
+    sys.path.insert(0, str(ROOT))
+    from tunegrid.local.base_models import prepare_tiny_phi3
+    from tunegrid.local.standalone import StandaloneEndpoint
+
+    model = prepare_tiny_phi3(tmp / "model-cache")
+    return StandaloneEndpoint(model, tmp, name="ep-tiny", key=LOCAL_KEY, token=LOCAL_TOKEN).wait_ready()
 
 
 def start_litellm(litellm_bin: Path, upstream_port: int, tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -441,9 +453,10 @@ async def bench_path(
     concurrency: int,
     server_pid: int | None = None,
 ) -> dict[str, Any]:
-    data = _request_bytes(port, path, body, headers)
-    lat, c1_errors = await measure_c1(port, data, c1)
-    rps, errors, cpu_us = await measure_cn(port, data, concurrency, cn, warmup, server_pid=server_pid)
+    url = f"http://127.0.0.1:{port}{path}"
+    headers = {**headers, "Content-Type": "application/json"}
+    lat, c1_errors = await measure_c1(url, body, headers, c1)
+    rps, errors, cpu_us = await measure_cn(url, body, headers, concurrency, cn, warmup, server_pid=server_pid)
     return {
         "p50_ms": _pct(lat, 0.50),
         "p99_ms": _pct(lat, 0.99),
@@ -465,8 +478,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             upstream, up_port = _spawn([*me, "--serve-upstream", str(tmp / "up")], tmp / "up")
             procs.append(upstream)
+            local_port = 0
+            if args.ttft:
+                local = start_local_endpoint(tmp)
+                procs.extend(local.processes)
+                local_port = local.router_port
             proxy, proxy_port = _spawn(
-                [*me, "--serve-proxy", str(tmp / "proxy"), "--upstream-port", str(up_port)], tmp / "proxy"
+                [
+                    *me,
+                    "--serve-proxy",
+                    str(tmp / "proxy"),
+                    "--upstream-port",
+                    str(up_port),
+                    "--local-port",
+                    str(local_port),
+                ],
+                tmp / "proxy",
             )
             procs.append(proxy)
             naive, naive_port = _spawn(
@@ -501,6 +528,49 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     file=sys.stderr,
                     flush=True,
                 )
+            clients = uvloop.run(client_cpu(f"http://127.0.0.1:{up_port}/score", args.client_n))
+            print(
+                f"clients  CPU per request: aiohttp {clients['aiohttp']:.0f} us, httpx {clients['httpx']:.0f} us",
+                file=sys.stderr,
+            )
+            ttft: dict[str, float] = {}
+            if args.ttft:
+                stream_body = json.dumps(
+                    {
+                        "model": "tiny",
+                        "messages": [{"role": "user", "content": "Say hello."}],
+                        "max_tokens": 64,
+                        "temperature": 0,
+                        "stream": True,
+                    }
+                ).encode()
+                direct_body = json.dumps(
+                    {
+                        "input_data": {
+                            "input_string": [[{"role": "user", "content": "Say hello."}]],
+                            "parameters": {"max_new_tokens": 64, "do_sample": False},
+                        }
+                    }
+                ).encode()
+                for name, url, body, headers, sse in (
+                    (
+                        "direct",
+                        f"http://127.0.0.1:{local_port}/score",
+                        direct_body,
+                        {
+                            "Authorization": f"Bearer {LOCAL_KEY}",
+                            "Accept": "application/x-ndjson",
+                            "azureml-model-deployment": "blue",
+                        },
+                        False,
+                    ),
+                    ("proxy", f"http://127.0.0.1:{proxy_port}/api/v1/chat/completions", stream_body, auth, True),
+                ):
+                    times = uvloop.run(
+                        first_token(url, body, {**headers, "Content-Type": "application/json"}, sse=sse, n=args.ttft_n)
+                    )
+                    ttft[name] = _pct(times, 0.5) * 1000
+                    print(f"ttft     {name:7s} median {ttft[name]:.1f} ms over {len(times)}", file=sys.stderr)
         finally:
             for proc in reversed(procs):
                 _stop(proc)
@@ -518,6 +588,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "litellm_c64_rps": round(lite["rps"]) if lite else None,
         "c64_proxy_cpu_us_per_req": round(results["proxy"]["cpu_us"]),
         "c64_naive_cpu_us_per_req": round(results["naive"]["cpu_us"]),
+        "client_cpu_us_aiohttp": round(clients["aiohttp"]),
+        "client_cpu_us_httpx": round(clients["httpx"]),
+        "ttft_direct_ms": round(ttft["direct"], 1) if ttft else None,
+        "ttft_proxy_ms": round(ttft["proxy"], 1) if ttft else None,
+        "ttft_added_ms": round(ttft["proxy"] - ttft["direct"], 1) if ttft else None,
         "load_avg_1m_at_start": load,
     }
 
@@ -528,6 +603,10 @@ def main() -> int:
     parser.add_argument("--serve-proxy", metavar="PORT_FILE")
     parser.add_argument("--serve-naive", metavar="PORT_FILE")
     parser.add_argument("--upstream-port", type=int)
+    parser.add_argument("--local-port", type=int, default=0)
+    parser.add_argument("--client-n", type=int, default=2000, help="sequential POSTs per client library")
+    parser.add_argument("--ttft-n", type=int, default=20, help="streamed requests per path for time to first token")
+    parser.add_argument("--no-ttft", dest="ttft", action="store_false", help="skip the local model")
     parser.add_argument("--c1", type=int, default=1000, help="requests at concurrency 1")
     parser.add_argument("--cn", type=int, default=5000, help="requests at high concurrency")
     parser.add_argument("--warmup", type=int, default=1000)
@@ -542,7 +621,7 @@ def main() -> int:
         serve_upstream(args.serve_upstream)
         return 0
     if args.serve_proxy:
-        serve_proxy(args.serve_proxy, args.upstream_port)
+        serve_proxy(args.serve_proxy, args.upstream_port, args.local_port or None)
         return 0
     if args.serve_naive:
         serve_naive(args.serve_naive, args.upstream_port)

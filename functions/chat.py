@@ -1,28 +1,38 @@
 """Scoring proxy: `POST /api/score` (Azure ML schema), `POST /api/v1/chat/completions` and
 `GET /api/v1/models` (OpenAI-compatible).
 
+HTTP streams: these functions take and return FastAPI objects (`azurefunctions-extensions-http-fastapi`),
+so a `stream: true` answer goes out event by event as the model generates it. Importing the extension
+switches the whole app to HTTP streams (the worker then hands every HTTP function a FastAPI `Request`
+and expects a FastAPI response), which is why `functions/runs.py` uses the same types. Azure needs the
+app setting `PYTHON_ENABLE_INIT_INDEXING=1` for it; the dev host serves such functions as the worker does.
+
 Auth: these routes are ANONYMOUS at the host level and check the key themselves. The official
 `openai` client sends `Authorization: Bearer <key>`, which the Functions host does not take as a
 function key, so host-level FUNCTION auth would refuse it. Each function accepts either that header
-or `x-functions-key`, compared in constant time against PROXY_API_KEYS (see shared.scoring.ApiKeys);
-with no keys configured every request is refused.
+or `x-functions-key`, compared in constant time against PROXY_API_KEYS; with no keys configured every
+request is refused.
 
-Each function turns the request into bytes and header values, calls one `ScoringService` method and
-maps domain errors to OpenAI-style error objects. The service is built once per process (and rebuilt
-only if the app context is replaced).
+A client that hangs up, while queued or while its answer is generated, is noticed here: its call is
+cancelled, which drops it from the queue or closes the upstream call (stopping the generation) and
+frees the deployment's slot. The service is built once per process (rebuilt only if the app context
+is replaced).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import math
 import os
 import threading
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import azure.functions as func
 import orjson
+from azurefunctions.extensions.http.fastapi import Request, Response, StreamingResponse
 
 from shared.bootstrap import AppContext, app_context
 from shared.errors import ConfigError, InvalidInput, NotFound, TransientError, TunegridError, UpstreamError
@@ -33,6 +43,7 @@ from shared.usecases.scoring import (
     PayloadTooLarge,
     Reply,
     ScoringService,
+    StreamReply,
     Unauthorized,
     UpstreamBusy,
     UpstreamRejected,
@@ -41,6 +52,9 @@ from shared.usecases.scoring import (
 log = logging.getLogger(__name__)
 
 bp = func.Blueprint()
+
+CLIENT_GONE = 499
+"""Status recorded for a request whose client hung up (nobody receives it)."""
 
 _lock = threading.Lock()
 _built: tuple[AppContext | None, ScoringService] | None = None
@@ -81,17 +95,11 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):08x}"
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    """A request header or None. `HttpRequestHeaders.get` goes through Mapping.get, which raises and
-    catches a KeyError for every absent header; its `__contains__` is a plain dict lookup."""
-    return headers[name] if name in headers else None  # noqa: SIM401 (see above)
+def _selector(req: Request) -> str | None:
+    return req.query_params.get("model") or req.headers.get("x-tunegrid-model")
 
 
-def _selector(req: func.HttpRequest) -> str | None:
-    return req.params.get("model") or _header(req.headers, "x-tunegrid-model")
-
-
-def error_response(exc: Exception, request_id: str) -> func.HttpResponse:
+def error_response(exc: BaseException, request_id: str) -> Response:
     """An OpenAI-style error object: {"error": {message, type, param, code, request_id}}."""
     param: str | None = None
     code: str | None
@@ -112,7 +120,7 @@ def error_response(exc: Exception, request_id: str) -> func.HttpResponse:
     elif isinstance(exc, UpstreamRejected):
         status, kind, code = 400, "invalid_request_error", "upstream_rejected"
     elif isinstance(exc, UpstreamBusy):
-        status, kind, code = 429, "rate_limit_error", "upstream_busy"
+        status, kind, code = 429, "rate_limit_error", exc.code
         if exc.retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     elif isinstance(exc, UpstreamError):
@@ -139,59 +147,133 @@ def error_response(exc: Exception, request_id: str) -> func.HttpResponse:
             extra={"request_id": request_id, "status": status},
         )
     else:
-        log.exception("scoring request %s failed", request_id, extra={"request_id": request_id})
+        log.error("scoring request %s failed", request_id, exc_info=exc, extra={"request_id": request_id})
         message = f"internal error (request id {request_id})"
     body = {"error": {"message": message, "type": kind, "param": param, "code": code, "request_id": request_id}}
-    return func.HttpResponse(orjson.dumps(body), status_code=status, headers=headers, mimetype="application/json")
+    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type="application/json")
 
 
-async def _serve(
-    req: func.HttpRequest, action: Callable[[ScoringService, func.HttpRequest, str], Awaitable[Reply]]
-) -> func.HttpResponse:
-    request_id = new_request_id()
+class EventStream(StreamingResponse):
+    """Server-sent events from a `StreamReply`. The client's disconnect is watched while the events
+    go out (not only noticed at the next write), and the reply is always closed at the end: that
+    closes the upstream call, which stops the generation, and frees the deployment's slot."""
+
+    def __init__(self, reply: StreamReply, headers: Mapping[str, str]) -> None:
+        super().__init__(reply, media_type="text/event-stream", headers=headers)
+        self._reply = reply
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        sending = asyncio.ensure_future(self.stream_response(send))
+        gone = asyncio.ensure_future(self.listen_for_disconnect(receive))
+        try:
+            await asyncio.wait({sending, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sending, gone):
+                task.cancel()
+            results = await asyncio.gather(sending, gone, return_exceptions=True)
+            await self._reply.aclose()
+        failure = results[0]
+        if isinstance(failure, Exception) and not isinstance(failure, OSError):
+            raise failure  # a bug, not a client that went away
+
+
+async def _body(req: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is larger than `limit`, before it is all read."""
+    declared = req.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in req.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is over {limit} bytes, the limit")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def _until_gone(req: Request) -> None:
+    """Returns when the client disconnects. Started once the body has been read, so it never takes a
+    piece of the body (a GET's empty body message is skipped)."""
+    while (await req.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(req: Request, call: Awaitable[Reply | StreamReply]) -> Reply | StreamReply | None:
+    """`call`'s result, or None when the client disconnected first: then `call` is cancelled (one
+    watcher task that cancels this one, cheaper than racing two tasks on every request)."""
+    current = asyncio.current_task()
+    assert current is not None
+    hung_up = False
+
+    def on_gone(watcher: asyncio.Task[None]) -> None:
+        nonlocal hung_up
+        if not watcher.cancelled() and watcher.exception() is None:
+            hung_up = True
+            current.cancel()
+
+    gone = asyncio.ensure_future(_until_gone(req))
+    gone.add_done_callback(on_gone)
+    try:
+        return await call
+    except asyncio.CancelledError:
+        if hung_up and current.uncancel() == 0:
+            return None
+        raise
+    finally:
+        gone.remove_done_callback(on_gone)
+        gone.cancel()
+
+
+Action = Callable[[ScoringService, Request, bytes, str], Awaitable[Reply | StreamReply]]
+
+
+async def _serve(req: Request, action: Action, *, with_body: bool = True) -> Response:
+    request_id = ""
     try:
         service = scoring_service()
-        headers = req.headers
-        service.authorize(_header(headers, "authorization"), _header(headers, "x-functions-key"))
-        reply = await action(service, req, request_id)
+        service.authorize(req.headers.get("authorization"), req.headers.get("x-functions-key"))
+        body = await _body(req, service.max_body_bytes) if with_body else b""
+        # The id is taken once the whole request is in: from here to the deployment's queue nothing
+        # waits, so ids count up in the order requests join the queue.
+        request_id = new_request_id()
+        reply = await _unless_gone(req, action(service, req, body, request_id))
+        if reply is None:  # the client hung up first: its call left the queue or stopped the generation
+            log.info("scoring request %s: the client went away", request_id, extra={"request_id": request_id})
+            return Response(status_code=CLIENT_GONE, headers={"x-request-id": request_id})
     except Exception as exc:
-        return error_response(exc, request_id)
-    response = func.HttpResponse(reply.body, status_code=200, mimetype=reply.content_type)
-    response.headers["x-request-id"] = request_id
-    if reply.content_type == "text/event-stream":
-        response.headers["Cache-Control"] = "no-cache"
-    return response
+        return error_response(exc, request_id or new_request_id())
+    headers = {"x-request-id": request_id}
+    if isinstance(reply, StreamReply):
+        return EventStream(reply, {**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return Response(reply.body, status_code=200, headers=headers, media_type=reply.content_type)
 
 
-async def _chat(service: ScoringService, req: func.HttpRequest, request_id: str) -> Reply:
-    body = req.get_body()
-    service.check_size(_header(req.headers, "content-length"), body)
+async def _chat(service: ScoringService, req: Request, body: bytes, request_id: str) -> Reply | StreamReply:
     return await service.chat(body, selector=_selector(req), request_id=request_id)
 
 
-async def _score(service: ScoringService, req: func.HttpRequest, request_id: str) -> Reply:
-    body = req.get_body()
-    service.check_size(_header(req.headers, "content-length"), body)
+async def _score(service: ScoringService, req: Request, body: bytes, request_id: str) -> Reply:
     return await service.score(body, selector=_selector(req), request_id=request_id)
 
 
-async def _models(service: ScoringService, req: func.HttpRequest, request_id: str) -> Reply:
+async def _models(service: ScoringService, req: Request, body: bytes, request_id: str) -> Reply:
     return await service.list_models()
 
 
 @bp.route(route="v1/chat/completions", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
-async def chat_completions(req: func.HttpRequest) -> func.HttpResponse:
-    """OpenAI chat completions (plain or `stream: true` as server-sent events)."""
+async def chat_completions(req: Request) -> Response:
+    """OpenAI chat completions (plain, or `stream: true` as server-sent events while the model generates)."""
     return await _serve(req, _chat)
 
 
 @bp.route(route="score", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
-async def score(req: func.HttpRequest) -> func.HttpResponse:
+async def score(req: Request) -> Response:
     """Azure ML scoring schema pass-through to the selected live model; answers normalised."""
     return await _serve(req, _score)
 
 
 @bp.route(route="v1/models", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
-async def list_models(req: func.HttpRequest) -> func.HttpResponse:
+async def list_models(req: Request) -> Response:
     """The live models, OpenAI `GET /v1/models` format."""
-    return await _serve(req, _models)
+    return await _serve(req, _models, with_body=False)

@@ -301,6 +301,11 @@ var appSettings = {
   PROXY_MAX_TOKENS_CAP: '2048'
   PROXY_UPSTREAM_TIMEOUT_S: '200'
   PROXY_CREDENTIAL_TTL_S: '600'
+  PROXY_QUEUE_TIMEOUT_S: '30'
+  PROXY_QUEUE_MAX: '64'
+  PROXY_DEFAULT_MAX_TOKENS: '256'
+  // HTTP streams (azurefunctions-extensions-http-fastapi) need worker indexing at init (Functions host 4.34.1+).
+  PYTHON_ENABLE_INIT_INDEXING: '1'
   JANITOR_SCHEDULE: '0 */15 * * * *'
   IDLE_MINUTES: '120'
   JANITOR_GRACE_MINUTES: '60'

@@ -22,7 +22,7 @@ from shared.settings import AUDIT_TABLE, LEDGER_TABLE, USAGE_TABLE, Settings
 if TYPE_CHECKING:
     from shared.adapters.storage import BlobStore, StorageClients
     from shared.domain.validation import TokenCounter
-    from shared.ports import FineTuneBackend, LastProxyUse, Ledger
+    from shared.ports import FineTuneBackend, LastProxyUse, Ledger, Upstream
     from shared.usecases.janitor import SweepReport
     from shared.usecases.rollout import Rollout
     from shared.usecases.scoring import ScoringService
@@ -108,6 +108,21 @@ class AppContext:
     def backend(self) -> FineTuneBackend:
         return self._get("backend", lambda: build_backend(self.settings))
 
+    @cached_property
+    def upstream(self) -> Upstream:
+        """The one way to call a scoring endpoint in this process (one HTTP client, one credential
+        cache): the scoring proxy and the roll-out's smoke test share it."""
+        return self._get("upstream", self._build_upstream)
+
+    def _build_upstream(self) -> Upstream:
+        from shared.adapters.endpoint_credentials import CredentialCache, EndpointCaller
+        from shared.adapters.http_client import HttpClient
+
+        credentials = CredentialCache(
+            lambda endpoint: self.backend.get_credentials(endpoint), ttl_s=self.settings.proxy_credential_ttl_s
+        )
+        return EndpointCaller(HttpClient(), credentials)
+
 
 _lock = threading.Lock()
 _context: AppContext | None = None
@@ -141,7 +156,9 @@ def rollout_from_context(ctx: AppContext) -> Rollout:
     """The roll-out use case's ports from the process's `AppContext`."""
     from shared.usecases.rollout import Rollout
 
-    return Rollout(ledger=ctx.ledger, backend=ctx.backend, blobs=ctx.blobs, settings=ctx.settings)
+    return Rollout(
+        ledger=ctx.ledger, backend=ctx.backend, blobs=ctx.blobs, settings=ctx.settings, upstream=ctx.upstream
+    )
 
 
 def proxy_last_use_from_table(usage_table: Any) -> LastProxyUse:
@@ -186,20 +203,40 @@ def sweep_from_context(
 
 
 def build_scoring_service(ctx: AppContext, **overrides: Any) -> ScoringService:
-    """Wire the scoring use case to this process's adapters: ledger, backend credentials, usage table."""
-    from shared.adapters.endpoint_credentials import CredentialCache, EndpointCaller
-    from shared.adapters.upstream import HttpPool
+    """Wire the scoring use case to this process's adapters: ledger, the shared endpoint caller, usage table."""
     from shared.adapters.usage import UsageRecorder
     from shared.usecases.scoring import LiveModels, ScoringService
 
     settings = ctx.settings
-    credentials = CredentialCache(
-        lambda endpoint: ctx.backend.get_credentials(endpoint), ttl_s=settings.proxy_credential_ttl_s
-    )
     return ScoringService(
         settings=settings,
-        models=overrides.pop("models", None) or LiveModels(lambda: ctx.ledger.list()),
-        upstream=overrides.pop("upstream", None) or EndpointCaller(HttpPool(), credentials),
+        models=overrides.pop("models", None)
+        or LiveModels(
+            lambda: ctx.ledger.list(),
+            default_instances=settings.inference_instance_count,
+            default_concurrency=settings.max_concurrent_requests_per_instance,
+        ),
+        upstream=overrides.pop("upstream", None) or ctx.upstream,
         usage=overrides.pop("usage", None) or UsageRecorder(lambda: ctx.usage_table),
+        token_counter=overrides.pop("token_counter", None) or _lazy_token_counter(settings.validation_tokenizer),
         **overrides,
     )
+
+
+def _lazy_token_counter(name: str) -> Callable[[], TokenCounter | None] | None:
+    """The proxy's token counter, loaded on first use; a tokenizer that cannot be loaded is logged once
+    and then not counted with (the answers still go out, with `stop` unless the upstream said more)."""
+    if not name:
+        return None
+    loaded: list[TokenCounter | None] = []
+
+    def counter() -> TokenCounter | None:
+        if not loaded:
+            try:
+                loaded.append(build_token_counter(name))
+            except ConfigError as exc:
+                log.warning("the proxy counts no tokens: %s", exc)
+                loaded.append(None)
+        return loaded[0]
+
+    return counter

@@ -335,6 +335,24 @@ class Settings:
     proxy_credential_ttl_s: int = setting(
         "PROXY_CREDENTIAL_TTL_S", "600", "How long fetched endpoint keys are cached in memory."
     )
+    proxy_queue_timeout_s: int = setting(
+        "PROXY_QUEUE_TIMEOUT_S",
+        "30",
+        "Longest a request waits in the proxy's queue for a deployment (and retries its 429s); then 429.",
+        check=between(0, 229, why=" (the HTTP limit is 230 s)"),
+    )
+    proxy_queue_max: int = setting(
+        "PROXY_QUEUE_MAX",
+        "64",
+        "Requests queued per deployment in one worker process beyond its capacity; more get 429 at once.",
+        check=between(0, 100_000),
+    )
+    proxy_default_max_tokens: int = setting(
+        "PROXY_DEFAULT_MAX_TOKENS",
+        "256",
+        "max_tokens / max_new_tokens sent when a request gives none (then capped by PROXY_MAX_TOKENS_CAP).",
+        check=between(1, 1_000_000),
+    )
     janitor_schedule: str = setting(
         "JANITOR_SCHEDULE", "0 */15 * * * *", "NCRONTAB schedule of the idle-endpoint janitor."
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import random
 import threading
 import urllib.parse
@@ -34,6 +35,7 @@ from shared.domain.resources import (
 )
 from shared.domain.runs import RunRecord, RunState, apply_transition
 from shared.errors import BackendError, ConflictError, NotFound, TransientError, TunegridError
+from shared.ports import UpstreamReply
 from shared.settings import CONTAINERS
 
 _RAW = {
@@ -256,16 +258,6 @@ class FakeBackend:
     def get_credentials(self, endpoint: str) -> EndpointCredentials:
         self._call("get_credentials", endpoint)
         return EndpointCredentials(scoring_uri=f"http://fake/{endpoint}/score", key="fake-endpoint-key")
-
-    def invoke(
-        self, endpoint: str, body: Mapping[str, Any], *, deployment: str | None = None, timeout_s: float = 90.0
-    ) -> Any:
-        self._call("invoke", endpoint, deployment)
-        with self.lock:
-            dep = self.deployments.get((endpoint, deployment or ""))
-            if dep is None or dep.provisioning_state != ProvisioningState.SUCCEEDED:
-                raise NotFound(f"deployment {deployment} is not ready")
-        return {"output": "" if deployment in self.mute_deployments else self.answer}
 
     def get_endpoint_activity(self, endpoint: str, *, since: datetime) -> EndpointActivity:
         self._call("get_endpoint_activity", endpoint)
@@ -516,3 +508,32 @@ def _blob_content(data: Any) -> bytes:
     if hasattr(data, "__iter__") and not isinstance(data, list | tuple | set | dict):
         return b"".join(data)
     raise TypeError(f"Unsupported data type: {type(data)}")
+
+
+@dataclass
+class FakeUpstream:
+    """The `Upstream` port's blocking call (the roll-out's smoke test) over a `FakeBackend`: a deployment
+    that is not ready answers 404, a mute one an empty text, any other the backend's `answer`."""
+
+    backend: FakeBackend
+    calls: list[tuple[str, str, Any]] = field(default_factory=list)
+
+    def post_json_blocking(
+        self, endpoint: str, deployment: str, body: bytes, *, request_id: str, timeout_s: float
+    ) -> UpstreamReply:
+        self.calls.append((endpoint, deployment, json.loads(body)))
+        self.backend._call("score", endpoint, deployment)
+        with self.backend.lock:
+            dep = self.backend.deployments.get((endpoint, deployment))
+        if dep is None or dep.provisioning_state != ProvisioningState.SUCCEEDED:
+            return UpstreamReply(404, json.dumps({"message": f"deployment {deployment} is not ready"}).encode())
+        text = "" if deployment in self.backend.mute_deployments else self.backend.answer
+        return UpstreamReply(200, json.dumps({"output": text}).encode(), content_type="application/json")
+
+    async def post_json(
+        self, endpoint: str, deployment: str, body: bytes, *, request_id: str, timeout_s: float
+    ) -> UpstreamReply:
+        return self.post_json_blocking(endpoint, deployment, body, request_id=request_id, timeout_s=timeout_s)
+
+    def open_stream(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("the roll-out never streams")

@@ -15,8 +15,11 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from shared.adapters.endpoint_credentials import CredentialCache, EndpointCaller
+from shared.adapters.http_client import HttpClient
 from shared.domain.resources import EndpointCredentials
 from shared.domain.runs import RunRecord, RunState
+from shared.ports import UpstreamReply
 from shared.settings import Settings
 
 UPSTREAM_KEY = "upstream-secret-KEY-9f8e7d6c5b4a"
@@ -24,8 +27,18 @@ PROXY_KEY = "proxy-key-ALPHA-0123456789abcdef"
 OTHER_PROXY_KEY = "proxy-key-BETA-fedcba9876543210"
 
 
-def answer_in_shape(shape: str, texts: list[str]) -> Any:
-    """The answer body a serving image of this `shape` gives for these texts (one per conversation)."""
+def answer_in_shape(shape: str, texts: list[str], *, completion_tokens: int = 7) -> Any:
+    """The answer body a serving image of this `shape` gives for these texts (one per conversation).
+    `usage` is the local server's one-conversation shape: the text, and its token counts beside it."""
+    if shape == "usage":
+        return {
+            "output": texts[0],
+            "usage": {
+                "prompt_tokens": 11,
+                "completion_tokens": completion_tokens,
+                "total_tokens": 11 + completion_tokens,
+            },
+        }
     if shape == "output":
         return {"output": texts[0]} if len(texts) == 1 else {"output": texts}
     if shape == "indexed":
@@ -78,6 +91,14 @@ class LoopbackUpstream:
         self.reply: Callable[[list[dict[str, str]]], str] = lambda conv: f"echo: {conv[-1]['content']}"
         self.script: deque[Scripted] = deque()
         self.seen: list[SeenRequest] = []
+        self.capacity: int | None = None
+        """Requests served at once, as a deployment's max_concurrent_requests_per_instance: 429 beyond."""
+        self.delay_s = 0.0
+        self.cut_off = False
+        """The `usage` shape reports max_new_tokens completion tokens (generation stopped at the limit)."""
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.refused = 0
         self._lock = threading.Lock()
         self._closing = threading.Event()
         upstream = self
@@ -106,11 +127,29 @@ class LoopbackUpstream:
                         return  # the test is over: answer nobody
                     self._send(scripted.status, scripted.body, scripted.headers)
                     return
-                conversations = body["input_data"]["input_string"]
-                if conversations and isinstance(conversations[0], dict):
-                    conversations = [conversations]
-                texts = [upstream.reply(conv) for conv in conversations]
-                self._send(200, json.dumps(answer_in_shape(upstream.shape, texts)).encode(), {})
+                with upstream._lock:
+                    if upstream.capacity is not None and upstream.in_flight >= upstream.capacity:
+                        upstream.refused += 1
+                        busy = True
+                    else:
+                        busy = False
+                        upstream.in_flight += 1
+                        upstream.max_in_flight = max(upstream.max_in_flight, upstream.in_flight)
+                if busy:
+                    self._send(429, b'{"message": "too many requests"}', {"Retry-After": "1"})
+                    return
+                try:
+                    upstream._closing.wait(upstream.delay_s)
+                    conversations = body["input_data"]["input_string"]
+                    if conversations and isinstance(conversations[0], dict):
+                        conversations = [conversations]
+                    texts = [upstream.reply(conv) for conv in conversations]
+                    limit = (body["input_data"].get("parameters") or {}).get("max_new_tokens", 256)
+                    answer = answer_in_shape(upstream.shape, texts, completion_tokens=limit if upstream.cut_off else 3)
+                finally:
+                    with upstream._lock:
+                        upstream.in_flight -= 1
+                self._send(200, json.dumps(answer).encode(), {})
 
             def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
                 self.send_response(status)
@@ -225,6 +264,21 @@ def live_record(
         endpoint=endpoint,
         deployment=deployment,
     )
+
+
+def score_endpoint(
+    backend: Any, endpoint: str, body: Any, *, deployment: str = "", timeout_s: float = 60.0
+) -> UpstreamReply:
+    """One blocking call to an endpoint through the app's own caller (its one HTTP client and credential
+    cache), as the roll-out's smoke test makes it; the answer's status and body come back."""
+    http = HttpClient()
+    caller = EndpointCaller(http, CredentialCache(backend.get_credentials, ttl_s=60))
+    try:
+        return caller.post_json_blocking(
+            endpoint, deployment, json.dumps(body).encode(), request_id="test-call", timeout_s=timeout_s
+        )
+    finally:
+        http.close_blocking()
 
 
 def proxy_settings(**values: str) -> Settings:

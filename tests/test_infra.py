@@ -69,10 +69,14 @@ RUNTIME_ENV = {
     "TRANSFORMERS_OFFLINE",
     "HF_DATASETS_OFFLINE",
     "TOKENIZERS_PARALLELISM",
+    # the CA bundle the endpoint client trusts, read as requests / azure-core read it (shared/adapters/http_client.py)
+    "REQUESTS_CA_BUNDLE",
+    "SSL_CERT_FILE",
 }
 
 # App settings the templates set that no code of ours reads: the host and the azure-monitor exporter do.
-HOST_SETTINGS = {"APPLICATIONINSIGHTS_AUTHENTICATION_STRING"}
+# PYTHON_ENABLE_INIT_INDEXING: the Python worker reads it (HTTP streams need it), not our code.
+HOST_SETTINGS = {"APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "PYTHON_ENABLE_INIT_INDEXING"}
 
 # Settings whose Azure value deliberately differs from the SETTINGS default.
 AZURE_VALUES = {"FINETUNE_BACKEND": "azureml"}

@@ -18,6 +18,7 @@ from shared.domain.resources import DeploymentSpec, ModelRef, ProvisioningState
 from shared.domain.runs import RunState, new_record
 from shared.usecases.janitor import sweep_idle_endpoints
 from tests.fakes import InMemoryAuditLog, InMemoryLedger
+from tests.scoring_support import score_endpoint
 from tests.support import wait_for
 
 INSTANCE = "tg-janitor-local"
@@ -79,7 +80,7 @@ def test_idle_local_endpoint_deleted_called_one_kept(local_backend: Any) -> None
     old_enough = max(backend.get_endpoint(n).created_at for n in ("called-ep", "idle-ep")) + IDLE
     wait_for(lambda: datetime.now(UTC) > old_enough, timeout_s=60, what="the idle window to pass")
     body = {"input_data": {"input_string": [[{"role": "user", "content": "hi"}]], "parameters": {"max_new_tokens": 2}}}
-    backend.invoke("called-ep", body, timeout_s=60)
+    assert score_endpoint(backend, "called-ep", body).status == 200
 
     report = sweep_idle_endpoints(
         backend=backend,
@@ -95,7 +96,7 @@ def test_idle_local_endpoint_deleted_called_one_kept(local_backend: Any) -> None
     assert by_target["called-ep"].last_use is not None
     assert backend.get_endpoint("idle-ep") is None
     assert backend.get_endpoint("called-ep").provisioning_state == ProvisioningState.SUCCEEDED
-    assert backend.invoke("called-ep", body, timeout_s=60)
+    assert score_endpoint(backend, "called-ep", body).status == 200
     states = {r.run_id: r.state for r in ledger.list()}
     assert states == {"ridle": RunState.RETIRED, "rcalled": RunState.LIVE}
     rows = {r["target"]: r for r in audit.rows()}

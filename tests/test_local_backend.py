@@ -269,7 +269,7 @@ def test_endpoint_deployments_traffic_auth_and_delete(backend: LocalBackend, job
     assert isinstance(both, list) and len(both) == 2 and all(set(item) == {"0"} for item in both)
     served = {_post(creds.scoring_uri, creds.key).headers["azureml-model-deployment"] for _ in range(24)}
     assert served == {"blue", "green"}
-    assert backend.invoke("tg-ep-test", SCORE, deployment="blue")["output"] is not None
+    assert _post(creds.scoring_uri, creds.key, deployment="blue").json()["output"] is not None
 
     activity = backend.get_endpoint_activity("tg-ep-test", since=datetime.now(UTC) - timedelta(minutes=10))
     assert activity.requests == 29 and activity.last_request_at is not None  # the 401 and the 404 do not count
@@ -304,7 +304,8 @@ def test_endpoint_deployments_traffic_auth_and_delete(backend: LocalBackend, job
     seen = again.get_endpoint("tg-ep-test")
     assert seen.created_at == endpoint.created_at and seen.tags == endpoint.tags
     assert seen.deployments[0].provisioning_state == ProvisioningState.SUCCEEDED
-    assert again.invoke("tg-ep-test", SCORE)["output"] is not None
+    fresh = again.get_credentials("tg-ep-test")
+    assert _post(fresh.scoring_uri, fresh.key).json()["output"] is not None
     assert again.get_job(JOB).state == JobState.COMPLETED
 
     # Counters survive the router: persisted on shutdown, and unreadable only when nothing was saved.

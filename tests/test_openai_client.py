@@ -1,10 +1,14 @@
 """The official `openai` client, unchanged, against the chat functions served by the dev host, with a
-real loopback upstream behind them and the usage table in Azurite. Also: no key material ever leaks
-into responses or logs."""
+real loopback upstream behind them and the usage table in Azurite: plain and streamed chat, max_tokens
+cut-offs, 32 concurrent calls on a capacity-1 deployment, auth failures, oversize bodies, unknown
+models, malformed JSON. Also: no key material ever leaks into responses or logs. (Streaming from the
+real local model: tests/test_scoring_local_model.py.)"""
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +51,7 @@ class Proxy:
         self.backend = backend
         self.usage_table = usage_table
         self.base_url = host.base_url + "/api/v1"
+        self.queue_timeout_s = 30.0
 
     def client(self, key: str = PROXY_KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=30)
@@ -85,6 +90,9 @@ def _reset_upstream(proxy: Proxy) -> Iterator[None]:
     proxy.upstream.shape = "indexed"
     proxy.upstream.script.clear()
     proxy.upstream.reply = lambda conv: f"echo: {conv[-1]['content']}"
+    proxy.upstream.capacity = None
+    proxy.upstream.delay_s = 0.0
+    proxy.upstream.cut_off = False
 
 
 def test_plain_chat(proxy: Proxy) -> None:
@@ -111,8 +119,8 @@ def test_plain_chat(proxy: Proxy) -> None:
 def test_usage_is_reported_when_the_image_reports_it(proxy: Proxy) -> None:
     """An OpenAI-shaped upstream answer carries token usage through to the client."""
     proxy.upstream.shape = "choices"
-    completion = proxy.client().chat.completions.create(model="run-openai-1", messages=HI, n=2)
-    assert [c.message.content for c in completion.choices] == ["echo: Hi there", "echo: Hi there"]
+    completion = proxy.client().chat.completions.create(model="run-openai-1", messages=HI)
+    assert [c.message.content for c in completion.choices] == ["echo: Hi there"]
     assert completion.usage is not None and completion.usage.total_tokens == 18
 
 
@@ -129,6 +137,118 @@ def test_streaming_chat(proxy: Proxy) -> None:
     assert with_choices[-1].choices[0].finish_reason == "stop"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 7
     assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
+
+
+def test_streaming_from_an_upstream_that_cannot_stream(proxy: Proxy) -> None:
+    """An upstream answering in one piece (Azure ML's MLflow images) still gives a chunked stream:
+    role first, the text in several content chunks, the finish reason last, then the end."""
+    proxy.upstream.reply = lambda conv: "a fairly long answer, " * 6
+    chunks = list(proxy.client().chat.completions.create(model="phi3-ultrachat", messages=HI, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    contents = [c.choices[0].delta.content for c in chunks[1:-1]]
+    assert len(contents) > 2 and "".join(contents) == "a fairly long answer, " * 6  # type: ignore[arg-type]
+    assert chunks[-1].choices[0].finish_reason == "stop" and all(
+        c.choices[0].finish_reason is None for c in chunks[:-1]
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_cut_off_is_length(proxy: Proxy, stream: bool) -> None:
+    """An answer that used all of max_tokens reports finish_reason `length` (the upstream's token counts);
+    one that ended sooner reports `stop`; the counts come back as usage."""
+    proxy.upstream.shape = "usage"
+    client = proxy.client()
+    for cut, expected in ((True, "length"), (False, "stop")):
+        proxy.upstream.cut_off = cut
+        if stream:
+            chunks = list(
+                client.chat.completions.create(
+                    model="phi3-ultrachat",
+                    messages=HI,
+                    max_tokens=5,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+            reason = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+            usage = chunks[-1].usage
+        else:
+            completion = client.chat.completions.create(model="phi3-ultrachat", messages=HI, max_tokens=5)
+            reason, usage = completion.choices[0].finish_reason, completion.usage
+        assert reason == expected
+        assert usage is not None and usage.completion_tokens == (5 if cut else 3) and usage.prompt_tokens == 11
+    assert proxy.upstream.seen[-1].body["input_data"]["parameters"]["max_new_tokens"] == 5
+
+
+def test_a_stop_sequence_ends_with_stop(proxy: Proxy) -> None:
+    """The proxy cuts the answer at a stop sequence (also across streamed pieces) and says `stop`."""
+    proxy.upstream.shape = "usage"
+    proxy.upstream.cut_off = True
+    proxy.upstream.reply = lambda conv: "first line, and some more words\nsecond line that is never sent"
+    client = proxy.client()
+    plain = client.chat.completions.create(model="phi3-ultrachat", messages=HI, stop=["\n"])
+    assert plain.choices[0].message.content == "first line, and some more words"
+    assert plain.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="phi3-ultrachat", messages=HI, stop="\n", stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "first line, and some more words"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_32_concurrent_calls_on_a_capacity_1_deployment(proxy: Proxy) -> None:
+    """32 clients at once against a deployment that serves one request at a time (429 beyond): every
+    call succeeds, the upstream never sees two at once, calls reach it in the order they arrived, and
+    none waits as long as the queue timeout."""
+    proxy.upstream.capacity = 1
+    proxy.upstream.delay_s = 0.02
+    before = len(proxy.upstream.seen)
+    results: list[Any] = [None] * 32
+    waits: list[float] = [0.0] * 32
+    start = threading.Barrier(32)
+
+    def call(i: int) -> None:
+        client = proxy.client()
+        start.wait()
+        began = time.monotonic()
+        try:
+            results[i] = client.chat.completions.create(
+                model="phi3-ultrachat", messages=[{"role": "user", "content": f"caller {i}"}]
+            )
+        except Exception as exc:  # kept for the assertion below
+            results[i] = exc
+        waits[i] = time.monotonic() - began
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(not isinstance(r, Exception) for r in results), [r for r in results if isinstance(r, Exception)]
+    assert sorted(r.choices[0].message.content for r in results) == sorted(f"echo: caller {i}" for i in range(32))
+    assert proxy.upstream.refused == 0 and proxy.upstream.max_in_flight == 1
+    served = [s.headers["x-ms-client-request-id"] for s in proxy.upstream.seen[before:]]
+    assert len(served) == 32 and served == sorted(served)  # request ids count up as requests arrive: FIFO
+    assert max(waits) < proxy.queue_timeout_s
+
+
+def test_malformed_json_is_a_400(proxy: Proxy) -> None:
+    """A body that is not JSON (the official client's request, its bytes cut short on the way) is a
+    400 `invalid_json` in OpenAI's error shape, and nothing goes upstream."""
+
+    class CutShort(httpx.HTTPTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            body = request.read()[:-7]
+            headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
+            return super().handle_request(httpx.Request(request.method, request.url, headers=headers, content=body))
+
+    before = len(proxy.upstream.seen)
+    client = openai.OpenAI(
+        base_url=proxy.base_url, api_key=PROXY_KEY, max_retries=0, http_client=httpx.Client(transport=CutShort())
+    )
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="phi3-ultrachat", messages=HI)
+    assert err.value.body["code"] == "invalid_json" and err.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+    assert err.value.body["request_id"] == err.value.request_id  # type: ignore[index]
+    assert len(proxy.upstream.seen) == before
 
 
 def test_models_list(proxy: Proxy) -> None:
@@ -203,6 +323,13 @@ def test_oversized_body_is_413(proxy: Proxy) -> None:
             openai.BadRequestError,
             "tools",
         ),
+        ({"model": "phi3-ultrachat", "n": 2}, openai.BadRequestError, "n"),
+        ({"model": "phi3-ultrachat", "logprobs": True}, openai.BadRequestError, "logprobs"),
+        (
+            {"model": "phi3-ultrachat", "response_format": {"type": "json_object"}},
+            openai.BadRequestError,
+            "response_format",
+        ),
     ],
 )
 def test_client_errors(proxy: Proxy, kwargs: dict[str, Any], error: type[openai.APIStatusError], param: str) -> None:
@@ -231,6 +358,28 @@ def test_score_route(proxy: Proxy) -> None:
         assert reply.json()["output"] == ["echo: One", "echo: Two"] and reply.json()["run_id"] == "run-openai-1"
     missing = httpx.post(proxy.host.base_url + "/api/score", json=body, headers={**auth, "x-tunegrid-model": "nope"})
     assert missing.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("parameters", "conversations", "param"),
+    [
+        ({}, 17, "input_data.input_string"),
+        ({"num_beams": 8}, 1, "input_data.parameters.num_beams"),
+        ({"max_new_tokens": 10, "min_new_tokens": 11}, 1, "input_data.parameters.min_new_tokens"),
+        ({"output_scores": True}, 1, "input_data.parameters.output_scores"),
+    ],
+)
+def test_score_route_limits(proxy: Proxy, parameters: dict[str, Any], conversations: int, param: str) -> None:
+    """/api/score caps the conversations per request and checks every generation parameter (400, OpenAI shape)."""
+    body = {
+        "input_data": {"input_string": [[{"role": "user", "content": "x"}]] * conversations, "parameters": parameters}
+    }
+    before = len(proxy.upstream.seen)
+    reply = httpx.post(
+        proxy.host.base_url + "/api/score", json=body, headers={"Authorization": f"Bearer {PROXY_KEY}"}, timeout=30
+    )
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == param
+    assert len(proxy.upstream.seen) == before
 
 
 def test_usage_record_reaches_the_table(proxy: Proxy) -> None:

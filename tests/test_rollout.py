@@ -17,7 +17,7 @@ from shared.domain.runs import RunState
 from shared.settings import LEDGER_TABLE, RUN_REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
 from shared.usecases.ingest import ingest_dataset
 from shared.usecases.rollout import Rollout, advance_run, handle_run_event, tick
-from tests.fakes import FakeBackend, InMemoryBlobs, InMemoryLedger
+from tests.fakes import FakeBackend, FakeUpstream, InMemoryBlobs, InMemoryLedger
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 EVENTS = Path(__file__).resolve().parent / "data" / "events"
@@ -56,11 +56,13 @@ def any_world(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 
 def _rollout(world: dict[str, Any], **kw: Any) -> Rollout:
+    backend = kw.get("backend", world["backend"])
     return Rollout(
         ledger=kw.get("ledger", world["ledger"]),
-        backend=kw.get("backend", world["backend"]),
+        backend=backend,
         blobs=world["blobs"],
         settings=world["settings"],
+        upstream=FakeUpstream(backend),
     )
 
 
@@ -281,6 +283,7 @@ def test_deploying_run_completes_after_a_restart(azurite_world: dict[str, Any]) 
         backend=backend,
         blobs=BlobStore(fresh.blobs),
         settings=world["settings"],
+        upstream=FakeUpstream(backend),
     )
     for _ in range(15):
         tick(rollout2)

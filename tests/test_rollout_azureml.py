@@ -27,6 +27,7 @@ from shared.domain.clock import utcnow
 from shared.domain.events import RunEvent, parse_run_event
 from shared.domain.naming import deployment_name_for, endpoint_name_for, job_name_for, model_name_for, model_version_for
 from shared.domain.runs import RunRecord, RunState, run_id_for
+from shared.ports import UpstreamReply
 from shared.settings import PREPARED_CONTAINER, RUN_REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
 from shared.usecases.rollout import Rollout, handle_run_event, tick
 from tests import azureml_rig as rig_module
@@ -85,7 +86,32 @@ class World:
     prefix: str
 
     def rollout(self) -> Rollout:
-        return Rollout(ledger=self.ledger, backend=self.backend, blobs=self.blobs, settings=self.settings)
+        upstream = RigUpstream(self.rig, self.backend)
+        return Rollout(
+            ledger=self.ledger, backend=self.backend, blobs=self.blobs, settings=self.settings, upstream=upstream
+        )
+
+
+@dataclass
+class RigUpstream:
+    """The `Upstream` port's blocking call, answered by the rig so the smoke POSTs stand in the call log
+    beside azure-ai-ml's. Keys come from the adapter's `get_credentials` (listKeys), once per endpoint,
+    as the real caller's cache does; the caller itself is tested over loopback servers (test_scoring_upstream)."""
+
+    rig: AzureMLRig
+    backend: AzureMLBackend
+    credentials: dict[str, Any] = field(default_factory=dict)
+
+    def post_json_blocking(
+        self, endpoint: str, deployment: str, body: bytes, *, request_id: str, timeout_s: float
+    ) -> UpstreamReply:
+        if endpoint not in self.credentials:
+            self.credentials[endpoint] = self.backend.get_credentials(endpoint)
+        creds = self.credentials[endpoint]
+        headers = {**creds.headers(deployment=deployment), "Content-Type": "application/json"}
+        reply = self.rig._dispatch(Call("POST", creds.scoring_uri, headers, body, threading.current_thread().name))
+        content = reply.body if reply.body is not None else json.dumps(reply.json).encode()
+        return UpstreamReply(reply.status, content, content_type="application/json")
 
 
 @pytest.fixture

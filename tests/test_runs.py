@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import azure.functions as func
 import pytest
 
 from shared.bootstrap import AppContext, set_app_context
@@ -97,6 +96,21 @@ def test_status_command_writes_the_loss_curve(
     assert main(["status", "r-missing"]) == 1
 
 
+def _get(path: str, *, query: str = "", route: dict[str, str] | None = None) -> Any:
+    """The FastAPI request the worker hands an HTTP-streams function (route parameters synced in)."""
+    from starlette.requests import Request
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "query_string": query.encode(),
+        "headers": [],
+        "path_params": dict(route or {}),
+    }
+    return Request(scope)
+
+
 @pytest.mark.parametrize("where", ["memory", pytest.param("azurite", marks=pytest.mark.azurite)])
 def test_http_routes_return_the_same_data(request: pytest.FixtureRequest, where: str, unique: str) -> None:
     """GET /api/runs and /api/runs/{id}, called as the host calls them."""
@@ -106,17 +120,11 @@ def test_http_routes_return_the_same_data(request: pytest.FixtureRequest, where:
     ctx = request.getfixturevalue("ctx" if where == "memory" else "azurite_ctx")
     record = _run(ctx, unique)
     fns = {f.get_function_name(): f.get_user_function() for f in functions_of(app)}
-    listed = fns["runs_list"](func.HttpRequest(method="GET", url="/api/runs", body=b"", params={"limit": "5"}))
-    assert listed.status_code == 200 and record.run_id in {r["run_id"] for r in json.loads(listed.get_body())["runs"]}
-    one = fns["run_status"](
-        func.HttpRequest(
-            method="GET", url=f"/api/runs/{record.run_id}", body=b"", route_params={"run_id": record.run_id}
-        )
-    )
-    assert one.status_code == 200 and json.loads(one.get_body())["state"] == "submitted"
-    missing = fns["run_status"](
-        func.HttpRequest(method="GET", url="/api/runs/x", body=b"", route_params={"run_id": "x"})
-    )
+    listed = fns["runs_list"](_get("/api/runs", query="limit=5"))
+    assert listed.status_code == 200 and record.run_id in {r["run_id"] for r in json.loads(listed.body)["runs"]}
+    one = fns["run_status"](_get(f"/api/runs/{record.run_id}", route={"run_id": record.run_id}))
+    assert one.status_code == 200 and json.loads(one.body)["state"] == "submitted"
+    missing = fns["run_status"](_get("/api/runs/x", route={"run_id": "x"}))
     assert missing.status_code == 404
-    bad = fns["runs_list"](func.HttpRequest(method="GET", url="/api/runs", body=b"", params={"limit": "lots"}))
+    bad = fns["runs_list"](_get("/api/runs", query="limit=lots"))
     assert bad.status_code == 400

@@ -20,6 +20,7 @@ from shared.usecases.scoring import (
     ModelNotFound,
     NoLiveModel,
     PayloadTooLarge,
+    QueueRejected,
     Reply,
     Unauthorized,
     UpstreamBusy,
@@ -55,6 +56,7 @@ def test_bindings() -> None:
         (NoLiveModel("none live"), 503, "service_unavailable", "no_live_model"),
         (UpstreamRejected("rejected", status=422), 400, "invalid_request_error", "upstream_rejected"),
         (UpstreamBusy("busy", retry_after=2.5), 429, "rate_limit_error", "upstream_busy"),
+        (QueueRejected("queue full", retry_after=2.5, code="queue_full"), 429, "rate_limit_error", "queue_full"),
         (UpstreamError("slow", timeout=True), 504, "upstream_error", "upstream_timeout"),
         (UpstreamError("down", status=500), 502, "upstream_error", "upstream_error"),
         (TransientError("later"), 503, "service_unavailable", "temporarily_unavailable"),
@@ -64,7 +66,7 @@ def test_bindings() -> None:
 def test_errors_map_to_openai_error_objects(error: Exception, status: int, kind: str, code: str | None) -> None:
     """Each domain error has its status, type and code; the request id is in the header and the body."""
     response = chat.error_response(error, "rid123")
-    body = orjson.loads(response.get_body())["error"]
+    body = orjson.loads(response.body)["error"]
     assert response.status_code == status
     assert (body["type"], body["code"], body["request_id"]) == (kind, code, "rid123")
     assert body["message"] == str(error)
@@ -82,8 +84,7 @@ class ExplodingService:
         if authorization != f"Bearer {PROXY_KEY}":
             raise Unauthorized("invalid API key")
 
-    def check_size(self, declared: str | None, body: bytes) -> None:
-        pass
+    max_body_bytes = 1024
 
     async def chat(self, body: bytes, *, selector: str | None, request_id: str) -> Reply:
         raise RuntimeError("internal detail: /secret/path")
@@ -96,20 +97,32 @@ def pinned() -> Iterator[None]:
     chat.set_scoring_service(None)
 
 
-def request(headers: dict[str, str], body: Any = None) -> func.HttpRequest:
-    return func.HttpRequest(
-        method="POST",
-        url="http://127.0.0.1/api/v1/chat/completions",
-        headers=headers,
-        params={},
-        body=orjson.dumps(body or {}),
-    )
+def request(headers: dict[str, str], body: Any = None) -> Any:
+    """The FastAPI request the worker hands the function, over a client that sends the body and stays."""
+    from starlette.requests import Request
+
+    messages = [{"type": "http.request", "body": orjson.dumps(body or {}), "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()  # the client stays connected
+        raise AssertionError("unreachable")
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/api/v1/chat/completions",
+        "query_string": b"",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+    }
+    return Request(scope, receive)
 
 
 def test_unexpected_errors_are_500_without_details(pinned: None, caplog: pytest.LogCaptureFixture) -> None:
     """A bug becomes a 500 that names only the request id; the details go to the log."""
     response = asyncio.run(chat.chat_completions(request({"authorization": f"Bearer {PROXY_KEY}"})))
-    body = orjson.loads(response.get_body())["error"]
+    body = orjson.loads(response.body)["error"]
     assert response.status_code == 500 and body["code"] == "internal_error"
     assert "secret" not in body["message"] and body["request_id"] in body["message"]
     assert "internal detail" in caplog.text
@@ -119,6 +132,54 @@ def test_auth_runs_before_the_use_case(pinned: None) -> None:
     """Without the right key the use case is never called (401, not 500)."""
     response = asyncio.run(chat.chat_completions(request({"authorization": "Bearer nope"})))
     assert response.status_code == 401
+
+
+def test_a_client_that_hangs_up_while_waiting_cancels_its_call() -> None:
+    """The function notices the disconnect while the use case still waits (queued or generating) and
+    cancels it, so it leaves the queue and its upstream call is closed."""
+    cancelled = asyncio.Event()
+
+    class Waiting(ExplodingService):
+        async def chat(self, body: bytes, *, selector: str | None, request_id: str) -> Reply:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            raise AssertionError("unreachable")
+
+    async def scenario() -> int:
+        messages: list[dict[str, Any]] = [{"type": "http.request", "body": b"{}", "more_body": False}]
+        hang_up = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop(0)
+            await hang_up.wait()
+            return {"type": "http.disconnect"}
+
+        from starlette.requests import Request
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/api/v1/chat/completions",
+            "query_string": b"",
+            "headers": [(b"authorization", f"Bearer {PROXY_KEY}".encode())],
+        }
+        call = asyncio.ensure_future(chat.chat_completions(Request(scope, receive)))
+        await asyncio.sleep(0.05)
+        assert not call.done()
+        hang_up.set()
+        response = await asyncio.wait_for(call, 5)
+        assert cancelled.is_set()
+        return response.status_code
+
+    chat.set_scoring_service(Waiting())  # type: ignore[arg-type]
+    try:
+        assert asyncio.run(scenario()) == chat.CLIENT_GONE
+    finally:
+        chat.set_scoring_service(None)
 
 
 def test_service_is_built_once_per_app_context() -> None:

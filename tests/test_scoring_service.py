@@ -1,5 +1,6 @@
 """ScoringService end to end over a real loopback upstream: translation both ways, retries honouring
-Retry-After, upstream error mapping, timeouts, the score route and the usage counter."""
+Retry-After, upstream error mapping, timeouts, the score route, the usage counter, and admission
+control (the FIFO queue per deployment, its limits and its Retry-After)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ import pytest
 import stamina
 
 from shared.adapters.endpoint_credentials import CredentialCache, EndpointCaller
-from shared.adapters.upstream import HttpPool
+from shared.adapters.http_client import HttpClient
 from shared.errors import UpstreamError
 from shared.usecases.scoring import (
+    Gate,
     InvalidRequest,
     LiveModels,
     PayloadTooLarge,
+    QueueRejected,
     ScoringService,
+    StreamReply,
     UpstreamBusy,
     UpstreamRejected,
 )
@@ -42,7 +46,7 @@ def make_service(upstream: LoopbackUpstream, **settings: str) -> tuple[ScoringSe
         models=LiveModels(
             MemoryLedger([live_record("r1", model_name="phi3-chat", version="4", endpoint="ep-one")]).list
         ),
-        upstream=EndpointCaller(HttpPool(), CredentialCache(backend.get_credentials, ttl_s=600)),
+        upstream=EndpointCaller(HttpClient(), CredentialCache(backend.get_credentials, ttl_s=600)),
         usage=usage,
         retry_wait_initial_s=0.05,
     )
@@ -51,10 +55,17 @@ def make_service(upstream: LoopbackUpstream, **settings: str) -> tuple[ScoringSe
 
 def chat(service: ScoringService, **fields: Any) -> dict[str, Any]:
     body = orjson.dumps({"model": "phi3-chat", "messages": [{"role": "user", "content": "Hi"}], **fields})
-    reply = asyncio.run(service.chat(body, selector=None, request_id="rid0001"))
-    if reply.content_type == "text/event-stream":
-        return {"sse": reply.body.decode()}
-    return orjson.loads(reply.body)
+
+    async def call() -> dict[str, Any]:
+        reply = await service.chat(body, selector=None, request_id="rid0001")
+        if isinstance(reply, StreamReply):
+            try:
+                return {"sse": b"".join([event async for event in reply]).decode()}
+            finally:
+                await reply.aclose()
+        return orjson.loads(reply.body)
+
+    return asyncio.run(call())
 
 
 @pytest.mark.parametrize("shape", ["output", "indexed", "strings", "choices", "generated_text", "predictions"])
@@ -80,33 +91,33 @@ def test_chat_completion_from_every_answer_shape(shape: str) -> None:
     }
 
 
-def test_n_choices_and_stop() -> None:
-    """n=2 gives two choices from one upstream call; stop sequences cut each answer."""
+def test_stop_cuts_the_answer() -> None:
+    """Stop sequences cut the answer, and the finish reason is `stop`."""
     with LoopbackUpstream(shape="indexed") as upstream:
         upstream.reply = lambda conv: "first part\n\nsecond part"
         service, _ = make_service(upstream)
-        out = chat(service, n=2, stop=["\n\n"])
-    assert [c["message"]["content"] for c in out["choices"]] == ["first part", "first part"]
-    assert [c["finish_reason"] for c in out["choices"]] == ["stop", "stop"]
-    assert len(upstream.seen) == 1 and len(upstream.seen[0].body["input_data"]["input_string"]) == 2
+        out = chat(service, stop=["\n\n"])
+    assert [c["message"]["content"] for c in out["choices"]] == ["first part"]
+    assert [c["finish_reason"] for c in out["choices"]] == ["stop"]
 
 
 def test_answer_count_mismatch_is_an_upstream_error() -> None:
-    """An image answering once for n conversations is a 502, not silently fewer choices."""
+    """An image answering twice for one conversation is a 502, not a silent pick."""
     with LoopbackUpstream() as upstream:
-        upstream.queue(200, [{"0": "only one"}])
+        upstream.queue(200, [{"0": "one"}, {"0": "two"}])
         service, _ = make_service(upstream)
-        with pytest.raises(UpstreamError, match="returned 1 answers for 3 conversations"):
-            chat(service, n=3)
+        with pytest.raises(UpstreamError, match="returned 2 answers for one conversation"):
+            chat(service)
 
 
 def test_streaming_reply_is_sse() -> None:
-    """stream=true gives one SSE body ending in [DONE]."""
+    """stream=true gives SSE events ending in [DONE] (an upstream that cannot stream: its text in pieces)."""
     with LoopbackUpstream() as upstream:
         service, _ = make_service(upstream)
         out = chat(service, stream=True)
     assert out["sse"].startswith("data: {") and out["sse"].endswith("data: [DONE]\n\n")
     assert '"content":"echo: Hi"' in out["sse"]
+    assert "application/x-ndjson" in upstream.seen[0].headers["accept"]
 
 
 @pytest.mark.parametrize(
@@ -246,3 +257,118 @@ def test_body_size_limit() -> None:
             service.check_size(None, b"x" * 101)
         with pytest.raises(PayloadTooLarge):
             service.check_size("5000", b"")
+
+
+def test_the_queue_is_fifo_and_its_limits_refuse_with_retry_after() -> None:
+    """Capacity 1, queue of 2: the first call runs, two wait in line and get the slot in arrival order,
+    the fourth is refused at once (queue_full); a waiter past its timeout is refused (queue_timeout);
+    both 429s carry a Retry-After from the observed service time."""
+
+    async def scenario() -> None:
+        gate = Gate("ep/blue", 1, queue_max=2, clock=time.monotonic)
+        order: list[int] = []
+
+        async def call(i: int, wait_s: float = 5.0) -> None:
+            taken = await gate.acquire(wait_s)
+            order.append(i)
+            await asyncio.sleep(0.05)
+            gate.release(time.monotonic() - taken)
+
+        first = asyncio.ensure_future(call(0))
+        await asyncio.sleep(0)
+        queued = [asyncio.ensure_future(call(i)) for i in (1, 2)]
+        await asyncio.sleep(0)
+        assert (gate.in_flight, gate.queued) == (1, 2)
+        with pytest.raises(QueueRejected) as full:
+            await gate.acquire(5.0)
+        assert full.value.code == "queue_full" and full.value.retry_after is not None and full.value.retry_after >= 1
+        await asyncio.gather(first, *queued)
+        assert order == [0, 1, 2] and (gate.in_flight, gate.queued) == (0, 0)
+        assert gate.service_s < 1.0  # learned from the calls: about 0.05 s each
+
+        await gate.acquire(1.0)  # held for longer than the next one may wait
+        started = time.monotonic()
+        with pytest.raises(QueueRejected) as late:
+            await gate.acquire(0.1)
+        assert late.value.code == "queue_timeout" and 0.09 <= time.monotonic() - started < 1.0
+        gate.release(None)
+        assert (gate.in_flight, gate.queued) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_waiter_leaves_the_queue_and_passes_its_slot_on() -> None:
+    """A queued request whose client went away is dropped; the others keep their order and nothing leaks."""
+
+    async def scenario() -> None:
+        gate = Gate("ep/blue", 1, queue_max=8, clock=time.monotonic)
+        await gate.acquire(1.0)
+        waiters = [asyncio.ensure_future(gate.acquire(5.0)) for _ in range(3)]
+        await asyncio.sleep(0)
+        waiters[0].cancel()
+        await asyncio.sleep(0)
+        assert gate.queued == 2
+        gate.release(0.01)
+        await asyncio.sleep(0)
+        assert waiters[1].done() and not waiters[2].done()
+        waiters[1].cancel()  # too late to leave the line: it holds the slot, cancelling gives it on
+        gate.release(0.01)
+        await asyncio.sleep(0)
+        assert waiters[2].done() and gate.in_flight == 1
+        gate.release(0.01)
+        assert (gate.in_flight, gate.queued) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_the_service_queues_calls_to_a_busy_deployment() -> None:
+    """Through the service: 6 concurrent calls to a capacity-1 deployment all succeed, one at a time, in
+    arrival order; with PROXY_QUEUE_MAX=1 the surplus gets 429 queue_full at once."""
+    with LoopbackUpstream() as upstream:
+        upstream.capacity = 1
+        upstream.delay_s = 0.05
+        service, _ = make_service(upstream)
+
+        async def many(n: int) -> list[Any]:
+            async def one(i: int) -> Any:
+                body = orjson.dumps({"model": "phi3-chat", "messages": [{"role": "user", "content": str(i)}]})
+                return await service.chat(body, selector=None, request_id=f"rid{i:04d}")
+
+            return await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+
+        replies = asyncio.run(many(6))
+        assert all(not isinstance(r, Exception) for r in replies)
+        assert [s.headers["x-ms-client-request-id"] for s in upstream.seen] == [f"rid{i:04d}" for i in range(6)]
+        assert upstream.refused == 0 and upstream.max_in_flight == 1
+
+        small, _ = make_service(upstream, PROXY_QUEUE_MAX="1")
+        service = small
+        outcomes = asyncio.run(many(4))
+        refused = [r for r in outcomes if isinstance(r, QueueRejected)]
+        assert len(refused) == 2 and all(r.code == "queue_full" for r in refused)
+        assert sum(not isinstance(r, Exception) for r in outcomes) == 2
+
+
+class WordCounter:
+    """A hand-written `TokenCounter` (shared.domain.validation): one token per word."""
+
+    name = "words"
+    note = "one token per word"
+    template_failures = 0
+
+    def count(self, roles: Any, contents: Any, assistant_slice: slice) -> tuple[int, int]:
+        words = [len(c.split()) for c in contents]
+        return sum(words), sum(words[assistant_slice])
+
+
+@pytest.mark.parametrize(("max_tokens", "reason"), [(5, "length"), (6, "stop")])
+def test_the_tokenizer_tells_length_when_the_upstream_does_not(max_tokens: int, reason: str) -> None:
+    """An image that reports neither a finish reason nor usage: with the model's tokenizer known, an
+    answer as long as max_tokens is `length`; without one it can only be `stop`."""
+    with LoopbackUpstream(shape="indexed") as upstream:
+        upstream.reply = lambda conv: "one two three four five"
+        service, _ = make_service(upstream)
+        assert chat(service, max_tokens=max_tokens)["choices"][0]["finish_reason"] == "stop"
+        service.token_counter = WordCounter
+        out = chat(service, max_tokens=max_tokens)
+    assert out["choices"][0]["finish_reason"] == reason and "usage" not in out

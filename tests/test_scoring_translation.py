@@ -14,17 +14,20 @@ from shared.domain.runs import RunState
 from shared.errors import UpstreamError
 from shared.usecases.scoring import (
     ApiKeys,
+    ChunkRenderer,
     InvalidRequest,
     LiveModel,
     LiveModels,
     ModelNotFound,
     NoLiveModel,
+    StopScanner,
     Unauthorized,
     apply_stop,
     normalise_output,
     parse_chat_request,
     parse_score_request,
-    render_stream,
+    parse_stream_event,
+    split_for_stream,
     to_azureml_request,
 )
 from tests.scoring_support import MemoryLedger, live_record
@@ -69,10 +72,12 @@ def test_chat_parameters_translate_to_azureml(fields: dict[str, Any], parameters
     assert body == {"input_data": {"input_string": [USER], "parameters": parameters}, "params": {}}
 
 
-def test_n_sends_one_conversation_per_choice() -> None:
-    """n > 1 sends n copies of the conversation in one request."""
-    body = translate(n=3)
-    assert body["input_data"]["input_string"] == [USER, USER, USER]
+def test_n_of_one_is_accepted_and_more_is_refused() -> None:
+    """n = 1 (or absent) sends one conversation; n > 1 is a 400 saying to send n requests instead."""
+    assert translate(n=1)["input_data"]["input_string"] == [USER]
+    with pytest.raises(InvalidRequest, match="send n requests") as err:
+        translate(n=3)
+    assert (err.value.param, err.value.code) == ("n", "unsupported_parameter")
 
 
 @pytest.mark.parametrize(
@@ -113,7 +118,7 @@ def test_messages_are_normalised(messages: list[dict[str, Any]], sent: list[dict
         ({"max_tokens": 1.5}, "max_tokens"),
         ({"max_tokens": 5, "max_completion_tokens": 6}, "max_tokens"),
         ({"n": 0}, "n"),
-        ({"n": 17}, "n"),
+        ({"n": 2}, "n"),
         ({"seed": "x"}, "seed"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stop": 5}, "stop"),
@@ -259,7 +264,7 @@ def test_score_accepts_both_input_forms_and_passes_them_on(input_string: list[An
                 "repetition_penalty": 1.1,
             },
         },
-        "params": {"x": 1},
+        "params": {"seed": 1},
     }
     request = parse_score_request(payload, max_tokens_cap=CAP)
     assert request.conversations == conversations
@@ -274,7 +279,7 @@ def test_score_accepts_both_input_forms_and_passes_them_on(input_string: list[An
                 "repetition_penalty": 1.1,
             },
         },
-        "params": {"x": 1},
+        "params": {"seed": 1},
     }
 
 
@@ -298,7 +303,20 @@ def test_score_without_parameters_gets_the_default_token_budget() -> None:
             {"input_data": {"input_string": USER, "parameters": {"max_new_tokens": 0}}},
             "input_data.parameters.max_new_tokens",
         ),
-        ({"input_data": {"input_string": USER, "parameters": {"temperature": 9}}}, "temperature"),
+        ({"input_data": {"input_string": USER, "parameters": {"temperature": 9}}}, "input_data.parameters.temperature"),
+        ({"input_data": {"input_string": [USER] * 17}}, "input_data.input_string"),
+        ({"input_data": {"input_string": USER, "parameters": {"num_beams": 5}}}, "input_data.parameters.num_beams"),
+        ({"input_data": {"input_string": USER, "parameters": {"num_beams": True}}}, "input_data.parameters.num_beams"),
+        (
+            {"input_data": {"input_string": USER, "parameters": {"max_new_tokens": 4, "min_new_tokens": 5}}},
+            "input_data.parameters.min_new_tokens",
+        ),
+        ({"input_data": {"input_string": USER, "parameters": {"top_k": -1}}}, "input_data.parameters.top_k"),
+        (
+            {"input_data": {"input_string": USER, "parameters": {"eos_token_id": 2}}},
+            "input_data.parameters.eos_token_id",
+        ),
+        ({"input_data": {"input_string": USER}, "params": {"num_beams": 64}}, "params.num_beams"),
         ({"input_data": {"input_string": USER, "parameters": {"do_sample": "yes"}}}, "input_data.parameters.do_sample"),
         ({"input_data": {"input_string": USER}, "params": []}, "params"),
     ],
@@ -445,36 +463,73 @@ def test_ledger_failure_keeps_the_last_good_table() -> None:
 
 
 def test_stream_is_openai_chunks_then_done() -> None:
-    """The SSE body: role chunk, content chunk, finish chunk per choice, optional usage chunk, [DONE]."""
+    """The chunk events: role first, content deltas, the finish reason, the usage chunk when asked, [DONE]."""
     model = LiveModel("r1", "phi3-chat", "2", "ep", "blue", datetime.now(UTC))
-    body = render_stream(
-        "chatcmpl-1",
-        5,
-        model,
-        [("Hello", "stop"), ("Yo", "length")],
-        {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
-        include_usage=True,
-    )
+    out = ChunkRenderer("chatcmpl-1", 5, model, include_usage=True)
+    usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    body = out.role() + out.content("Hel") + out.content("lo") + out.finish("length") + out.usage(usage)
     events = body.decode().split("\n\n")
-    assert events[-1] == "" and events[-2] == "data: [DONE]"
-    chunks = [orjson.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert events[-1] == ""
+    chunks = [orjson.loads(e.removeprefix("data: ")) for e in events[:-1]]
     assert all(
         c["object"] == "chat.completion.chunk" and c["id"] == "chatcmpl-1" and c["model"] == "phi3-chat" for c in chunks
     )
-    deltas = [
-        (c["choices"][0]["index"], c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in chunks[:-1]
-    ]
+    deltas = [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in chunks[:-1]]
     assert deltas == [
-        (0, {"role": "assistant", "content": ""}, None),
-        (0, {"content": "Hello"}, None),
-        (0, {}, "stop"),
-        (1, {"role": "assistant", "content": ""}, None),
-        (1, {"content": "Yo"}, None),
-        (1, {}, "length"),
+        ({"role": "assistant", "content": ""}, None),
+        ({"content": "Hel"}, None),
+        ({"content": "lo"}, None),
+        ({}, "length"),
     ]
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
-        "prompt_tokens": 1,
-        "completion_tokens": 2,
-        "total_tokens": 3,
-    }
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == usage
     assert all(c["usage"] is None for c in chunks[:-1])
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stop", "sent", "stopped"),
+    [
+        (["Hello wor", "ld\n\nmore"], ("\n\n",), "Hello world", True),
+        (["a<", "/s", "> tail"], ("</s>",), "a", True),
+        (["a<", "b> tail"], ("</s>",), "a<b> tail", False),
+        (["no stop here"], (), "no stop here", False),
+    ],
+)
+def test_stop_sequences_are_found_across_streamed_pieces(
+    pieces: list[str], stop: tuple[str, ...], sent: str, stopped: bool
+) -> None:
+    """A stop sequence split over pieces still cuts the stream there; text that could start one is held back."""
+    scanner = StopScanner(stop)
+    out = "".join(scanner.feed(p) for p in pieces) + scanner.flush()
+    assert (out, scanner.stopped) == (sent, stopped)
+
+
+def test_a_whole_answer_is_cut_into_pieces_that_join_back() -> None:
+    """An upstream that cannot stream: its text goes out in word-sized pieces, nothing lost or added."""
+    text = "A fairly long answer with several words, some punctuation, and a trailing space "
+    pieces = split_for_stream(text, size=10)
+    assert len(pieces) > 3 and "".join(pieces) == text
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b'{"delta": "Hi"}\n', ("Hi", None, None)),
+        (
+            b'{"finish_reason": "length", "usage": {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}}',
+            ("", "length", {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}),
+        ),
+    ],
+)
+def test_stream_events_parse(line: bytes, expected: tuple[Any, ...]) -> None:
+    """NDJSON stream lines: text pieces, then the finish reason with the token counts."""
+    event = parse_stream_event(line)
+    assert (event.delta, event.finish_reason, event.usage) == expected
+
+
+@pytest.mark.parametrize(
+    "line", [b"not json", b"[1]", b'{"delta": 5}', b'{"finish_reason": "tired"}', b'{"error": "OOM"}']
+)
+def test_bad_stream_events_are_upstream_errors(line: bytes) -> None:
+    """A line that is not a known event, or an upstream's error line, is an UpstreamError."""
+    with pytest.raises(UpstreamError):
+        parse_stream_event(line)

@@ -1,291 +1,326 @@
-"""The proxy's upstream adapter against real loopback servers: the pooled HTTP/1.1 client (framing,
-keep-alive, stale connections, timeouts, TLS) and the credential cache (expiry, single flight, 401 refresh)."""
+"""The one endpoint client against real loopback servers: aiohttp's pooled session (keep-alive, strict
+parsing of malformed answers, bounded bodies, no re-sent POSTs, the environment's proxy and CA settings,
+timeouts), the credential cache (expiry, single flight, 401 refresh) and the blocking call the
+roll-out's smoke test makes.
+
+The raw server here sends deliberately malformed answers, written byte by byte, to prove the client
+refuses them; well-formed answers come from aiohttp's own server."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gzip
+import ipaddress
+import socket
 import ssl
+import struct
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 
 from shared.adapters.endpoint_credentials import CredentialCache, EndpointCaller
+from shared.adapters.http_client import HttpClient
 from shared.adapters.retry_after import retry_after_value
-from shared.adapters.upstream import HttpPool, Target
 from shared.domain.resources import EndpointCredentials
 from shared.errors import NotFound, UpstreamError
 from tests.scoring_support import CredentialsBackend, LoopbackUpstream
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-HEAD = b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+JSON = {"Content-Type": "application/json"}
 
 
-async def read_request(reader: asyncio.StreamReader) -> bytes | None:
-    """Read one request (head + Content-Length body); None at end of stream."""
+async def post(client: HttpClient, url: str, body: bytes = b"{}", *, timeout_s: float = 5.0) -> tuple[int, bytes]:
+    async with client.post(url, body, JSON, timeout_s=timeout_s, where="endpoint test") as answer:
+        return answer.status, await answer.read()
+
+
+@asynccontextmanager
+async def web_server(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> AsyncIterator[Any]:
+    """aiohttp's server on a free loopback port; `.connections` counts the TCP connections it accepted."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server  # the asyncio Server: its socket's port
+    port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    info = type("Server", (), {"url": f"http://127.0.0.1:{port}/score", "port": port})()
+    try:
+        yield info
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def raw_server(handler: Handler, *, tls: ssl.SSLContext | None = None) -> AsyncIterator[Any]:
+    """A TCP server on loopback that runs `handler` per connection (malformed answers, hang-ups)."""
+    stats = {"connections": 0}
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stats["connections"] += 1
+        try:
+            await handler(reader, writer)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0, ssl=tls)
+    port = server.sockets[0].getsockname()[1]
+    scheme = "https" if tls else "http"
+    info = type("Server", (), {"url": f"{scheme}://127.0.0.1:{port}/score", "stats": stats})()
+    try:
+        yield info
+    finally:
+        server.close()
+
+
+async def skip_request(reader: asyncio.StreamReader) -> bool:
+    """Consume one request (our client always sends Content-Length); False at end of stream."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-    return head + await reader.readexactly(length)
-
-
-class RawServer:
-    """A loopback TCP server running `handler` per connection; counts connections."""
-
-    def __init__(self, handler: Handler, *, ssl_context: ssl.SSLContext | None = None) -> None:
-        self.handler = handler
-        self.connections = 0
-        self.ssl = ssl_context
-
-    async def __aenter__(self) -> RawServer:
-        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            self.connections += 1
-            try:
-                await self.handler(reader, writer)
-            finally:
-                writer.close()
-
-        self.server = await asyncio.start_server(on_connect, "127.0.0.1", 0, ssl=self.ssl)
-        port = self.server.sockets[0].getsockname()[1]
-        scheme = "https" if self.ssl else "http"
-        self.target = Target.parse(f"{scheme}://127.0.0.1:{port}/score")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.close()
-
-
-def answer(body: bytes, *, status: str = "200 OK", extra: bytes = b"") -> bytes:
-    return b"HTTP/1.1 %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%b\r\n%b" % (
-        status.encode(),
-        len(body),
-        extra,
-        body,
+        return False
+    length = next(
+        (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+        0,
     )
+    await reader.readexactly(length)
+    return True
 
 
-async def keep_alive_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while (request := await read_request(reader)) is not None:
-        body = request.split(b"\r\n\r\n", 1)[1]
-        writer.write(answer(b'{"echo": ' + body + b"}"))
+def replying(*parts: bytes, then_wait_s: float = 0.2) -> Handler:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if await skip_request(reader):
+            for part in parts:
+                writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(then_wait_s)
+
+    return handler
 
 
-def test_keep_alive_connections_are_reused() -> None:
-    """Sequential requests share one connection; the answer body and status come back intact."""
+def test_answers_come_back_whole_over_kept_alive_connections() -> None:
+    """Sequential calls share one pooled connection; status, body and content type come back intact."""
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response({"echo": await request.json()})
 
     async def scenario() -> None:
-        async with RawServer(keep_alive_echo) as server:
-            pool = HttpPool()
+        client = HttpClient()
+        seen: set[Any] = set()
+
+        async def counting(request: web.Request) -> web.Response:
+            seen.add(request.transport.get_extra_info("peername") if request.transport else None)
+            return await echo(request)
+
+        async with web_server(counting) as server:
             for i in range(5):
-                reply = await pool.request(server.target, HEAD, b'{"i": %d}' % i, timeout_s=5)
-                assert (reply.status, reply.body, reply.content_type) == (
-                    200,
-                    b'{"echo": {"i": %d}}' % i,
-                    "application/json",
-                )
-            assert server.connections == 1
-            replies = await asyncio.gather(*(pool.request(server.target, HEAD, b"1", timeout_s=5) for _ in range(10)))
-            assert all(r.status == 200 for r in replies)
-            assert server.connections <= 10
-            pool.close()
+                assert await post(client, server.url, b'{"i": %d}' % i) == (200, b'{"echo": {"i": %d}}' % i)
+            assert len(seen) == 1
+            results = await asyncio.gather(*(post(client, server.url) for _ in range(10)))
+            assert all(status == 200 for status, _ in results)
+        await client.aclose()
 
     asyncio.run(scenario())
 
 
-def test_pool_survives_a_new_event_loop() -> None:
-    """The same pool works across event loops (connections of a finished loop are dropped)."""
+def test_one_session_per_event_loop() -> None:
+    """The same client works across event loops (each loop gets its own pooled session)."""
+    client = HttpClient()
 
-    async def one(pool: HttpPool, server: RawServer) -> int:
-        return (await pool.request(server.target, HEAD, b"{}", timeout_s=5)).status
+    async def one() -> int:
+        async with web_server(lambda request: _ok()) as server:
+            return (await post(client, server.url))[0]
 
-    async def scenario(pool: HttpPool) -> None:
-        async with RawServer(keep_alive_echo) as server:
-            assert await one(pool, server) == 200
+    assert asyncio.run(one()) == 200
+    assert asyncio.run(one()) == 200
 
-    pool = HttpPool()
-    asyncio.run(scenario(pool))
-    asyncio.run(scenario(pool))
+
+async def _ok() -> web.Response:
+    return web.json_response({})
+
+
+CHUNKED = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
 @pytest.mark.parametrize(
-    ("writes", "body"),
+    ("parts", "message"),
     [
+        ([CHUNKED, b"0x5\r\nhello\r\n0\r\n\r\n"], "invalid HTTP"),  # a chunk size that is not plain hex
+        ([CHUNKED, b"1_0\r\n0123456789abcdef\r\n0\r\n\r\n"], "invalid HTTP"),
+        ([CHUNKED, b"5\r\nhelloXX0\r\n\r\n"], "invalid HTTP"),  # no CRLF after the chunk data
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"], "invalid HTTP"),
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"], "invalid HTTP"),
         (
-            [
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
-                b"5\r\nhello\r\n",
-                b"6;ext=1\r\n world\r\n0\r\n\r\n",
-            ],
-            b"hello world",
+            [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
+            "invalid HTTP",
         ),
-        ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n"], b"abc"),
-        ([b"HTTP/1.1 100 Continue\r\n\r\n", answer(b"after-continue")], b"after-continue"),
-        ([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234", b"56789"], b"0123456789"),
-        ([b"HTTP/1.1 204 No Content\r\n\r\n"], b""),
+        (
+            [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", b"3\r\nabc\r\n0\r\n\r\n"],
+            "unsupported transfer coding",
+        ),
+        ([b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{}"], "framed its answer by closing"),
+        ([b"SMTP ready\r\n\r\n"], "invalid HTTP"),
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"], "closed the connection"),
     ],
 )
-def test_response_framing(writes: list[bytes], body: bytes) -> None:
-    """Chunked (with extensions and trailers), 100-continue, split bodies and 204 are all read correctly."""
+def test_malformed_answers_are_refused(parts: list[bytes], message: str) -> None:
+    """Each framing fault the hand-written client let through is an UpstreamError now."""
+
+    async def scenario() -> None:
+        async with raw_server(replying(*parts)) as server:
+            with pytest.raises(UpstreamError, match=message):
+                await post(HttpClient(), server.url)
+
+    asyncio.run(scenario())
+
+
+def test_a_reset_during_the_body_is_never_a_whole_answer() -> None:
+    """The server resets the connection part way through a body: an error, never a short answer."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while await read_request(reader) is not None:
-            for part in writes:
-                writer.write(part)
+        await skip_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 400\r\n\r\n" + b"x" * 100)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async def scenario() -> None:
+        async with raw_server(handler) as server:
+            with pytest.raises(UpstreamError, match=r"closed the connection|could not be reached"):
+                await post(HttpClient(), server.url)
+
+    asyncio.run(scenario())
+
+
+def test_bodies_are_bounded() -> None:
+    """A body that grows past the limit (chunk after chunk) is refused, not buffered without end."""
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers=JSON)
+        await response.prepare(request)
+        for _ in range(200):
+            await response.write(b"x" * 1024)
+        await response.write_eof()
+        return response
+
+    async def scenario() -> None:
+        async with web_server(endless) as server:
+            async with HttpClient().post(server.url, b"{}", JSON, timeout_s=5, where="endpoint test") as answer:
+                with pytest.raises(UpstreamError, match="more than 4096 bytes"):
+                    await answer.read(limit=4096)
+
+    asyncio.run(scenario())
+
+
+def test_gzip_content_encoding_is_decoded() -> None:
+    """Content-Encoding: gzip is a content coding aiohttp decodes: the JSON comes back as sent."""
+
+    async def zipped(request: web.Request) -> web.Response:
+        body = gzip.compress(b'{"output": "hi"}')
+        return web.Response(body=body, headers={**JSON, "Content-Encoding": "gzip"})
+
+    async def scenario() -> None:
+        async with web_server(zipped) as server:
+            assert await post(HttpClient(), server.url) == (200, b'{"output": "hi"}')
+
+    asyncio.run(scenario())
+
+
+def test_a_post_is_never_sent_twice() -> None:
+    """A kept-alive connection that drops after a POST arrived is an error, not a silent second POST."""
+    received: list[int] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await skip_request(reader):
+            received.append(1)
+            if len(received) == 1:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
                 await writer.drain()
-                await asyncio.sleep(0.01)
+            else:
+                return  # the second request arrived; hang up without answering
 
     async def scenario() -> None:
-        async with RawServer(handler) as server:
-            pool = HttpPool()
-            for _ in range(2):
-                reply = await pool.request(server.target, HEAD, b"{}", timeout_s=5)
-                assert reply.body == body
-            assert server.connections == 1
-
-    asyncio.run(scenario())
-
-
-def test_close_framed_answers_are_read_to_the_end_and_not_reused() -> None:
-    """An HTTP/1.0 answer without Content-Length ends at close; the connection is not reused."""
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{"a": ')
-        await writer.drain()
-        await asyncio.sleep(0.02)
-        writer.write(b"1}")
-
-    async def scenario() -> None:
-        async with RawServer(handler) as server:
-            pool = HttpPool()
-            for _ in range(2):
-                assert (await pool.request(server.target, HEAD, b"{}", timeout_s=5)).body == b'{"a": 1}'
-            assert server.connections == 2
-
-    asyncio.run(scenario())
-
-
-def test_connection_close_header_is_honoured() -> None:
-    """`Connection: close` from the server means a fresh connection next time."""
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(answer(b"{}", extra=b"Connection: close\r\n"))
-
-    async def scenario() -> None:
-        async with RawServer(handler) as server:
-            pool = HttpPool()
-            for _ in range(3):
-                assert (await pool.request(server.target, HEAD, b"{}", timeout_s=5)).status == 200
-            assert server.connections == 3
-
-    asyncio.run(scenario())
-
-
-def test_a_stale_keep_alive_connection_is_retried_once_on_a_fresh_one() -> None:
-    """The server closing an idle kept-alive connection is invisible to the caller."""
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(answer(b"{}"))
-        await writer.drain()
-        # then close while the client holds the connection idle (a keep-alive timeout)
-
-    async def scenario() -> None:
-        async with RawServer(handler) as server:
-            pool = HttpPool(idle_ttl_s=60)
-            assert (await pool.request(server.target, HEAD, b"{}", timeout_s=5)).status == 200
-            await asyncio.sleep(0.05)
-            assert (await pool.request(server.target, HEAD, b"{}", timeout_s=5)).status == 200
-            assert server.connections == 2
+        client = HttpClient()
+        async with raw_server(handler) as server:
+            assert (await post(client, server.url))[0] == 200
+            with pytest.raises(UpstreamError):
+                await post(client, server.url)
+            await asyncio.sleep(0.1)
+            assert len(received) == 2 and server.stats["connections"] == 1
 
     asyncio.run(scenario())
 
 
 @pytest.mark.parametrize(
     ("behaviour", "message", "timeout"),
-    [
-        ("silent", "did not answer within", True),
-        ("hang-up", "closed the connection", False),
-        ("garbage", "invalid HTTP", False),
-        ("half-answer", "closed the connection", False),
-    ],
+    [("silent", "did not answer", True), ("hang-up", "closed the connection", False)],
 )
-def test_upstream_failures_are_upstream_errors(behaviour: str, message: str, timeout: bool) -> None:
-    """No answer, a hang-up, garbage or a truncated answer each give an UpstreamError (504/502)."""
+def test_no_answer_is_an_upstream_error(behaviour: str, message: str, timeout: bool) -> None:
+    """No answer within the time (504) or a hang-up (502) are UpstreamErrors, quickly."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
+        await skip_request(reader)
         if behaviour == "silent":
             await asyncio.sleep(5)
-        elif behaviour == "garbage":
-            writer.write(b"SMTP ready\r\n\r\n")
-            await writer.drain()
-            await asyncio.sleep(1)
-        elif behaviour == "half-answer":
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{")
-            await writer.drain()
 
     async def scenario() -> None:
-        async with RawServer(handler) as server:
+        async with raw_server(handler) as server:
             started = time.monotonic()
             with pytest.raises(UpstreamError, match=message) as err:
-                await HttpPool().request(server.target, HEAD, b"{}", timeout_s=0.3)
-            assert err.value.timeout is timeout
-            assert time.monotonic() - started < 3
+                await post(HttpClient(), server.url, timeout_s=0.3)
+            assert err.value.timeout is timeout and time.monotonic() - started < 3
 
     asyncio.run(scenario())
 
 
 def test_refused_connection_is_an_upstream_error() -> None:
     """Nothing listening: UpstreamError saying it cannot connect."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(UpstreamError, match="cannot connect"):
-        asyncio.run(HttpPool().request(Target.parse(f"http://127.0.0.1:{port}/score"), HEAD, b"{}", timeout_s=2))
+        asyncio.run(post(HttpClient(), f"http://127.0.0.1:{port}/score", timeout_s=2))
 
 
-@pytest.mark.parametrize(
-    ("extra", "seconds"),
-    [(b"Retry-After: 3\r\n", 3.0), (b"retry-after-ms: 250\r\n", 0.25), (b"Retry-After: soon\r\n", None), (b"", None)],
-)
-def test_retry_after_is_read(extra: bytes, seconds: float | None) -> None:
-    """Retry-After (seconds) and retry-after-ms come back as seconds."""
+def test_the_environment_proxy_settings_are_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTP(S)_PROXY sends the call through the proxy, as azure-core's calls go; NO_PROXY bypasses it."""
+    through_proxy: list[str] = []
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(answer(b"{}", status="429 Too Many Requests", extra=extra))
+    async def proxy(request: web.Request) -> web.Response:
+        through_proxy.append(str(request.url))
+        return web.json_response({"via": "proxy"})
 
-    async def scenario() -> None:
-        async with RawServer(handler) as server:
-            reply = await HttpPool().request(server.target, HEAD, b"{}", timeout_s=5)
-            assert (reply.status, reply.retry_after) == (429, seconds)
+    async def direct(request: web.Request) -> web.Response:
+        return web.json_response({"via": "direct"})
 
-    asyncio.run(scenario())
+    async def scenario() -> tuple[bytes, bytes]:
+        async with web_server(proxy) as forward, web_server(direct) as target:
+            monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{forward.port}")
+            monkeypatch.delenv("NO_PROXY", raising=False)
+            monkeypatch.delenv("no_proxy", raising=False)
+            via_proxy = (await post(HttpClient(), target.url))[1]
+            monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+            bypassed = (await post(HttpClient(), target.url))[1]
+            return via_proxy, bypassed
+
+    for name in ("HTTPS_PROXY", "https_proxy", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    via_proxy, bypassed = asyncio.run(scenario())
+    assert via_proxy == b'{"via": "proxy"}' and bypassed == b'{"via": "direct"}'
+    assert len(through_proxy) == 1 and through_proxy[0].endswith("/score")
 
 
-def test_retry_after_http_date() -> None:
-    """An HTTP-date Retry-After is turned into seconds from now."""
-    from email.utils import format_datetime
-
-    when = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30)
-    seconds = retry_after_value(format_datetime(when, usegmt=True))
-    assert seconds is not None and 25 <= seconds <= 31
-
-
-def test_tls_upstream(tmp_path: Path) -> None:
-    """https scoring URIs go through the loop's TLS transport (self-signed cert trusted for the test)."""
+def _self_signed(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -294,8 +329,6 @@ def test_tls_upstream(tmp_path: Path) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = dt.datetime.now(dt.UTC)
-    import ipaddress
-
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -314,21 +347,58 @@ def test_tls_upstream(tmp_path: Path) -> None:
     )
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert_file, key_file)
-    client_ctx = ssl.create_default_context(cafile=str(cert_file))
+    return server_ctx, cert_file
+
+
+def test_tls_trusts_the_ca_bundle_of_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """https scoring URIs are verified against REQUESTS_CA_BUNDLE (or SSL_CERT_FILE), else certifi's roots."""
+    server_ctx, cert_file = _self_signed(tmp_path)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await skip_request(reader):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
 
     async def scenario() -> None:
-        async with RawServer(keep_alive_echo, ssl_context=server_ctx) as server:
-            pool = HttpPool(ssl_context=client_ctx)
-            for _ in range(2):
-                reply = await pool.request(server.target, HEAD, b"1", timeout_s=5)
-                assert reply.body == b'{"echo": 1}'
-            assert server.connections == 1
-            with pytest.raises(
-                UpstreamError, match="cannot connect"
-            ):  # default trust store refuses the self-signed cert
-                await HttpPool().request(server.target, HEAD, b"1", timeout_s=5)
+        async with raw_server(handler, tls=server_ctx) as server:
+            monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+            monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+            with pytest.raises(UpstreamError, match="cannot connect"):  # certifi does not know this certificate
+                await post(HttpClient(), server.url)
+            monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert_file))
+            assert await post(HttpClient(), server.url) == (200, b"{}")
+            monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+            monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))
+            assert await post(HttpClient(), server.url) == (200, b"{}")
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [({"Retry-After": "3"}, 3.0), ({"retry-after-ms": "250"}, 0.25), ({"Retry-After": "soon"}, None), ({}, None)],
+)
+def test_retry_after_is_read(headers: dict[str, str], seconds: float | None) -> None:
+    """Retry-After (seconds) and retry-after-ms come back as seconds on a 429."""
+
+    async def busy(request: web.Request) -> web.Response:
+        return web.json_response({"error": "busy"}, status=429, headers=headers)
+
+    async def scenario() -> None:
+        async with web_server(busy) as server:
+            async with HttpClient().post(server.url, b"{}", JSON, timeout_s=5, where="test") as answer:
+                assert (answer.status, answer.retry_after) == (429, seconds)
+
+    asyncio.run(scenario())
+
+
+def test_retry_after_http_date() -> None:
+    """An HTTP-date Retry-After is turned into seconds from now."""
+    from email.utils import format_datetime
+
+    when = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30)
+    seconds = retry_after_value(format_datetime(when, usegmt=True))
+    assert seconds is not None and 25 <= seconds <= 31
 
 
 def test_credentials_are_cached_until_they_expire() -> None:
@@ -384,22 +454,24 @@ def test_backend_failure_is_an_upstream_error_without_secrets() -> None:
         asyncio.run(CredentialCache(fetch, ttl_s=60).route("ep-x"))
 
 
+BODY = b'{"input_data": {"input_string": [[{"role": "user", "content": "hi"}]], "parameters": {}}}'
+
+
 def test_rotated_key_is_refreshed_after_a_401() -> None:
     """After a key rotation the cached key gets a 401; the caller refetches once and succeeds."""
     with LoopbackUpstream(key="old-key-1111") as upstream:
         backend = CredentialsBackend(upstream)
-        caller = EndpointCaller(HttpPool(), CredentialCache(backend.get_credentials, ttl_s=600))
-        body = b'{"input_data": {"input_string": [[{"role": "user", "content": "hi"}]], "parameters": {}}}'
+        caller = EndpointCaller(HttpClient(), CredentialCache(backend.get_credentials, ttl_s=600))
 
         async def scenario() -> None:
-            first = await caller.post_json("ep", "blue", body, request_id="rid-1", timeout_s=5)
+            first = await caller.post_json("ep", "blue", BODY, request_id="rid-1", timeout_s=5)
             assert first.status == 200
             upstream.key = "new-key-2222"
-            second = await caller.post_json("ep", "blue", body, request_id="rid-2", timeout_s=5)
+            second = await caller.post_json("ep", "blue", BODY, request_id="rid-2", timeout_s=5)
             assert second.status == 200
             backend.key = "stale-key-3333"
             upstream.key = "newer-key-4444"
-            third = await caller.post_json("ep", "blue", body, request_id="rid-3", timeout_s=5)
+            third = await caller.post_json("ep", "blue", BODY, request_id="rid-3", timeout_s=5)
             assert third.status == 401  # refreshed once, still refused: the caller sees the 401
 
         asyncio.run(scenario())
@@ -413,25 +485,52 @@ def test_rotated_key_is_refreshed_after_a_401() -> None:
         assert upstream.seen[0].headers["x-ms-client-request-id"] == "rid-1"
 
 
-def test_pool_is_safe_under_concurrency_from_threads_loops() -> None:
-    """Two threads with their own loops and pools do not interfere (one pool per process is per loop)."""
-    errors: list[BaseException] = []
+def test_blocking_callers_share_the_client_and_the_credential_cache() -> None:
+    """The roll-out's smoke test calls from a worker thread without a loop: same caller, same cached key."""
+    with LoopbackUpstream() as upstream:
+        backend = CredentialsBackend(upstream)
+        caller = EndpointCaller(HttpClient(), CredentialCache(backend.get_credentials, ttl_s=600))
+        assert asyncio.run(caller.post_json("ep", "blue", BODY, request_id="r1", timeout_s=5)).status == 200
+        results: list[int] = []
+        workers = [
+            threading.Thread(
+                target=lambda: results.append(
+                    caller.post_json_blocking("ep", "green", BODY, request_id="r2", timeout_s=5).status
+                )
+            )
+            for _ in range(3)
+        ]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(30)
+        assert results == [200, 200, 200] and backend.calls == ["ep"]
+        assert upstream.seen[-1].headers["azureml-model-deployment"] == "green"
 
-    def worker() -> None:
-        async def scenario() -> None:
-            async with RawServer(keep_alive_echo) as server:
-                pool = HttpPool()
-                for _ in range(20):
-                    assert (await pool.request(server.target, HEAD, b"{}", timeout_s=5)).status == 200
 
-        try:
-            asyncio.run(scenario())
-        except BaseException as exc:
-            errors.append(exc)
+def test_streamed_answers_arrive_line_by_line() -> None:
+    """An NDJSON answer is read as its lines arrive, before the upstream has finished."""
 
-    threads = [threading.Thread(target=worker) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    async def streaming(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        await response.write(b'{"delta": "a"}\n')
+        await asyncio.sleep(0.3)
+        await response.write(b'{"delta": "b"}\n{"finish_reason": "stop"}\n')
+        await response.write_eof()
+        return response
+
+    async def scenario() -> None:
+        async with web_server(streaming) as server:
+            async with HttpClient().post(server.url, b"{}", JSON, timeout_s=5, where="test") as answer:
+                assert answer.streamed
+                started = time.monotonic()
+                arrivals = [(line, time.monotonic() - started) async for line in answer.lines()]
+        assert [line for line, _ in arrivals] == [
+            b'{"delta": "a"}\n',
+            b'{"delta": "b"}\n',
+            b'{"finish_reason": "stop"}\n',
+        ]
+        assert arrivals[0][1] < 0.2 <= arrivals[1][1]
+
+    asyncio.run(scenario())

@@ -1,58 +1,67 @@
-"""The endpoint side of the scoring proxy's way out: endpoint credentials cached per process
-(`CredentialCache`), and `EndpointCaller`, the `Upstream` port of `shared.usecases.scoring`, which sends
-the JSON body through the pooled HTTP client of `shared.adapters.upstream` with those credentials.
+"""Every call to a scoring endpoint goes through here: the endpoint credentials, cached once per process
+(`CredentialCache`), and `EndpointCaller`, the `Upstream` port, which sends JSON bodies with those
+credentials through the one HTTP client (`shared.adapters.http_client`). The scoring proxy and the
+roll-out's smoke test share one `EndpointCaller` per process (`shared.bootstrap.endpoint_caller`).
 
-Secrets: the endpoint key lives only inside `_Route` (its credentials and the pre-encoded header
-bytes). Neither `_Route`, the cache, nor any exception or log line here ever renders it.
+Secrets: the endpoint key lives only inside `_Route` (its credentials and the header dicts built from
+them). Neither `_Route`, the cache, nor any exception or log line here ever renders it; error bodies
+are scrubbed of it before anyone reads them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
-from shared.adapters.upstream import Target
+from shared.adapters.http_client import STREAM_TYPE, HttpAnswer, HttpClient
 from shared.errors import TunegridError, UpstreamError
+from shared.ports import UpstreamReply
 
 if TYPE_CHECKING:
-    from shared.adapters.upstream import HttpPool
     from shared.domain.resources import EndpointCredentials
-    from shared.ports import UpstreamReply
 
 log = logging.getLogger(__name__)
 
 
+_JSON_ONLY = "application/json"
+_STREAM_OR_JSON = f"{STREAM_TYPE}, application/json;q=0.5"
+
+
 class _Route:
-    """How to reach one endpoint: its target URL and credentials, plus the pre-encoded request head
-    per deployment (key included). `repr` shows neither; nothing outside this module reads them."""
+    """How to reach one endpoint: its scoring URL and credentials, plus the request headers per
+    deployment and answer type (key included). `repr` shows neither; nothing outside this module reads them."""
 
-    __slots__ = ("_creds", "_heads", "expires", "generation", "target")
+    __slots__ = ("_creds", "_headers", "expires", "generation", "host", "url")
 
-    def __init__(self, target: Target, creds: EndpointCredentials, expires: float, generation: int) -> None:
-        self.target = target
+    def __init__(self, url: str, creds: EndpointCredentials, expires: float, generation: int) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UpstreamError(f"scoring URI must be an http(s) URL, got scheme {parts.scheme!r}")
+        self.url = url
+        self.host = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
         self.expires = expires
         self.generation = generation
         self._creds = creds
-        self._heads: dict[str, bytes] = {}
+        self._headers: dict[tuple[str, bool], dict[str, str]] = {}
 
-    def head(self, deployment: str) -> bytes:
-        head = self._heads.get(deployment)
-        if head is None:
-            lines = [
-                b"POST " + self.target.path + b" HTTP/1.1",
-                b"Host: " + self.target.host_header,
-                b"Content-Type: application/json",
-                b"Accept: application/json",
-                b"User-Agent: tunegrid-proxy",
-            ]
-            for name, value in self._creds.headers(deployment=deployment or None).items():
-                lines.append(f"{name}: {value}".encode("latin-1"))
-            head = self._heads[deployment] = b"\r\n".join(lines) + b"\r\n"
-        return head
+    def headers(self, deployment: str, *, stream: bool) -> dict[str, str]:
+        headers = self._headers.get((deployment, stream))
+        if headers is None:
+            headers = {
+                "Content-Type": "application/json",
+                "Accept": _STREAM_OR_JSON if stream else _JSON_ONLY,
+                "User-Agent": "tunegrid-proxy",
+                **self._creds.headers(deployment=deployment or None),
+            }
+            self._headers[(deployment, stream)] = headers
+        return headers
 
     def scrub(self, body: bytes) -> bytes:
         """An error body with our key taken out, in case the endpoint echoes request headers."""
@@ -60,7 +69,7 @@ class _Route:
         return body.replace(key, b"***") if key and key in body else body
 
     def __repr__(self) -> str:
-        return f"_Route(host={self.target.host!r}, port={self.target.port}, generation={self.generation})"
+        return f"_Route(host={self.host!r}, generation={self.generation})"
 
 
 class CredentialCache:
@@ -86,6 +95,7 @@ class CredentialCache:
         self._routes: dict[str, _Route] = {}
         self._pending: dict[str, asyncio.Future[_Route]] = {}
         self._generation = 0
+        self._lock = threading.Lock()
 
     async def route(self, endpoint: str) -> _Route:
         route = self._routes.get(endpoint)
@@ -132,49 +142,91 @@ class CredentialCache:
                 "cannot get credentials of endpoint %s: %s", endpoint, type(exc).__name__, extra={"endpoint": endpoint}
             )
             raise UpstreamError(f"cannot get credentials of endpoint {endpoint} ({type(exc).__name__})") from None
-        target = Target.parse(creds.scoring_uri)
         ttl = float(self._ttl)
         if creds.expires_at is not None:
             left = (creds.expires_at - datetime.now(UTC)).total_seconds() - self._margin
             ttl = max(0.0, min(ttl, left))
-        self._generation += 1
-        route = _Route(target, creds, self._clock() + ttl, self._generation)
+        with self._lock:  # the proxy's loop and the blocking callers' loop share this cache
+            self._generation += 1
+            generation = self._generation
+        route = _Route(creds.scoring_uri, creds, self._clock() + ttl, generation)
         self._routes[endpoint] = route
         log.debug("credentials cached for endpoint %s (ttl %.0f s)", endpoint, ttl, extra={"endpoint": endpoint})
         return route
 
 
-class EndpointCaller:
-    """The `Upstream` port of `shared.usecases.scoring`: POST a JSON body to a live deployment, with the
-    endpoint key, refreshing the key once on a 401."""
+class _Answer:
+    """The `UpstreamAnswer` port over an HTTP answer: error bodies come back without the key."""
 
-    def __init__(self, pool: HttpPool, credentials: CredentialCache) -> None:
-        self._pool = pool
+    __slots__ = ("_answer", "_route", "content_type", "retry_after", "status")
+
+    def __init__(self, answer: HttpAnswer, route: _Route) -> None:
+        self._answer = answer
+        self._route = route
+        self.status = answer.status
+        self.content_type = answer.content_type
+        self.retry_after = answer.retry_after
+
+    @property
+    def streamed(self) -> bool:
+        return self.status == 200 and self._answer.streamed
+
+    async def read(self) -> bytes:
+        body = await self._answer.read()
+        return self._route.scrub(body) if self.status >= 400 else body
+
+    def lines(self) -> AsyncIterator[bytes]:
+        return self._answer.lines()
+
+
+class EndpointCaller:
+    """The `Upstream` port: POST a JSON body to a live deployment with the endpoint's key, refreshing
+    the key once on a 401. One per process, shared by every endpoint caller."""
+
+    def __init__(self, http: HttpClient, credentials: CredentialCache) -> None:
+        self._http = http
         self._credentials = credentials
+
+    @contextlib.asynccontextmanager
+    async def open_stream(
+        self, endpoint: str, deployment: str, body: bytes, *, request_id: str, timeout_s: float, stream: bool = True
+    ) -> AsyncIterator[_Answer]:
+        deadline = time.monotonic() + timeout_s
+        route = self._credentials.cached(endpoint) or await self._credentials.route(endpoint)
+        for attempt in (0, 1):
+            headers = route.headers(deployment, stream=stream)
+            async with self._http.post(
+                route.url,
+                body,
+                {**headers, "x-ms-client-request-id": request_id},
+                timeout_s=max(0.001, deadline - time.monotonic()),
+                where=f"endpoint {endpoint}",
+            ) as answer:
+                if answer.status == 401 and attempt == 0:
+                    log.info(
+                        "endpoint %s answered 401: refreshing its credentials",
+                        endpoint,
+                        extra={"endpoint": endpoint, "request_id": request_id},
+                    )
+                    self._credentials.invalidate(endpoint, route.generation)
+                else:
+                    yield _Answer(answer, route)
+                    return
+            route = await self._credentials.route(endpoint)
 
     async def post_json(
         self, endpoint: str, deployment: str, body: bytes, *, request_id: str, timeout_s: float
     ) -> UpstreamReply:
-        deadline = time.monotonic() + timeout_s
-        trace = b"x-ms-client-request-id: %b\r\n" % request_id.encode("ascii")
-        route = self._credentials.cached(endpoint) or await self._credentials.route(endpoint)
-        reply = await self._pool.request(
-            route.target, route.head(deployment) + trace, body, timeout_s=max(0.001, deadline - time.monotonic())
-        )
-        if reply.status == 401:
-            log.info(
-                "endpoint %s answered 401: refreshing its credentials",
-                endpoint,
-                extra={"endpoint": endpoint, "request_id": request_id},
-            )
-            self._credentials.invalidate(endpoint, route.generation)
-            route = await self._credentials.route(endpoint)
-            reply = await self._pool.request(
-                route.target, route.head(deployment) + trace, body, timeout_s=max(0.001, deadline - time.monotonic())
-            )
-        if reply.status >= 400:
-            reply.body = route.scrub(reply.body)
-        return reply
+        async with self.open_stream(
+            endpoint, deployment, body, request_id=request_id, timeout_s=timeout_s, stream=False
+        ) as answer:
+            return UpstreamReply(answer.status, await answer.read(), answer.retry_after, answer.content_type)
 
-    def close(self) -> None:
-        self._pool.close()
+    def post_json_blocking(
+        self, endpoint: str, deployment: str, body: bytes, *, request_id: str, timeout_s: float
+    ) -> UpstreamReply:
+        call = self.post_json(endpoint, deployment, body, request_id=request_id, timeout_s=timeout_s)
+        return self._http.run_blocking(call, timeout_s=timeout_s)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

@@ -3,7 +3,7 @@ knows which adapter stands behind each."""
 
 from shared.ports.backend import EndpointPort, FineTuneBackend
 from shared.ports.janitor import AuditLog, LastProxyUse
-from shared.ports.scoring import Upstream, UpstreamReply, UsageSink
+from shared.ports.scoring import Upstream, UpstreamAnswer, UpstreamReply, UsageSink
 from shared.ports.storage import Blobs, Ledger, RunLedgerPort
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "Ledger",
     "RunLedgerPort",
     "Upstream",
+    "UpstreamAnswer",
     "UpstreamReply",
     "UsageSink",
 ]

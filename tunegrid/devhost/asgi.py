@@ -1,7 +1,10 @@
 """The dev host's HTTP front: one raw ASGI callable (no framework routing per request).
 
 - `/{routePrefix}/...`: HTTP functions, with the host's auth levels (`x-functions-key` header or `code`
-  query; anonymous / function / admin) and real `func.HttpRequest` / `func.HttpResponse` objects;
+  query; anonymous / function / admin) and real `func.HttpRequest` / `func.HttpResponse` objects, or,
+  for an app that uses HTTP streams (azurefunctions-extensions-http-fastapi), a FastAPI `Request` over
+  the live connection and any FastAPI response, sent as the function produces it (as the worker's
+  own uvicorn app does);
 - `/runtime/webhooks/eventgrid`: Event Grid triggers (system key, or `aeg-sas-key` equal to
   `LOCAL_EVENT_KEY`);
 - `/admin/host/ping` (anonymous), `/admin/host/status`, `/admin/functions` and
@@ -13,6 +16,7 @@ object, awaits `async def` functions on the loop and runs plain ones in the thre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import uuid
@@ -125,6 +129,20 @@ def response_parts(result: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     raise TypeError(f"an HTTP function returned {type(result).__name__}; return func.HttpResponse")
 
 
+def _log_failure(spec: FunctionSpec, invocation_id: str, exc: Exception) -> None:
+    """The host's line for a failed HTTP invocation (an id is made here when the call had none: uuid4 costs ~5 us)."""
+    invocation_id = invocation_id or str(uuid.uuid4())
+    log.error(
+        "Executed 'Functions.%s' (Failed, Id=%s): %s: %s",
+        spec.name,
+        invocation_id,
+        type(exc).__name__,
+        exc,
+        exc_info=exc,
+        extra={"invocation_id": invocation_id, "function": spec.name},
+    )
+
+
 class HostAsgiApp:
     """Routes requests to HTTP functions, the Event Grid webhook and the admin API."""
 
@@ -203,6 +221,9 @@ class HostAsgiApp:
         if _content_length(raw_headers) > self._max_body:
             await _reply(send, 413)
             return
+        if spec.http_streams:
+            await self._streams_function(scope, receive, send, spec, route_params)
+            return
         try:
             body = await _read_body(receive, self._max_body)
         except _BodyTooLarge:
@@ -234,20 +255,45 @@ class HostAsgiApp:
                 return
             status, out_headers, out_body = response_parts(result)
         except Exception as exc:
-            invocation_id = invocation_id or str(uuid.uuid4())
-            log.error(
-                "Executed 'Functions.%s' (Failed, Id=%s): %s: %s",
-                spec.name,
-                invocation_id,
-                type(exc).__name__,
-                exc,
-                exc_info=exc,
-                extra={"invocation_id": invocation_id, "function": spec.name},
-            )
+            _log_failure(spec, invocation_id, exc)
             await _reply(send, 500)
             return
         await send({"type": "http.response.start", "status": status, "headers": out_headers})
         await send({"type": "http.response.body", "body": out_body})
+
+    async def _streams_function(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        spec: FunctionSpec,
+        route_params: Mapping[str, str],
+    ) -> None:
+        """An HTTP-streams function (keys and size already checked): it reads the body itself from the
+        FastAPI Request, and its response is an ASGI app run on this connection (streamed bodies go out
+        as they are produced)."""
+        from fastapi.encoders import jsonable_encoder
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse, Response
+
+        # the route parameters, as the worker's RequestSynchronizer puts them in the request's path_params
+        request = Request({**scope, "path_params": dict(route_params)}, receive)  # type: ignore[arg-type]
+        invocation_id = str(uuid.uuid4()) if spec.wants_context else ""
+        if spec.wants_context:
+            kwargs = self._invoker.arguments(spec, request, invocation_id)
+        else:
+            kwargs = {spec.trigger_param: request}
+        try:
+            result = await self._invoker.call(spec, kwargs)
+            if isinstance(result, func.HttpResponse):
+                raise TypeError("an HTTP-streams function returned func.HttpResponse; return a FastAPI response")
+            if not isinstance(result, Response):
+                result = JSONResponse(jsonable_encoder(result))  # what FastAPI does with a plain return value
+            await result(scope, receive, send)
+        except Exception as exc:
+            _log_failure(spec, invocation_id, exc)
+            with contextlib.suppress(Exception):  # the response may have started: then only the log says it
+                await _reply(send, 500)
 
     async def _webhook(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = _headers(scope["headers"])

@@ -80,6 +80,8 @@ class FunctionSpec:
     wants_context: bool
     error: str | None = None
     other_bindings: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+    http_streams: bool = False
+    """The trigger parameter takes a FastAPI `Request` (azurefunctions-extensions-http-fastapi)."""
 
     @property
     def kind(self) -> str:
@@ -100,6 +102,16 @@ def _type_hints(function: Callable[..., Any]) -> dict[str, Any]:
         return typing.get_type_hints(function)
     except Exception:  # names imported under TYPE_CHECKING, forward refs: keep the strings
         return dict(getattr(function, "__annotations__", {}))
+
+
+def takes_fastapi_request(annotation: Any) -> bool:
+    """Whether a trigger annotation is the HTTP-streams request type (`azurefunctions.extensions.http.fastapi.Request`
+    is FastAPI's, a Starlette `Request`)."""
+    if not isinstance(annotation, type):
+        return False
+    from starlette.requests import Request
+
+    return issubclass(annotation, Request)
 
 
 def build_catalog(functions: Sequence[Any], env: Mapping[str, str]) -> list[FunctionSpec]:
@@ -144,6 +156,11 @@ def build_catalog(functions: Sequence[Any], env: Mapping[str, str]) -> list[Func
             elif others:
                 kinds = sorted({str(b.get("type")) for b in others})
                 error = f"bindings {kinds} are not supported by the dev host (only triggers and the HTTP output)"
+        annotation = (
+            hints.get(param, signature.parameters[param].annotation)
+            if signature is not None and param in signature.parameters
+            else None
+        )
         specs.append(
             FunctionSpec(
                 name=name,
@@ -152,12 +169,11 @@ def build_catalog(functions: Sequence[Any], env: Mapping[str, str]) -> list[Func
                 user_function=user_function,
                 is_async=inspect.iscoroutinefunction(user_function),
                 trigger_param=param,
-                trigger_annotation=hints.get(param, signature.parameters[param].annotation)
-                if signature is not None and param in signature.parameters
-                else None,
+                trigger_annotation=annotation,
                 wants_context=signature is not None and "context" in signature.parameters,
                 error=error,
                 other_bindings=others,
+                http_streams=trigger.get("type") == HTTP_TRIGGER and takes_fastapi_request(annotation),
             )
         )
     return specs

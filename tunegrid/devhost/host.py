@@ -121,7 +121,17 @@ class DevHost:
 
     # ----------------------------------------------------------------------------------- wiring
     def _build(self, env: Mapping[str, str]) -> None:
-        ok = [s for s in self.specs if not s.error]
+        http = [s for s in self.specs if s.kind == HTTP_TRIGGER and not s.error]
+        if any(s.http_streams for s in http):
+            # As the Python worker: once the app uses HTTP streams, every HTTP function gets a FastAPI
+            # Request and must answer with a FastAPI response; one written for func.HttpRequest would fail.
+            for spec in http:
+                if not spec.http_streams:
+                    self._errors[spec.name] = (
+                        "this app uses HTTP streams (azurefunctions-extensions-http-fastapi), so every HTTP "
+                        "function must take its FastAPI Request and return a FastAPI response"
+                    )
+        ok = [s for s in self.specs if s.name not in self._errors]
         self.invoker = Invoker(function_directory=str(self.app_dir))
         routes = []
         for spec in (s for s in ok if s.kind == HTTP_TRIGGER):

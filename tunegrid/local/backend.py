@@ -498,11 +498,6 @@ class LocalBackend:
     def get_credentials(self, endpoint: str) -> EndpointCredentials:
         return self.endpoints.get_credentials(endpoint)
 
-    def invoke(
-        self, endpoint: str, body: Mapping[str, Any], *, deployment: str | None = None, timeout_s: float = 90.0
-    ) -> Any:
-        return self.endpoints.invoke(endpoint, body, deployment=deployment, timeout_s=timeout_s)
-
     def get_endpoint_activity(self, endpoint: str, *, since: datetime) -> EndpointActivity:
         self._kick_outbox()
         return self.endpoints.get_endpoint_activity(endpoint, since=since)

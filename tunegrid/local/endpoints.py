@@ -34,7 +34,7 @@ from shared.domain.resources import (
     Operation,
     ProvisioningState,
 )
-from shared.errors import BackendError, InvalidInput, MetricsUnavailable, NotFound, TransientError, UpstreamError
+from shared.errors import BackendError, InvalidInput, MetricsUnavailable, NotFound
 from tunegrid.local.workspace import (
     ProcessHandle,
     file_lock,
@@ -512,30 +512,6 @@ class LocalEndpoints:
             raise NotFound(f"endpoint {endpoint} does not exist")
         return str(doc["keys"]["secondary"])
 
-    def invoke(
-        self, endpoint: str, body: Mapping[str, Any], *, deployment: str | None = None, timeout_s: float = 90.0
-    ) -> Any:
-        import httpx
-
-        creds = self.get_credentials(endpoint)
-        try:
-            response = httpx.post(
-                creds.scoring_uri, json=dict(body), headers=creds.headers(deployment=deployment), timeout=timeout_s
-            )
-        except httpx.TimeoutException as exc:
-            raise UpstreamError(f"endpoint {endpoint} did not answer within {timeout_s:.0f} s", timeout=True) from exc
-        except httpx.HTTPError as exc:
-            raise TransientError(f"endpoint {endpoint} is not reachable: {type(exc).__name__}") from exc
-        if response.status_code in (429, 503):
-            raise TransientError(f"endpoint {endpoint} answered {response.status_code}: {_message(response)}")
-        if response.status_code >= 400:
-            raise UpstreamError(
-                f"endpoint {endpoint} answered {response.status_code}: {_message(response)}",
-                status=response.status_code,
-                timeout=response.status_code == 408,
-            )
-        return response.json()
-
     def get_endpoint_activity(self, endpoint: str, *, since: datetime) -> EndpointActivity:
         """Requests counted by the endpoint's router since `since` (per-minute resolution)."""
         import httpx
@@ -596,13 +572,3 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _message(response: Any) -> str:
-    try:
-        doc = response.json()
-    except ValueError:
-        return response.text[:200]
-    if isinstance(doc, Mapping) and doc.get("message"):
-        return str(doc["message"])[:300]
-    return str(doc)[:200]

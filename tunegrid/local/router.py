@@ -6,6 +6,8 @@ Managed-online-endpoint semantics on 127.0.0.1:
 - otherwise a deployment is drawn by the traffic percentages (404 when every share is 0);
 - mirror traffic: a share of the traffic-routed requests is copied to a deployment, its answer dropped;
 - the deployment's request timeout answers 408;
+- answers pass through as they arrive (a deployment's streamed answer stays streamed), and a caller
+  that hangs up closes the call to the deployment, which stops its generation;
 - request counters (total, per minute, per deployment, last request time) for the janitor, kept in
   memory, persisted to `activity.json` within a second, and read back at start.
 
@@ -28,6 +30,7 @@ from typing import Any
 
 from shared.domain.clock import iso, utcnow
 from shared.domain.keys import KeySet
+from tunegrid.local.streaming import StreamedBody
 from tunegrid.local.workspace import read_json, write_json_atomic
 
 log = logging.getLogger("tunegrid.router")
@@ -125,7 +128,7 @@ def pick_deployment(traffic: Mapping[str, int], *, draw: float) -> str | None:
 
 
 def build_app(endpoint_dir: Path) -> Any:
-    import httpx
+    import aiohttp
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
@@ -133,9 +136,14 @@ def build_app(endpoint_dir: Path) -> Any:
 
     view = EndpointView(endpoint_dir / "endpoint.json")
     activity = Activity(endpoint_dir / "activity.json")
-    client = httpx.AsyncClient()
+    sessions: list[aiohttp.ClientSession] = []  # one pooled session, made on the server's loop
     rng = random.Random()
     background: set[asyncio.Task[Any]] = set()
+
+    def session() -> aiohttp.ClientSession:
+        if not sessions:
+            sessions.append(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256), auto_decompress=False))
+        return sessions[0]
 
     async def flush_loop() -> None:
         while True:
@@ -152,7 +160,8 @@ def build_app(endpoint_dir: Path) -> Any:
         finally:
             task.cancel()
             activity.save()
-            await client.aclose()
+            for open_session in sessions:
+                await open_session.close()
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "Healthy", "endpoint": view.current().get("name")})
@@ -164,27 +173,40 @@ def build_app(endpoint_dir: Path) -> Any:
 
     async def forward(
         deployment: Mapping[str, Any], path: str, body: bytes, headers: Mapping[str, str], timeout_s: float
-    ) -> httpx.Response:
+    ) -> aiohttp.ClientResponse:
+        """The deployment's answer with its head read; the caller reads (or drops) the body."""
         port = (deployment.get("server") or {}).get("port")
-        return await client.post(
+        sent = {
+            "authorization": f"Bearer {deployment.get('token', '')}",
+            "content-type": headers.get("content-type", "application/json"),
+        }
+        if headers.get("accept"):
+            sent["accept"] = headers["accept"]
+        return await session().post(
             f"http://127.0.0.1:{port}{path}",
-            content=body,
-            headers={
-                "authorization": f"Bearer {deployment.get('token', '')}",
-                "content-type": headers.get("content-type", "application/json"),
-            },
-            timeout=timeout_s,
+            data=body,
+            headers=sent,
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
         )
 
     async def mirror(
         deployment: Mapping[str, Any], path: str, body: bytes, headers: Mapping[str, str], timeout_s: float
     ) -> None:
         with contextlib.suppress(Exception):
-            answer = await forward(deployment, path, body, headers, timeout_s)
-            if answer.status_code < 400:
-                activity.record_mirror(str(deployment.get("name")))
+            answer = await forward(deployment, path, body, {"content-type": headers.get("content-type", "")}, timeout_s)
+            async with answer:
+                await answer.read()
+                if answer.status < 400:
+                    activity.record_mirror(str(deployment.get("name")))
 
-    async def score(request: Request) -> Response:
+    async def relay(answer: aiohttp.ClientResponse) -> Any:
+        try:
+            async for chunk in answer.content.iter_any():
+                yield chunk
+        finally:
+            answer.close() if not answer.content.at_eof() else answer.release()
+
+    async def score(request: Request) -> Response | StreamedBody:
         doc = view.current()
         if not authorized(doc, request.headers.get("authorization")):
             return JSONResponse(
@@ -233,24 +255,23 @@ def build_app(endpoint_dir: Path) -> Any:
                     task.add_done_callback(background.discard)
         try:
             upstream = await forward(deployment, path, body, request.headers, timeout_s)
-        except httpx.TimeoutException:
+        except TimeoutError:
             return JSONResponse(
                 {"message": f"request timed out after {timeout_s:.0f} s (request_timeout_ms)"},
                 status_code=408,
                 headers={DEPLOYMENT_HEADER: target},
             )
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             return JSONResponse(
                 {"message": f"deployment {target} is not responding ({type(exc).__name__})"},
                 status_code=502,
                 headers={DEPLOYMENT_HEADER: target},
             )
-        return Response(
-            upstream.content,
-            status_code=upstream.status_code,
-            media_type=upstream.headers.get("content-type", "application/json"),
-            headers={DEPLOYMENT_HEADER: target},
-        )
+        headers = [
+            (b"content-type", upstream.headers.get("content-type", "application/json").encode("latin-1")),
+            (DEPLOYMENT_HEADER.encode(), target.encode()),
+        ]
+        return StreamedBody(relay(upstream), status=upstream.status, headers=headers)
 
     return Starlette(
         routes=[

@@ -6,9 +6,14 @@ subfolders, or a plain HF folder) with transformers, warms it up, then serves on
 - `GET /health`: 200 once the model is loaded (the readiness probe).
 - `POST /score`: the Azure ML scoring contract.
   `{"input_data": {"input_string": [[{role, content}...]], "parameters": {...}}, "params": {}}`.
-  One conversation (or a flat list of messages) answers `{"output": "<assistant text>"}`; several
+  One conversation (or a flat list of messages) answers `{"output": "<assistant text>", "finish_reason":
+  "stop"|"length", "usage": {...}}` (the tokenizer is known here, so the counts are real); several
   conversations answer `[{"0": "<text>"}, {"0": "<text>"}, ...]`, one object per conversation.
   Parameters: temperature, top_p, do_sample, max_new_tokens (or max_tokens).
+  With `Accept: application/x-ndjson` and one conversation, the answer streams as it is generated
+  (transformers' `AsyncTextIteratorStreamer`), one JSON object a line: `{"delta": "<text>"}` pieces,
+  then `{"finish_reason": ..., "usage": {...}}` (or `{"error": "..."}`). A caller that hangs up stops
+  the generation at the next token (a stopping criterion), and its slot is free at once.
 - `POST /v1/chat/completions` (also `/chat/completions`): the OpenAI chat shape.
 
 Only the endpoint's router calls it: requests need the deployment's internal token
@@ -19,7 +24,9 @@ online deployment does with max_concurrent_requests_per_instance.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hmac
+import json
 import logging
 import os
 import sys
@@ -29,6 +36,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from tunegrid.local.streaming import StreamedBody
 
 log = logging.getLogger("tunegrid.server")
 
@@ -131,13 +140,7 @@ class ChatModel:
         import torch
 
         kwargs = generation_kwargs(params, pad_token_id=self.tokenizer.pad_token_id)
-        enc = self.tokenizer.apply_chat_template(
-            list(conversation), add_generation_prompt=True, return_dict=True, return_tensors="pt"
-        )
-        ids = enc["input_ids"]
-        room = self.max_positions - kwargs["max_new_tokens"]
-        if ids.shape[1] > room:  # keep the end of a long conversation
-            ids = ids[:, -max(room, 1) :]
+        ids = self._prompt_ids(conversation, kwargs["max_new_tokens"])
         with self.lock, torch.inference_mode():
             out = self.model.generate(
                 input_ids=ids.to(self.device), attention_mask=torch.ones_like(ids).to(self.device), **kwargs
@@ -146,6 +149,85 @@ class ChatModel:
         text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
         finish = "length" if len(new) >= kwargs["max_new_tokens"] else "stop"
         return text, int(ids.shape[1]), len(new), finish
+
+    async def stream(self, conversation: Sequence[Mapping[str, str]], params: Mapping[str, Any]) -> Any:
+        """Yields the text as it is generated, then a final (finish reason, usage) tuple. Closing the
+        generator early (the caller went away) stops the generation at its next token."""
+        import torch
+        from transformers import AsyncTextIteratorStreamer, StoppingCriteria, StoppingCriteriaList
+
+        kwargs = generation_kwargs(params, pad_token_id=self.tokenizer.pad_token_id)
+        ids = self._prompt_ids(conversation, kwargs["max_new_tokens"])
+        cancelled = threading.Event()
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
+                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                with self.lock, torch.inference_mode():
+                    out = self.model.generate(
+                        input_ids=ids.to(self.device),
+                        attention_mask=torch.ones_like(ids).to(self.device),
+                        streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                        **kwargs,
+                    )
+                result["completion_tokens"] = int(out.shape[1] - ids.shape[1])
+            except BaseException as exc:  # reported to the caller as the stream's error line
+                result["error"] = f"{type(exc).__name__}: {exc}"
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="generate", daemon=True)
+        worker.start()
+        try:
+            async for text in streamer:
+                if text:
+                    yield text
+            await asyncio.to_thread(worker.join)
+        finally:
+            cancelled.set()
+        if "error" in result:
+            raise RuntimeError(result["error"])
+        produced = result["completion_tokens"]
+        finish = "length" if produced >= kwargs["max_new_tokens"] else "stop"
+        prompt = int(ids.shape[1])
+        yield finish, {"prompt_tokens": prompt, "completion_tokens": produced, "total_tokens": prompt + produced}
+
+    def _prompt_ids(self, conversation: Sequence[Mapping[str, str]], max_new_tokens: int) -> Any:
+        enc = self.tokenizer.apply_chat_template(
+            list(conversation), add_generation_prompt=True, return_dict=True, return_tensors="pt"
+        )
+        ids = enc["input_ids"]
+        room = self.max_positions - max_new_tokens
+        return ids[:, -max(room, 1) :] if ids.shape[1] > room else ids  # keep the end of a long conversation
+
+
+STREAM_TYPE = "application/x-ndjson"
+
+
+async def ndjson_lines(pieces: Any) -> Any:
+    """The model's stream as NDJSON lines: `{"delta"}` pieces, then `{"finish_reason", "usage"}`, or
+    `{"error"}` when generation failed part way."""
+    first = True
+    try:
+        async for item in pieces:
+            if isinstance(item, str):
+                text = item.lstrip() if first else item
+                if text:
+                    first = False
+                    yield json.dumps({"delta": text}).encode() + b"\n"
+            else:
+                yield json.dumps({"finish_reason": item[0], "usage": item[1]}).encode() + b"\n"
+    except Exception as exc:
+        log.exception("streamed generation failed")
+        yield json.dumps({"error": f"generation failed: {type(exc).__name__}"}).encode() + b"\n"
+    finally:
+        await pieces.aclose()
 
 
 def build_app(model: ChatModel, *, name: str, token: str, max_concurrent: int) -> Any:
@@ -164,7 +246,11 @@ def build_app(model: ChatModel, *, name: str, token: str, max_concurrent: int) -
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "Healthy", "deployment": name})
 
-    async def guarded(request: Request, handler: Any) -> JSONResponse:
+    def release() -> None:
+        nonlocal in_flight
+        in_flight -= 1
+
+    async def guarded(request: Request, handler: Any, *, stream: Any = None) -> Any:
         nonlocal in_flight
         if not authorized(request):
             return JSONResponse({"message": "unauthorized"}, status_code=401)
@@ -173,12 +259,19 @@ def build_app(model: ChatModel, *, name: str, token: str, max_concurrent: int) -
                 {"message": f"too many requests: deployment {name} allows {max_concurrent} at a time"}, status_code=429
             )
         in_flight += 1
+        held = True
         try:
             try:
                 body = await request.json()
             except ValueError:
                 return JSONResponse({"message": "the body is not JSON"}, status_code=400)
             try:
+                if stream is not None and STREAM_TYPE in request.headers.get("accept", ""):
+                    pieces = stream(body)
+                    if pieces is not None:
+                        held = False  # the stream gives the slot back when it ends
+                        headers = [(b"content-type", STREAM_TYPE.encode()), (b"cache-control", b"no-cache")]
+                        return StreamedBody(ndjson_lines(pieces), headers=headers, done=release)
                 return await run_in_threadpool(handler, body)
             except BadRequest as exc:
                 return JSONResponse({"message": str(exc)}, status_code=400)
@@ -186,14 +279,29 @@ def build_app(model: ChatModel, *, name: str, token: str, max_concurrent: int) -
                 log.exception("generation failed")
                 return JSONResponse({"message": f"generation failed: {type(exc).__name__}"}, status_code=500)
         finally:
-            in_flight -= 1
+            if held:
+                release()
 
     def score(body: Any) -> JSONResponse:
         conversations, several, params = parse_score_request(body)
-        answers = [model.generate(c, params)[0] for c in conversations]
+        answers = [model.generate(c, params) for c in conversations]
         if several:
-            return JSONResponse([{"0": a} for a in answers])
-        return JSONResponse({"output": answers[0]})
+            return JSONResponse([{"0": a[0]} for a in answers])
+        text, prompt_tokens, completion_tokens, finish = answers[0]
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        return JSONResponse({"output": text, "finish_reason": finish, "usage": usage})
+
+    def score_stream(body: Any) -> Any:
+        """The generator of a streamed answer, or None when the request has several conversations."""
+        conversations, several, params = parse_score_request(body)
+        if several:
+            return None
+        generation_kwargs(params, pad_token_id=None)  # bad parameters are a 400 before the stream starts
+        return model.stream(conversations[0], params)
 
     def chat_completions(body: Any) -> JSONResponse:
         if not isinstance(body, Mapping):
@@ -218,8 +326,8 @@ def build_app(model: ChatModel, *, name: str, token: str, max_concurrent: int) -
             }
         )
 
-    async def score_route(request: Request) -> JSONResponse:
-        return await guarded(request, score)
+    async def score_route(request: Request) -> Any:
+        return await guarded(request, score, stream=score_stream)
 
     async def chat_route(request: Request) -> JSONResponse:
         return await guarded(request, chat_completions)

@@ -22,7 +22,7 @@ from azure.core.pipeline.transport import HttpTransport
 from shared.adapters.azureml.observability import ARM_SCOPE, http_client
 from shared.adapters.azureml.service_calls import Scope, ServiceCaller, not_found_is_none
 from shared.domain.clock import utcnow
-from shared.domain.resources import EndpointCredentials, Operation
+from shared.domain.resources import Operation
 from shared.errors import ConfigError
 from shared.settings import Settings
 
@@ -93,9 +93,7 @@ class AzureMLClients:
         self._lock = threading.Lock()
         self._registry_lock = threading.Lock()
         self._workspace_entity: Any = None
-        self._http: Any = None
         self._arm_client: Any = None
-        self._credentials_cache: dict[str, tuple[float, EndpointCredentials]] = {}
         self._alternatives_cache: dict[tuple[str, str], tuple[float, str]] = {}
         self._deployment_pollers: dict[tuple[str, str], Any] = {}
         workspace_id = (
@@ -180,12 +178,6 @@ class AzureMLClients:
             with self._lock:
                 self._workspace_entity = cached
         return cached
-
-    def _scoring_http(self) -> Any:
-        with self._lock:
-            if self._http is None:
-                self._http = http_client(self._transport)
-            return self._http
 
     def _arm_http(self) -> Any:
         """Plain HTTPS with an ARM token: the MLflow REST API and Azure Monitor's metrics API."""

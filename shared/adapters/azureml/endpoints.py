@@ -294,6 +294,4 @@ class EndpointsMixin(AzureMLClients):
         if ProvisioningState.parse(service_word(endpoint.provisioning_state)) == ProvisioningState.DELETING:
             return Operation(kind="delete-endpoint", target=name, status="Deleting", done=False)
         poller = self._call(lambda: self._ws.online_endpoints.begin_delete(name=name), f"delete endpoint {name}")
-        with self._lock:
-            self._credentials_cache.pop(name, None)
         return operation_now("delete-endpoint", name, poller)

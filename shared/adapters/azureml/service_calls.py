@@ -4,8 +4,8 @@ azure-core's own retry policy is switched off on our clients (`retry_total=0`) s
 place retries: `ServiceCaller.call`, with stamina's exponential backoff, honouring `Retry-After`
 (or `retry-after-ms`) on 429/5xx, bounded in attempts, total time and the longest wait it accepts.
 A wait longer than that ends the call with `TransientError` at once: the event or timer that drove
-it retries later, instead of a function sleeping for minutes. A scoring request is sent once
-(`send_scoring_request`); its transport failures become `UpstreamError`.
+it retries later, instead of a function sleeping for minutes. Scoring endpoints are not called
+from here: every endpoint call goes through the `Upstream` port (`shared.adapters.endpoint_credentials`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import stamina
 from azure.ai.ml.exceptions import MlException
@@ -21,11 +21,8 @@ from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
     ServiceRequestError,
-    ServiceRequestTimeoutError,
     ServiceResponseError,
-    ServiceResponseTimeoutError,
 )
-from azure.core.rest import HttpRequest, HttpResponse
 
 from shared.adapters.retry_after import retry_after_seconds
 from shared.errors import (
@@ -35,7 +32,6 @@ from shared.errors import (
     PermissionDenied,
     TransientError,
     TunegridError,
-    UpstreamError,
 )
 
 log = logging.getLogger(__name__)
@@ -184,14 +180,3 @@ def not_found_is_none(fn: Callable[[], T]) -> Callable[[], T | None]:
             raise
 
     return read
-
-
-def send_scoring_request(client: Any, request: HttpRequest, *, where: str, timeout_s: float) -> HttpResponse:
-    """One request to a scoring URI through an azure-core pipeline (`client.send_request`), outside
-    the retry loop: a timeout (`timeout=True`) or an unreachable endpoint is `UpstreamError`."""
-    try:
-        return client.send_request(request, connection_timeout=min(timeout_s, 30.0), read_timeout=timeout_s)
-    except (ServiceRequestTimeoutError, ServiceResponseTimeoutError) as exc:
-        raise UpstreamError(f"{where} did not answer within {timeout_s:.0f} s", timeout=True) from exc
-    except (ServiceRequestError, ServiceResponseError) as exc:
-        raise UpstreamError(f"could not reach {where}: {type(exc).__name__}") from exc

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 from shared.domain.clock import utcnow
 from shared.domain.runs import RunState
-from shared.ports import Blobs, FineTuneBackend, Ledger
+from shared.ports import Blobs, FineTuneBackend, Ledger, Upstream
 from shared.settings import Settings
 
 LEASE_TTL = timedelta(minutes=5)
@@ -32,6 +32,8 @@ class Rollout:
     backend: FineTuneBackend
     blobs: Blobs
     settings: Settings
+    upstream: Upstream
+    """How the smoke test calls the new deployment: the scoring proxy's client and credential cache."""
     now: Callable[[], datetime] = utcnow
 
 

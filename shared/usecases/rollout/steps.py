@@ -20,7 +20,7 @@ from shared.domain.naming import (
 )
 from shared.domain.resources import DeploymentSpec, JobState, ModelRef, ProvisioningState
 from shared.domain.runs import RunRecord, RunState
-from shared.errors import ConflictError, TransientError
+from shared.errors import ConflictError, TransientError, UpstreamError
 from shared.settings import Settings
 from shared.usecases.rollout.leases import leased, move, release
 from shared.usecases.rollout.model import Rollout
@@ -196,6 +196,28 @@ def _answer_text(response: Any) -> str:
     return texts[0] if texts else ""
 
 
+def _smoke_call(record: RunRecord, rollout: Rollout, body: dict[str, Any], *, row: int) -> str:
+    """One smoke request to the new deployment by name, through the shared endpoint caller."""
+    reply = rollout.upstream.post_json_blocking(
+        record.endpoint,
+        record.deployment,
+        orjson.dumps(body),
+        request_id=f"smoke-{record.run_id}-{row}",
+        timeout_s=rollout.settings.smoke_timeout_s,
+    )
+    snippet = reply.body[:200].decode("utf-8", "replace")
+    if reply.status in (429, 503):
+        raise TransientError(f"deployment {record.deployment} answered HTTP {reply.status}: {snippet}")
+    if reply.status >= 400:
+        raise UpstreamError(
+            f"deployment {record.deployment} answered HTTP {reply.status}: {snippet}", status=reply.status
+        )
+    try:
+        return _answer_text(orjson.loads(reply.body))
+    except orjson.JSONDecodeError:
+        raise UpstreamError(f"deployment {record.deployment} answered with invalid JSON") from None
+
+
 @leased
 def _step_smoke(record: RunRecord, rollout: Rollout) -> RunRecord | None:
     settings = rollout.settings
@@ -213,11 +235,7 @@ def _step_smoke(record: RunRecord, rollout: Rollout) -> RunRecord | None:
         }
         started = time.perf_counter()
         try:
-            answer = _answer_text(
-                rollout.backend.invoke(
-                    record.endpoint, body, deployment=record.deployment, timeout_s=settings.smoke_timeout_s
-                )
-            )
+            answer = _smoke_call(record, rollout, body, row=i)
             error = "" if answer.strip() else "empty answer"
         except TransientError:
             raise  # throttling or a blip says nothing about the model: retry on the next tick

@@ -9,8 +9,7 @@ from typing import Any
 from shared.usecases.scoring.errors import InvalidRequest
 
 DEFAULT_MAX_TOKENS = 256
-"""max_new_tokens sent when the caller gives none (always further capped by PROXY_MAX_TOKENS_CAP)."""
-MAX_N = 16
+"""max_new_tokens sent when the caller gives none (PROXY_DEFAULT_MAX_TOKENS; always capped by PROXY_MAX_TOKENS_CAP)."""
 MAX_STOP = 4
 MAX_MESSAGES = 1024
 
@@ -46,7 +45,6 @@ class ChatRequest:
     top_p: float = 1.0
     max_new_tokens: int = DEFAULT_MAX_TOKENS
     stop: tuple[str, ...] = ()
-    n: int = 1
     seed: int | None = None
     stream: bool = False
     include_usage: bool = False
@@ -188,10 +186,12 @@ def parse_chat_request(
         raise InvalidRequest("'stop' must be a string or an array of strings", param="stop", code="invalid_type")
 
     n = integer_field(payload, "n")
-    if n is None:
-        n = 1
-    if not 1 <= n <= MAX_N:
-        raise InvalidRequest(f"'n' must be between 1 and {MAX_N}", param="n", code="invalid_value")
+    if n is not None and n != 1:
+        raise InvalidRequest(
+            "'n' other than 1 is not supported: the deployed model answers one choice per call; send n requests",
+            param="n",
+            code="unsupported_parameter",
+        )
     seed = integer_field(payload, "seed")
 
     stream = payload.get("stream")
@@ -216,7 +216,6 @@ def parse_chat_request(
         top_p=top_p,
         max_new_tokens=max_new_tokens,
         stop=stop,
-        n=n,
         seed=seed,
         stream=stream,
         include_usage=include_usage,
@@ -224,7 +223,7 @@ def parse_chat_request(
 
 
 def to_azureml_request(chat: ChatRequest) -> dict[str, Any]:
-    """The Azure ML scoring body for a chat request (list-of-conversations form, one per choice).
+    """The Azure ML scoring body for a chat request (list-of-conversations form, one conversation).
 
     Greedy decoding (temperature 0) sends `do_sample: false` without temperature/top_p, which the
     Hugging Face generate() of the serving images would otherwise reject or warn about.
@@ -237,4 +236,4 @@ def to_azureml_request(chat: ChatRequest) -> dict[str, Any]:
         parameters["stop"] = list(chat.stop)
     if chat.seed is not None:
         parameters["seed"] = chat.seed
-    return {"input_data": {"input_string": [chat.messages] * chat.n, "parameters": parameters}, "params": {}}
+    return {"input_data": {"input_string": [chat.messages], "parameters": parameters}, "params": {}}

@@ -35,8 +35,10 @@ class UpstreamRejected(UpstreamError):
 
 
 class UpstreamBusy(UpstreamError):
-    """The endpoint still answered 429 after the retries (passed on as 429 with its Retry-After)."""
+    """429 with a Retry-After: the endpoint still answered 429 after the retries (`upstream_busy`), or the
+    proxy's own queue for the deployment refused the request (`queue_full`, `queue_timeout`)."""
 
-    def __init__(self, message: str, *, retry_after: float | None) -> None:
+    def __init__(self, message: str, *, retry_after: float | None, code: str = "upstream_busy") -> None:
         super().__init__(message, status=429)
         self.retry_after = retry_after
+        self.code = code

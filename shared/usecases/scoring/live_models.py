@@ -29,6 +29,8 @@ class LiveModel:
     endpoint: str
     deployment: str
     live_since: datetime
+    capacity: int = 1
+    """Calls the deployment serves at once: instance_count x max_concurrent_requests_per_instance."""
 
     @property
     def created(self) -> int:
@@ -50,13 +52,34 @@ def _live_since(record: RunRecord) -> datetime:
     return record.updated_at
 
 
-def build_model_table(records: Iterable[RunRecord], *, loaded_at: float = 0.0) -> _ModelTable:
+def capacity_of(record: RunRecord, *, default_instances: int, default_concurrency: int) -> int:
+    """The deployment's capacity from its spec: the run's sidecar overrides, else the settings the
+    roll-out deployed it with (as `shared.usecases.rollout` builds the DeploymentSpec)."""
+    overrides = (record.extra.get("sidecar") or {}).get("deployment") or {}
+    instances = overrides.get("instance_count", default_instances)
+    concurrency = overrides.get("max_concurrent_requests_per_instance", default_concurrency)
+    try:
+        return max(1, int(instances) * int(concurrency))
+    except (TypeError, ValueError):
+        return 1
+
+
+def build_model_table(
+    records: Iterable[RunRecord],
+    *,
+    loaded_at: float = 0.0,
+    default_instances: int = 1,
+    default_concurrency: int = 1,
+) -> _ModelTable:
     live: list[LiveModel] = []
     other: dict[str, str] = {}
     for r in records:
         state = r.state.value if hasattr(r.state, "value") else str(r.state)
         if state == "live" and r.endpoint and r.model_name:
-            live.append(LiveModel(r.run_id, r.model_name, r.model_version, r.endpoint, r.deployment, _live_since(r)))
+            capacity = capacity_of(r, default_instances=default_instances, default_concurrency=default_concurrency)
+            live.append(
+                LiveModel(r.run_id, r.model_name, r.model_version, r.endpoint, r.deployment, _live_since(r), capacity)
+            )
         else:
             other.setdefault(r.run_id, state)
             if r.model_name:
@@ -82,9 +105,12 @@ class LiveModels:
         list_runs: Callable[[], Iterable[RunRecord]],
         *,
         ttl_s: float = 5.0,
+        default_instances: int = 1,
+        default_concurrency: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._list_runs = list_runs
+        self._defaults = {"default_instances": default_instances, "default_concurrency": default_concurrency}
         self._ttl = ttl_s
         self._clock = clock
         self._table: _ModelTable | None = None
@@ -99,7 +125,7 @@ class LiveModels:
                 self._table.loaded_at = self._clock()
                 return self._table
             raise NoLiveModel("the run ledger cannot be read right now") from None
-        self._table = build_model_table(records, loaded_at=self._clock())
+        self._table = build_model_table(records, loaded_at=self._clock(), **self._defaults)
         return self._table
 
     def _refresh(self) -> asyncio.Task[_ModelTable]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from shared.errors import UpstreamError
 
 
@@ -15,6 +17,9 @@ class ModelOutput:
     texts: list[str]
     finish_reasons: list[str | None]
     usage: dict[str, int] | None = None
+
+
+FINISH_REASONS = frozenset({"stop", "length"})
 
 
 class _UnknownShape(Exception):
@@ -111,7 +116,38 @@ def normalise_output(payload: Any) -> ModelOutput:
         texts = _texts_of(payload)
     except _UnknownShape as exc:
         raise UpstreamError(f"the endpoint answered in an unrecognised shape ({exc})") from None
+    if isinstance(payload, dict) and "output" in payload and len(texts) == 1:
+        # the local server's one-conversation answer carries its finish reason and token counts beside it
+        reason = payload.get("finish_reason")
+        return ModelOutput(texts, [reason if reason in FINISH_REASONS else None], _usage(payload.get("usage")))
     return ModelOutput(texts, [None] * len(texts), None)
+
+
+@dataclass(slots=True)
+class StreamEvent:
+    """One line of a streamed answer (NDJSON): a piece of text, or the end with its reason and usage."""
+
+    delta: str = ""
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+
+
+def parse_stream_event(line: bytes) -> StreamEvent:
+    """`{"delta": "..."}`, then `{"finish_reason": "stop"|"length", "usage": {...}}`; `{"error": "..."}`
+    when the upstream failed mid-stream (an UpstreamError here)."""
+    try:
+        doc = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("the model endpoint streamed a line that is not JSON") from None
+    if not isinstance(doc, dict):
+        raise UpstreamError("the model endpoint streamed a line that is not a JSON object")
+    if "error" in doc:
+        raise UpstreamError(f"the model endpoint failed while streaming: {str(doc['error'])[:200]}")
+    delta = doc.get("delta", "")
+    reason = doc.get("finish_reason")
+    if not isinstance(delta, str) or (reason is not None and reason not in FINISH_REASONS):
+        raise UpstreamError("the model endpoint streamed an event in an unrecognised shape")
+    return StreamEvent(delta, reason, _usage(doc.get("usage")))
 
 
 def apply_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
@@ -122,3 +158,49 @@ def apply_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
         if i >= 0 and (cut < 0 or i < cut):
             cut = i
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class StopScanner:
+    """`apply_stop` for a stream: text is passed on as it comes, except a tail that could still be the
+    start of a stop sequence, which is held back until the next piece says which it is."""
+
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self._stop = stop
+        self._hold = max((len(s) for s in stop), default=1) - 1
+        self._pending = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        """The text that can be sent now; after a stop sequence, `stopped` is True and nothing more comes."""
+        if self.stopped:
+            return ""
+        if not self._stop:
+            return piece
+        text, stopped = apply_stop(self._pending + piece, self._stop)
+        if stopped:
+            self.stopped = True
+            self._pending = ""
+            return text
+        cut = max(0, len(text) - self._hold)
+        self._pending = text[cut:]
+        return text[:cut]
+
+    def flush(self) -> str:
+        """What is still held back, once the stream has ended."""
+        rest, self._pending = self._pending, ""
+        return "" if self.stopped else rest
+
+
+def split_for_stream(text: str, *, size: int = 24) -> list[str]:
+    """A whole answer cut into pieces of about `size` characters at word ends, for an upstream that
+    cannot stream (the pieces joined give the text back exactly)."""
+    pieces: list[str] = []
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            space = text.find(" ", end)
+            end = len(text) if space < 0 else space + 1
+        pieces.append(text[start:end])
+        start = end
+    return pieces

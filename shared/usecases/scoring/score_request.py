@@ -1,12 +1,30 @@
-"""Azure ML scoring request: validated, `max_new_tokens` capped, otherwise passed through. Pure: no ports."""
+"""Azure ML scoring request: validated (conversation count, generation parameters), `max_new_tokens`
+capped, otherwise passed through. Pure: no ports."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from shared.usecases.scoring.chat_request import DEFAULT_MAX_TOKENS, integer_field, number_field
+from shared.usecases.scoring.chat_request import DEFAULT_MAX_TOKENS, MAX_STOP, integer_field, number_field
 from shared.usecases.scoring.errors import InvalidRequest
+
+MAX_CONVERSATIONS = 16
+"""Conversations in one /api/score request: each is a generation the deployment runs in turn."""
+MAX_BEAMS = 4
+"""Beam search multiplies the work of a generation; more beams than this are refused."""
+NUMBER_PARAMETERS = {
+    "temperature": (0.0, 2.0, False),
+    "top_p": (0.0, 1.0, True),
+    "repetition_penalty": (0.0, 5.0, True),
+}
+"""name: (low, high, low bound open)."""
+INTEGER_PARAMETERS = {"top_k": (0, 1000), "num_beams": (1, MAX_BEAMS), "seed": (-(2**63), 2**63 - 1)}
+BOOLEAN_PARAMETERS = frozenset({"do_sample", "return_full_text"})
+PARAMETERS = frozenset(
+    {*NUMBER_PARAMETERS, *INTEGER_PARAMETERS, *BOOLEAN_PARAMETERS, "max_new_tokens", "min_new_tokens", "stop"}
+)
+"""The generation parameters forwarded; any other is refused with 400 (not passed on unchecked)."""
 
 
 @dataclass(slots=True)
@@ -54,6 +72,12 @@ def parse_score_request(
         for i, conv in enumerate(items):
             _check_conversation(conv, f"input_data.input_string[{i}]")
         conversations = len(items)
+        if conversations > MAX_CONVERSATIONS:
+            raise InvalidRequest(
+                f"at most {MAX_CONVERSATIONS} conversations per request; got {conversations}",
+                param="input_data.input_string",
+                code="too_many_conversations",
+            )
     else:
         raise InvalidRequest(
             "'input_data.input_string' must be a list of messages or a list of conversations, not a mix",
@@ -67,24 +91,67 @@ def parse_score_request(
         raise InvalidRequest(
             "'input_data.parameters' must be an object", param="input_data.parameters", code="invalid_type"
         )
-    parameters = dict(parameters)
-    for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
-        number_field(parameters, name, 0.0, low, high)
-    if "do_sample" in parameters and not isinstance(parameters["do_sample"], bool):
-        raise InvalidRequest(
-            "'do_sample' must be a boolean", param="input_data.parameters.do_sample", code="invalid_type"
-        )
-    wanted = integer_field(parameters, "max_new_tokens")
-    if wanted is not None and wanted < 1:
-        raise InvalidRequest(
-            "'max_new_tokens' must be at least 1", param="input_data.parameters.max_new_tokens", code="invalid_value"
-        )
-    parameters["max_new_tokens"] = min(wanted if wanted is not None else default_max_tokens, max_tokens_cap)
+    parameters = check_parameters(parameters, max_tokens_cap=max_tokens_cap, default_max_tokens=default_max_tokens)
     params = payload.get("params", {})
     if not isinstance(params, dict):
         raise InvalidRequest("'params' must be an object", param="params", code="invalid_type")
+    if params:  # MLflow's inference params reach generate() too: the same rules apply
+        params = check_parameters(params, max_tokens_cap=max_tokens_cap, default_max_tokens=None, where="params")
     model = payload.get("model")
     if model is not None and not isinstance(model, str):
         raise InvalidRequest("'model' must be a string", param="model", code="invalid_type")
     body = {"input_data": {**input_data, "parameters": parameters}, "params": params}
     return ScoreRequest(body=body, model=model, conversations=conversations)
+
+
+def check_parameters(
+    raw: dict[str, Any], *, max_tokens_cap: int, default_max_tokens: int | None, where: str = "input_data.parameters"
+) -> dict[str, Any]:
+    """The generation parameters, each checked for type and range; `max_new_tokens` capped (and set to
+    `default_max_tokens` when absent and a default is given)."""
+    unknown = sorted(set(raw) - PARAMETERS)
+    if unknown:
+        raise InvalidRequest(
+            f"unsupported generation parameter {unknown[0]!r}; supported: {', '.join(sorted(PARAMETERS))}",
+            param=f"{where}.{unknown[0]}",
+            code="unsupported_parameter",
+        )
+    parameters = dict(raw)
+    try:
+        for name, (low, high, low_open) in NUMBER_PARAMETERS.items():
+            number_field(parameters, name, low, low, high, low_open=low_open)
+        for name, (low_int, high_int) in INTEGER_PARAMETERS.items():
+            value = integer_field(parameters, name)
+            if value is not None and not low_int <= value <= high_int:
+                raise InvalidRequest(
+                    f"'{name}' must be between {low_int} and {high_int}, got {value}", param=name, code="invalid_value"
+                )
+    except InvalidRequest as exc:
+        raise InvalidRequest(str(exc), param=f"{where}.{exc.param}", code=exc.code) from None
+    for name in BOOLEAN_PARAMETERS:
+        if name in parameters and not isinstance(parameters[name], bool):
+            raise InvalidRequest(f"'{name}' must be a boolean", param=f"{where}.{name}", code="invalid_type")
+    stop = parameters.get("stop")
+    if stop is not None and not (
+        isinstance(stop, str)
+        or (isinstance(stop, list) and len(stop) <= MAX_STOP and all(isinstance(s, str) for s in stop))
+    ):
+        raise InvalidRequest(
+            f"'stop' must be a string or at most {MAX_STOP} strings", param=f"{where}.stop", code="invalid_value"
+        )
+    wanted = integer_field(parameters, "max_new_tokens")
+    if wanted is not None and wanted < 1:
+        raise InvalidRequest(
+            "'max_new_tokens' must be at least 1", param=f"{where}.max_new_tokens", code="invalid_value"
+        )
+    if wanted is not None or default_max_tokens is not None:
+        parameters["max_new_tokens"] = min(wanted if wanted is not None else default_max_tokens, max_tokens_cap)  # type: ignore[type-var]
+    least = integer_field(parameters, "min_new_tokens")
+    most = parameters.get("max_new_tokens", max_tokens_cap)
+    if least is not None and not 0 <= least <= most:
+        raise InvalidRequest(
+            f"'min_new_tokens' must be between 0 and max_new_tokens ({most}), got {least}",
+            param=f"{where}.min_new_tokens",
+            code="invalid_value",
+        )
+    return parameters
