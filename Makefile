@@ -14,7 +14,7 @@ DEPLOY_HASH := $(shell $(PYTHON) -c 'import hashlib; print(hashlib.sha256(b"".jo
 	for f in ("requirements.txt", "constraints.txt"))).hexdigest()[:16])')
 DEPLOY_STAMP := $(DEPLOY_VENV)/.installed-$(DEPLOY_HASH)
 
-.PHONY: demo test lint typecheck deps deploy-venv bench clean
+.PHONY: demo test lint typecheck deps deploy-venv chromium bench clean
 
 deps: $(VENV)/.installed node_modules/.installed
 
@@ -38,6 +38,18 @@ $(DEPLOY_STAMP):
 	$(DEPLOY_VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -r requirements.txt
 	touch $@
 
+# The run page's browser tests drive Debian's chromium through Playwright (never a downloaded browser).
+# Installed with apt-get when missing; that needs root, as in CI. Elsewhere it stops and says what to run.
+CHROMIUM := /usr/bin/chromium
+
+chromium: $(CHROMIUM)
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" != 0 ]; then \
+		echo "the browser tests need Debian's chromium at $(CHROMIUM): run 'sudo apt-get install -y chromium' (make test installs it itself when run as root, as in CI)"; \
+		exit 2; fi
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
@@ -45,7 +57,7 @@ node_modules/.installed: package.json package-lock.json
 demo: deps
 	$(PY) -m tunegrid demo
 
-test: deps deploy-venv
+test: deps deploy-venv chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
