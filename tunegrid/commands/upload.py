@@ -189,13 +189,21 @@ class Follower:
         timeline = doc.get("timeline") or []
         for step in timeline[self.seen_states :]:
             state = str(step.get("state"))
+            if state in ("succeeded", "failed", "canceled"):
+                out += self._training(doc)  # a late look still reads in order: the steps, then the outcome
             out.append(self._at(f"{state:<16} {_stage_detail(state, doc)}".rstrip()))
+            if state in ("submitting", "invalid", "error"):
+                out += self._validation(doc)
         self.seen_states = len(timeline)
-        if not self.validation_shown and doc.get("validation"):
-            self.validation_shown = True
-            out += validation_lines(doc["validation"])
+        out += self._validation(doc)
         out += self._training(doc)
         return out
+
+    def _validation(self, doc: Mapping[str, Any]) -> list[str]:
+        if self.validation_shown or not doc.get("validation"):
+            return []
+        self.validation_shown = True
+        return validation_lines(doc["validation"])
 
     def _training(self, doc: Mapping[str, Any]) -> list[str]:
         series = doc.get("metrics_series") or {}
@@ -208,7 +216,8 @@ class Follower:
             of = f"/{total}" if isinstance(total, int) and total > 0 else ""
             extra = f"  eval loss {evals[step]:.4f}" if step in evals else ""
             out.append(self._at(f"  training step {step:g}{of}  loss {value:.4f}{extra}"))
-            self.eval_steps.update(s for s in evals if s <= step)
+            if step in evals:
+                self.eval_steps.add(step)
         if new:
             self.last_step = new[-1][0]
         for step in sorted(s for s in evals if s not in self.eval_steps and s <= self.last_step):
