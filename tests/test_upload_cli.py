@@ -113,7 +113,7 @@ def test_upload_sends_everything_and_names_the_run_and_its_page(
     etag = blobs.properties(TRAINING_CONTAINER, files["data"].name)["etag"]
     run_id = run_id_for(TRAINING_CONTAINER, files["data"].name, etag)
     assert f"run {run_id}\n" in out
-    assert f"run page: http://127.0.0.1:9999/api/runs/{run_id}?code=<function key>" in out
+    assert f"run page: http://127.0.0.1:9999/api/runs/{run_id}?code=<host key>" in out
     assert "tunegrid devhost --show-keys" in out
     assert (
         out.index(f"{stem}.config.json") < out.index(f"{stem}.test.jsonl") < out.index(f"{files['data'].name} (dataset")

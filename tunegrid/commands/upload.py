@@ -272,7 +272,7 @@ def validation_lines(v: Mapping[str, Any]) -> list[str]:
 def run_page_url(run_id: str, *, base_url: str | None, route_prefix: str) -> str:
     """Where the run page is; the function key is left as a placeholder (it is a secret)."""
     prefix = f"/{route_prefix}" if route_prefix else ""
-    return f"{(base_url or '').rstrip('/')}{prefix}/runs/{run_id}?code=<function key>"
+    return f"{(base_url or '').rstrip('/')}{prefix}/runs/{run_id}?code=<host key>"
 
 
 def default_base_url() -> tuple[str, str]:
@@ -333,9 +333,11 @@ def run_upload(args: argparse.Namespace) -> int:
 
 
 def _key_hint(args: argparse.Namespace) -> str:
+    """Where the key comes from. The host key opens every page (the run page links to the table of runs); a
+    function's own key opens only that function's route."""
     if args.base_url and not args.base_url.startswith(("http://127.0.0.1", "http://localhost")):
-        return "the function key of run_status: az functionapp function keys list --function-name run_status ..."
-    return "tunegrid devhost --show-keys, line run_status"
+        return "the app's host key: az functionapp keys list -n APP -g RG --query functionKeys.default -o tsv"
+    return "tunegrid devhost --show-keys, the host key 'default'"
 
 
 def follow(ctx: Any, run_id: str, *, page: str, interval_s: float, timeout_s: float, dataset: str) -> int:

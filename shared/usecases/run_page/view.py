@@ -123,17 +123,26 @@ def web_link(url: object) -> str | None:
     return url if scheme in ("http", "https") else None
 
 
-def final_metrics(doc: Mapping[str, Any]) -> list[tuple[str, Any, Any, Any]]:
-    """(name, first, last, points) per metric: the record's summary, else the live series."""
+@dataclass(frozen=True)
+class Metrics:
+    main: list[tuple[str, Any, Any, Any]]
+    """The losses."""
+    other: list[tuple[str, Any, Any, Any]]
+
+
+def final_metrics(doc: Mapping[str, Any]) -> Metrics:
+    """(name, first, last, points) per metric, losses first: the record's summary, else the live series."""
     summary = doc.get("metrics") or {}
     if summary:
-        return [
-            (name, m.get("first"), m.get("last"), m.get("steps"))
+        rows = [
+            (str(name), m.get("first"), m.get("last"), m.get("steps"))
             for name, m in sorted(summary.items())
             if isinstance(m, Mapping)
         ]
-    series = doc.get("metrics_series") or {}
-    return [(name, pts[0][1], pts[-1][1], len(pts)) for name, pts in sorted(series.items()) if pts]
+    else:
+        series = doc.get("metrics_series") or {}
+        rows = [(str(name), pts[0][1], pts[-1][1], len(pts)) for name, pts in sorted(series.items()) if pts]
+    return Metrics(main=[r for r in rows if "loss" in r[0]], other=[r for r in rows if "loss" not in r[0]])
 
 
 def number(value: Any) -> str:
