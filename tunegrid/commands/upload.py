@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -103,14 +104,13 @@ def blob_service(connection: Mapping[str, str], *, account_url: str | None) -> A
     """A BlobServiceClient that uploads in `BLOCK`-sized blocks (so progress can be shown)."""
     from azure.storage.blob import BlobServiceClient
 
-    sizes = {"max_single_put_size": BLOCK, "max_block_size": BLOCK}
     if account_url:
-        return BlobServiceClient(account_url, credential=_credential(), **sizes)
+        return BlobServiceClient(account_url, credential=_credential(), max_single_put_size=BLOCK, max_block_size=BLOCK)
     if connection.get(""):
-        return BlobServiceClient.from_connection_string(connection[""], **sizes)
+        return BlobServiceClient.from_connection_string(connection[""], max_single_put_size=BLOCK, max_block_size=BLOCK)
     url = connection.get("blobServiceUri") or connection.get("serviceUri")
     if url:
-        return BlobServiceClient(url, credential=_credential(), **sizes)
+        return BlobServiceClient(url, credential=_credential(), max_single_put_size=BLOCK, max_block_size=BLOCK)
     raise ConfigError("no storage connection: set DataStorage in local.settings.json, or pass --account-url")
 
 
@@ -162,11 +162,14 @@ def upload_one(service: Any, upload: Upload) -> str:
 
 
 def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024 or unit == "GiB":
+            break
+    return f"{value:.1f} {unit}"
 
 
 # ------------------------------------------------------------------------------------------- follow
@@ -281,7 +284,7 @@ def default_base_url() -> tuple[str, str]:
     from tunegrid.devhost.config import HostConfig, load_local_settings
     from tunegrid.devhost.host import DEFAULT_PORT
 
-    settings = load_local_settings(fallback_level=10)
+    settings = load_local_settings(fallback_level=logging.DEBUG)
     port = settings.local_http_port or DEFAULT_PORT
     return f"http://127.0.0.1:{port}", HostConfig.load(Path.cwd() / "host.json").route_prefix
 
