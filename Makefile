@@ -19,7 +19,7 @@ CHECKOV_VENV := .venv-checkov
 CHECKOV_HASH := $(shell $(PYTHON) -c 'import hashlib; print(hashlib.sha256(open("requirements-checkov.txt", "rb").read()).hexdigest()[:16])')
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_HASH)
 
-.PHONY: demo test lint typecheck deps deploy-venv bench clean
+.PHONY: demo test lint typecheck deps deploy-venv chromium bench clean
 
 deps: $(VENV)/.installed node_modules/.installed
 
@@ -53,6 +53,18 @@ $(CHECKOV_STAMP):
 	$(CHECKOV_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-checkov.txt
 	touch $@
 
+# The run page's browser tests drive Debian's chromium through Playwright (never a downloaded browser).
+# Installed with apt-get when missing; that needs root, as in CI. Elsewhere it stops and says what to run.
+CHROMIUM := /usr/bin/chromium
+
+chromium: $(CHROMIUM)
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" != 0 ]; then \
+		echo "the browser tests need Debian's chromium at $(CHROMIUM): run 'sudo apt-get install -y chromium' (make test installs it itself when run as root, as in CI)"; \
+		exit 2; fi
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
@@ -60,7 +72,7 @@ node_modules/.installed: package.json package-lock.json
 demo: deps
 	$(PY) -m tunegrid demo
 
-test: deps deploy-venv checkov-venv
+test: deps deploy-venv checkov-venv chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest

@@ -123,6 +123,13 @@ class AppContext:
         )
         return EndpointCaller(HttpClient(), credentials)
 
+    def close(self) -> None:
+        """Stop what this context started on its own threads (the endpoint client's private loop)."""
+        upstream = self.overrides.get("upstream")
+        close_blocking = getattr(upstream, "close_blocking", None)
+        if close_blocking is not None:
+            close_blocking()
+
 
 _lock = threading.Lock()
 _context: AppContext | None = None
@@ -139,10 +146,13 @@ def app_context() -> AppContext:
 
 
 def set_app_context(ctx: AppContext | None) -> None:
-    """Install a context (tests, dev host) or clear it so the next call rebuilds from the environment."""
+    """Install a context (tests, dev host) or clear it so the next call rebuilds from the environment;
+    the context it replaces is closed."""
     global _context
     with _lock:
-        _context = ctx
+        old, _context = _context, ctx
+    if old is not None and old is not ctx:
+        old.close()
 
 
 def reset_app_context() -> None:

@@ -409,9 +409,7 @@ class InMemoryBlobs:
 
     def _need_container(self, container: str) -> None:
         if container not in self._containers:
-            raise _storage_error(
-                NotFound, 404, "ContainerNotFound", "The specified container does not exist."
-            )
+            raise _storage_error(NotFound, 404, "ContainerNotFound", "The specified container does not exist.")
 
     def url(self, container: str, name: str) -> str:
         return f"{self.account_url}/{container}/{urllib.parse.quote(name, safe='~/')}"
@@ -477,9 +475,7 @@ class InMemoryBlobs:
         with self._lock:
             self._need_container(container)
             if not overwrite and (container, name) in self._blobs:
-                raise _storage_error(
-                    ConflictError, 409, "BlobAlreadyExists", "The specified blob already exists."
-                )
+                raise _storage_error(ConflictError, 409, "BlobAlreadyExists", "The specified blob already exists.")
             self._blobs[(container, name)] = StoredBlob(
                 data=content,
                 etag=_next_etag("blob"),

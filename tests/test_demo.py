@@ -75,3 +75,23 @@ def test_demo_runs_the_whole_loop_on_the_tiny_model(tmp_path: Path) -> None:
         assert stage in out, stage
     proxy_key = re.compile(r"demo-[A-Za-z0-9_-]{32}")
     assert not proxy_key.search(out + proc.stderr + (tmp_path / "demo.log").read_text())
+    # the run page: its address is printed (key left out) and a copy is saved, with the stages and loss curve
+    page = Path(result["run_page"])
+    assert f"/api/runs/{result['run_id']}?code=<host key>" in out and str(page) in out
+    html = page.read_text(encoding="utf-8")
+    assert result["run_id"] in html and 'id="loss-curve"' in html and result["endpoint"] in html
+    keys = json.loads((tmp_path / "devhost" / "keys.json").read_text())
+    secrets = [v for v in _strings(keys) if len(v) >= 16]
+    assert secrets and not any(secret in html or secret in out for secret in secrets)
+    assert not proxy_key.search(html)
+
+
+def _strings(value: object) -> list[str]:
+    """Every string inside a JSON document (the dev host's keys file)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []

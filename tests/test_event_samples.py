@@ -27,7 +27,7 @@ from shared.settings import Settings
 from shared.usecases.ingest import ingest_dataset
 from shared.usecases.rollout import Rollout, handle_run_event
 from tests import azure_reference as ref
-from tests.fakes import FakeBackend
+from tests.fakes import FakeBackend, FakeUpstream
 
 SAMPLE_RUN_ID = "AutoML_ad912b2d-6467-4f32-a616-dbe4af6dd8fc_5"
 
@@ -89,7 +89,14 @@ def test_a_sample_run_event_is_a_foreign_run_to_the_rollout() -> None:
     [raw] = ref.event_samples("eventgrid-ml-RunCompleted.json")
     parsed = parse_run_event(event_id=raw["id"], event_type=raw["eventType"], subject=raw["subject"], data=raw["data"])
     assert parsed is not None
-    rollout = Rollout(ledger=_EmptyLedger(), backend=FakeBackend(), blobs=None, settings=Settings.from_env({}))  # type: ignore[arg-type]
+    backend = FakeBackend()
+    rollout = Rollout(
+        ledger=_EmptyLedger(),
+        backend=backend,
+        blobs=None,
+        settings=Settings.from_env({}),
+        upstream=FakeUpstream(backend),
+    )  # type: ignore[arg-type]
     outcome = handle_run_event(parsed, rollout)
     assert (outcome.action, outcome.reason) == ("ignored", "foreign run")
 

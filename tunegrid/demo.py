@@ -276,6 +276,9 @@ def _run_loop(config: DemoConfig, env: dict[str, str], port: int, clock: Clock) 
         total = clock() - upload_at
         stages["answered"] = total
         say(clock, f"answer: {answer!r}")
+        page = _save_run_page(host, record.run_id, config.workdir)
+        say(clock, f"run page: {host.base_url}/api/runs/{record.run_id}?code=<host key> (while the demo runs)")
+        print(f"           saved as {page}: open it in a browser (one self-contained file)", flush=True)
 
         dry = sweep_from_context(ctx, dry_run=True)
         say(clock, "janitor, dry run (idle window IDLE_MINUTES=120): nothing is deleted")
@@ -297,11 +300,26 @@ def _run_loop(config: DemoConfig, env: dict[str, str], port: int, clock: Clock) 
             "total_seconds": round(total, 1),
             "base_model": config.model,
             "max_steps": config.max_steps,
+            "run_page": str(page),
         }
     finally:
         host.stop()
         _stop_local_endpoints(ctx)
         reset_app_context()
+
+
+def _save_run_page(host: Any, run_id: str, workdir: Path) -> Path:
+    """The run page as a browser gets it, saved: the demo stops its host on exit, the file stays."""
+    import httpx
+
+    key = host.function_keys()["run_status"]
+    response = httpx.get(
+        f"{host.base_url}/api/runs/{run_id}", headers={"x-functions-key": key, "accept": "text/html"}, timeout=60
+    )
+    response.raise_for_status()
+    path = workdir / f"run-{run_id}.html"
+    path.write_text(response.text, encoding="utf-8")
+    return path
 
 
 def _stop_local_endpoints(ctx: Any) -> None:

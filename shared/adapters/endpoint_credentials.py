@@ -230,3 +230,7 @@ class EndpointCaller:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    def close_blocking(self) -> None:
+        """Stop the client's private loop thread (the blocking path's), for synchronous owners."""
+        self._http.close_blocking()

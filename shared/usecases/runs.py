@@ -5,13 +5,32 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from shared.domain.runs import RunState
+import orjson
+
+from shared.domain.runs import RunRecord, RunState
 from shared.errors import InvalidInput, NotFound
-from shared.ports import FineTuneBackend, Ledger
+from shared.ports import Blobs, FineTuneBackend, Ledger
+from shared.settings import REPORTS_CONTAINER
 
 log = logging.getLogger(__name__)
 
 CANCELABLE = (RunState.SUBMITTED, RunState.RUNNING)
+ROLLOUT_STATES = (RunState.DEPLOYING, RunState.SMOKE_TESTING, RunState.SHIFTING_TRAFFIC, RunState.LIVE)
+"""States in which the run's endpoint exists and its traffic split is worth showing."""
+
+LISTED_ISSUES = 20
+"""Errors and warnings of the validation report carried in the status (the counts are complete)."""
+REPORT_LIMIT = 64 * 1024 * 1024
+STATS_SHOWN = (
+    "bytes",
+    "sha256",
+    "blank_lines",
+    "messages_per_row",
+    "tokens_per_row",
+    "total_tokens",
+    "total_assistant_tokens",
+    "token_count_method",
+)
 
 
 def list_runs(ledger: Ledger, *, limit: int = 100) -> list[dict[str, Any]]:
@@ -33,9 +52,53 @@ def list_runs(ledger: Ledger, *, limit: int = 100) -> list[dict[str, Any]]:
     return rows
 
 
+def validation_report_blob(record: RunRecord) -> str:
+    """Where ingest stored the run's validation report in `validation-reports` (`NAME/RUN_ID.report.json`)."""
+    return f"{record.blob}/{record.run_id}.report.json"
+
+
+def validation_summary(blobs: Blobs, record: RunRecord) -> dict[str, Any]:
+    """The validation report cut to what a person reads first; {} before ingest has written it."""
+    if not record.report_url:
+        return {}
+    try:
+        raw = blobs.read_bytes(REPORTS_CONTAINER, validation_report_blob(record), limit=REPORT_LIMIT)
+        report: dict[str, Any] = orjson.loads(raw) if raw else {}
+    except Exception as exc:  # the page and the API still answer without the report
+        log.warning("run %s: validation report unavailable: %s", record.run_id, exc, extra={"run_id": record.run_id})
+        return {}
+    if not report:
+        return {}
+    stats = report.get("stats") or {}
+    summary: dict[str, Any] = {
+        "valid": bool(report.get("valid")),
+        "rows": report.get("rows"),
+        "valid_rows": report.get("valid_rows"),
+        "error_counts": report.get("error_counts") or {},
+        "warning_counts": report.get("warning_counts") or {},
+        "errors": list(report.get("errors") or [])[:LISTED_ISSUES],
+        "warnings": list(report.get("warnings") or [])[:LISTED_ISSUES],
+        "stats": {k: stats[k] for k in STATS_SHOWN if k in stats},
+    }
+    test_file = report.get("test_file")
+    if isinstance(test_file, dict):
+        summary["test_file"] = {
+            k: test_file.get(k) for k in ("name", "valid", "rows", "valid_rows", "error_counts", "warning_counts")
+        }
+    return summary
+
+
 def run_status(
-    ledger: Ledger, backend: FineTuneBackend | None, run_id: str, *, with_series: bool = True
+    ledger: Ledger,
+    backend: FineTuneBackend | None,
+    run_id: str,
+    *,
+    blobs: Blobs | None = None,
+    with_series: bool = True,
 ) -> dict[str, Any]:
+    """The run record as JSON plus what the backend knows now: the metrics series and the endpoint's traffic.
+
+    With `blobs`, also a summary of the validation report (`validation`)."""
     record = ledger.get(run_id)
     if record is None:
         raise NotFound(f"run {run_id} not found")
@@ -54,6 +117,17 @@ def run_status(
             doc["metrics_series"] = {k: [[p.step, p.value] for p in v] for k, v in series.items()}
         except Exception as exc:
             log.warning("run %s: metrics unavailable: %s", run_id, exc, extra={"run_id": run_id})
+    if with_series and backend is not None and record.endpoint and record.state in ROLLOUT_STATES:
+        try:
+            endpoint = backend.get_endpoint(record.endpoint)
+        except Exception as exc:
+            log.warning("run %s: endpoint unavailable: %s", run_id, exc, extra={"run_id": run_id})
+            endpoint = None
+        if endpoint is not None:
+            doc["traffic"] = dict(endpoint.traffic)
+            doc["mirror_traffic"] = dict(endpoint.mirror_traffic)
+    if blobs is not None:
+        doc["validation"] = validation_summary(blobs, record)
     return doc
 
 
