@@ -450,3 +450,52 @@ def test_the_permissions_answers_are_the_role_definitions_blocks() -> None:
     mr = load("role_monitoring_reader.json")["properties"]["permissions"]
     assert load("permissions_data_scientist_and_monitoring_reader.json")["value"] == ds + mr
     assert load("permissions_monitoring_reader_only.json")["value"] == mr
+
+
+def test_a_throttled_read_is_retried_with_the_services_wait(
+    deployed: AzureMLRig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """usages answers 429 with retry-after-ms once: ServiceCaller waits and asks again; the rows pass."""
+    throttled = Reply(429, {"error": {"code": "TooManyRequests", "message": "slow down"}}, {"retry-after-ms": "5"})
+    deployed.on("GET", ML_LOCATIONS + "/usages", throttled, Reply(200, load("usages.json")))
+    code, doc = doctor_json(capsys)
+
+    assert code == 0
+    assert len(deployed.requests("GET", r"/locations/eastus/usages$")) == 2
+    assert {r["status"] for r in rows(doc, area="quota")} == {"pass"}
+
+
+def test_a_pinned_model_version_that_does_not_exist_fails_naming_the_setting(
+    deployed: AzureMLRig, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BASE_MODEL_VERSION=99: the registry's 404 fails the base model row, the fix names BASE_MODEL_VERSION;
+    no VM size can be judged, so quota says it was not checked."""
+    monkeypatch.setenv("BASE_MODEL_VERSION", "99")
+    deployed.on(
+        "GET",
+        re.escape(rig_module.REGISTRY_PATH) + "/models/Phi-4/versions/99",
+        rig_module.error_reply(404, "UserError", "Not found"),
+    )
+    code, doc = doctor_json(capsys)
+
+    assert code == 1
+    [row] = rows(doc, "fail", "model")
+    assert "model Phi-4 (version 99) in registry azureml: HTTP 404" in row["detail"]
+    assert "--settings BASE_MODEL_VERSION=" in row["fix"]
+    assert [r["status"] for r in rows(doc, area="quota")] == ["warn"]
+
+
+def test_the_principal_id_flag_names_the_identity_whose_roles_are_read(
+    deployed: AzureMLRig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--principal-id wins over the site's identity: its assignments are listed and, holding none of the
+    listing's roles, every app-identity row fails, naming the roles to grant it."""
+    other = "0a0b0c0d-0000-4000-8000-000000000123"
+    code, doc = doctor_json(capsys, "--principal-id", other)
+
+    assert code == 1
+    assert deployed.one("GET", r"/roleAssignments$").query["$filter"] == f"principalId eq '{other}'"
+    app_rows = rows(doc, area="roles: app identity")
+    assert {r["status"] for r in app_rows} == {"fail"} and len(app_rows) == 5
+    assert all(f"--assignee {other}" in r["fix"] for r in app_rows)
+    assert doc["target"]["app_principal_id"] == other

@@ -264,15 +264,12 @@ def _base_model(state: _State, registry: Registry) -> list[quota.Need]:
             registry, s.base_model_name, version=s.base_model_version, label=s.base_model_label or "latest"
         )
     except TunegridError as exc:
-        state.add(
-            CheckResult(
-                "model",
-                check,
-                Status.FAIL,
-                str(exc),
-                _set_fix("BASE_MODEL_NAME", "<a model of the registry>", state.app),
-            )
+        setting, value = (
+            ("BASE_MODEL_VERSION", "<a published version, or empty for the latest>")
+            if s.base_model_version
+            else ("BASE_MODEL_NAME", "<a model of the registry>")
         )
+        state.add(CheckResult("model", check, Status.FAIL, str(exc), _set_fix(setting, value, state.app)))
         return []
     meta = read_model_version(doc, registry=registry.name)
     alternative, found = ("", None)

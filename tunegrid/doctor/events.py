@@ -49,7 +49,8 @@ class WebhookTarget:
 def webhook_target(url: str, *, function_known: bool = True) -> WebhookTarget:
     """The host, path and function name of a webhook URL; every other query value (the `code` key) is dropped."""
     parts = urlsplit(url)
-    function = (parse_qs(parts.query).get("functionName") or [None])[-1] if function_known else None
+    names = parse_qs(parts.query).get("functionName") or []
+    function = names[-1] if function_known and names else None
     return WebhookTarget(parts.hostname or "", parts.path.rstrip("/"), function)
 
 
