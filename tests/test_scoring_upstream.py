@@ -490,22 +490,25 @@ def test_blocking_callers_share_the_client_and_the_credential_cache() -> None:
     with LoopbackUpstream() as upstream:
         backend = CredentialsBackend(upstream)
         caller = EndpointCaller(HttpClient(), CredentialCache(backend.get_credentials, ttl_s=600))
-        assert asyncio.run(caller.post_json("ep", "blue", BODY, request_id="r1", timeout_s=5)).status == 200
-        results: list[int] = []
-        workers = [
-            threading.Thread(
-                target=lambda: results.append(
-                    caller.post_json_blocking("ep", "green", BODY, request_id="r2", timeout_s=5).status
+        try:
+            assert asyncio.run(caller.post_json("ep", "blue", BODY, request_id="r1", timeout_s=5)).status == 200
+            results: list[int] = []
+            workers = [
+                threading.Thread(
+                    target=lambda: results.append(
+                        caller.post_json_blocking("ep", "green", BODY, request_id="r2", timeout_s=5).status
+                    )
                 )
-            )
-            for _ in range(3)
-        ]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join(30)
-        assert results == [200, 200, 200] and backend.calls == ["ep"]
-        assert upstream.seen[-1].headers["azureml-model-deployment"] == "green"
+                for _ in range(3)
+            ]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join(30)
+            assert results == [200, 200, 200] and backend.calls == ["ep"]
+            assert upstream.seen[-1].headers["azureml-model-deployment"] == "green"
+        finally:
+            caller.close_blocking()
 
 
 def test_streamed_answers_arrive_line_by_line() -> None:
