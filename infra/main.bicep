@@ -1,5 +1,6 @@
 // Tunegrid on Azure: a Flex Consumption Function App with a user-assigned identity, its storage, Key Vault,
-// Application Insights, and the roles and Event Grid system topics it needs on an existing Azure ML workspace.
+// Application Insights, its run-events topic, and the roles and Event Grid system topics it needs on an existing
+// Azure ML workspace.
 // Follows Azure-Samples/functions-quickstart-python-azd-eventgrid-blob (same AVM modules and versions).
 // The Event Grid subscriptions need the host's extension keys, so scripts/post-deploy.* creates them
 // (infra/event-subscriptions.bicep) once the code is deployed.
@@ -135,6 +136,7 @@ var tags = {
 var appName = empty(functionAppName) ? '${abbrs.webSitesFunctions}api-${resourceToken}' : functionAppName
 var deploymentStorageContainerName = 'app-package-${take(appName, 32)}-${take(toLower(uniqueString(appName, resourceToken)), 7)}'
 var storageSystemTopicName = '${abbrs.eventGridSystemTopics}${abbrs.storageStorageAccounts}-${resourceToken}'
+var runEventsTopicName = '${abbrs.eventGridTopics}runs-${resourceToken}'
 // One system topic per workspace, shared by every Tunegrid deployment on it: the name depends on the workspace only.
 var mlTopicToken = take(uniqueString(subscription().id, mlWorkspaceResourceGroup, mlWorkspaceName), 6)
 var mlTopicDerivedName = '${abbrs.eventGridSystemTopics}${take(mlWorkspaceName, 30)}-${mlTopicToken}'
@@ -258,6 +260,17 @@ module keyVault 'app/keyvault.bicep' = {
   }
 }
 
+// The app's run events (Tunegrid.Run.<State> CloudEvents): identity-only topic; subscriptions are the user's (README).
+module runEventsTopic 'app/run-events-topic.bicep' = {
+  name: 'runEventsTopic'
+  scope: rg
+  params: {
+    name: runEventsTopicName
+    location: location
+    tags: tags
+  }
+}
+
 // Every setting the code reads (shared/settings.py SETTINGS) except the embedded backend's LOCAL_* ones,
 // with the same defaults as local.settings.sample.json. The identity-based connections, AZURE_CLIENT_ID and
 // the Application Insights settings are added by app/api.bicep. tests/test_infra.py checks both lists.
@@ -296,6 +309,7 @@ var appSettings = {
   SMOKE_ROWS: '3'
   SMOKE_TIMEOUT_S: '120'
   ROLLOUT_SCHEDULE: '0 */1 * * * *'
+  RUN_EVENTS_TOPIC_ENDPOINT: runEventsTopic.outputs.endpoint
   PROXY_API_KEYS: '@Microsoft.KeyVault(SecretUri=${keyVault.outputs.proxyKeysSecretUri})'
   PROXY_MAX_BODY_BYTES: '1048576'
   PROXY_MAX_TOKENS_CAP: '2048'
@@ -376,12 +390,14 @@ module rbac 'app/rbac.bicep' = {
     storageAccountName: storage.outputs.name
     appInsightsName: monitoring.outputs.name
     deadLetterContainerName: deadLetterContainerName
+    runEventsTopicName: runEventsTopic.outputs.name
     managedIdentityPrincipalId: apiIdentity.outputs.principalId
     userIdentityPrincipalId: principalId
     userPrincipalType: principalType
     eventGridPrincipalIds: [
       storageTopic.outputs.principalId
       ml.outputs.systemTopicPrincipalId
+      runEventsTopic.outputs.principalId
     ]
   }
 }
@@ -403,3 +419,4 @@ output DEAD_LETTER_CONTAINER_NAME string = deadLetterContainerName
 output AZUREML_WORKSPACE_NAME string = mlWorkspaceName
 output AZUREML_RESOURCE_GROUP string = mlWorkspaceResourceGroup
 output AZUREML_SYSTEM_TOPIC_NAME string = ml.outputs.systemTopicName
+output RUN_EVENTS_TOPIC_NAME string = runEventsTopic.outputs.name

@@ -22,7 +22,7 @@ from shared.settings import AUDIT_TABLE, LEDGER_TABLE, USAGE_TABLE, Settings
 if TYPE_CHECKING:
     from shared.adapters.storage import BlobStore, StorageClients
     from shared.domain.validation import TokenCounter
-    from shared.ports import FineTuneBackend, LastProxyUse, Ledger, Upstream
+    from shared.ports import FineTuneBackend, LastProxyUse, Ledger, RunEvents, Upstream
     from shared.usecases.janitor import SweepReport
     from shared.usecases.rollout import Rollout
     from shared.usecases.scoring import ScoringService
@@ -92,9 +92,29 @@ class AppContext:
 
     @cached_property
     def ledger(self) -> Ledger:
-        from shared.adapters.tables import TableRunLedger
+        """The run ledger; with run events on, every state change is announced right after it is written."""
+        return self._get("ledger", self._build_ledger)
 
-        return self._get("ledger", lambda: TableRunLedger(self.storage.tables.get_table_client(LEDGER_TABLE)))
+    def _build_ledger(self) -> Ledger:
+        from shared.adapters.tables import TableRunLedger
+        from shared.usecases.run_events import NotifyingLedger
+
+        table = TableRunLedger(self.storage.tables.get_table_client(LEDGER_TABLE))
+        return NotifyingLedger(table, self.run_events) if self.run_events.enabled else table
+
+    @cached_property
+    def run_events(self) -> RunEvents:
+        """Where run events go: the Event Grid topic of RUN_EVENTS_TOPIC_ENDPOINT, or nowhere when it is empty."""
+        return self._get("run_events", self._build_run_events)
+
+    def _build_run_events(self) -> RunEvents:
+        if not self.settings.run_events_topic_endpoint:
+            from shared.usecases.run_events import NO_RUN_EVENTS
+
+            return NO_RUN_EVENTS
+        from shared.adapters.run_events import EventGridRunEvents
+
+        return EventGridRunEvents.from_settings(self.settings)
 
     @cached_property
     def audit_table(self) -> Any:
@@ -129,6 +149,9 @@ class AppContext:
         close_blocking = getattr(upstream, "close_blocking", None)
         if close_blocking is not None:
             close_blocking()
+        close_events = getattr(self.overrides.get("run_events"), "close", None)
+        if close_events is not None:
+            close_events()
 
 
 _lock = threading.Lock()
@@ -167,7 +190,12 @@ def rollout_from_context(ctx: AppContext) -> Rollout:
     from shared.usecases.rollout import Rollout
 
     return Rollout(
-        ledger=ctx.ledger, backend=ctx.backend, blobs=ctx.blobs, settings=ctx.settings, upstream=ctx.upstream
+        ledger=ctx.ledger,
+        backend=ctx.backend,
+        blobs=ctx.blobs,
+        settings=ctx.settings,
+        upstream=ctx.upstream,
+        events=ctx.run_events,
     )
 
 

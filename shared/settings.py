@@ -315,6 +315,12 @@ class Settings:
     rollout_schedule: str = setting(
         "ROLLOUT_SCHEDULE", "0 */1 * * * *", "NCRONTAB schedule of the timer that resumes long rollout steps."
     )
+    run_events_topic_endpoint: str = setting(
+        "RUN_EVENTS_TOPIC_ENDPOINT",
+        "",
+        "Event Grid topic (CloudEvents schema) the app tells of every run state change, as `Tunegrid.Run.<State>` "
+        "events, with its identity (role EventGrid Data Sender); empty = no run events (docs/run-events.md).",
+    )
     proxy_api_keys: tuple[str, ...] = setting(
         "PROXY_API_KEYS",
         "",
@@ -382,6 +388,24 @@ class Settings:
     local_event_key: str = setting(
         "LOCAL_EVENT_KEY", "local-dev-event-key", "aeg-sas-key the local backend sends with its events."
     )
+    local_run_events_key: str = setting(
+        "LOCAL_RUN_EVENTS_KEY",
+        "",
+        "Key (aeg-sas-key) the app publishes run events with to the dev host's stand-in topic, which checks it; "
+        "empty = that topic is off. Never set in Azure, where the app publishes with its identity.",
+    )
+    local_run_events_subscribers: tuple[str, ...] = setting(
+        "LOCAL_RUN_EVENTS_SUBSCRIBERS",
+        "",
+        "Comma-separated webhook URLs the dev host's topic delivers each run event to (CloudEvents, after the "
+        "OPTIONS validation handshake), with retries.",
+    )
+    local_run_events_dead_letter_dir: str = setting(
+        "LOCAL_RUN_EVENTS_DEAD_LETTER_DIR",
+        "",
+        "Folder for run events a subscriber did not take after the dev host's retries; empty = "
+        "LOCAL_WORKSPACE_DIR/devhost/run-events-deadletter.",
+    )
     appinsights_connection_string: str = setting(
         "APPLICATIONINSIGHTS_CONNECTION_STRING", "", "When set, logs and traces go to Application Insights."
     )
@@ -392,6 +416,7 @@ class Settings:
         shown["proxy_api_keys"] = f"<{len(self.proxy_api_keys)} keys>"
         shown["storage_connection"] = sorted(self.storage_connection)
         shown["appinsights_connection_string"] = "<set>" if self.appinsights_connection_string else ""
+        shown["local_run_events_key"] = "<set>" if self.local_run_events_key else ""
         return f"Settings({shown})"
 
     @classmethod

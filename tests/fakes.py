@@ -533,3 +533,25 @@ class FakeUpstream:
 
     def open_stream(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("the roll-out never streams")
+
+
+@dataclass
+class RecordingRunEvents:
+    """The `RunEvents` port in memory: keeps what was published, in order; `failures` makes the next calls
+    raise (an unreachable topic), one exception per call, as the Event Grid adapter raises them."""
+
+    published: list[dict[str, Any]] = field(default_factory=list)
+    calls: int = 0
+    failures: list[Exception] = field(default_factory=list)
+    enabled: bool = True
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def publish(self, events: Iterable[Mapping[str, Any]]) -> None:
+        with self.lock:
+            self.calls += 1
+            if self.failures:
+                raise self.failures.pop(0)
+            self.published.extend(copy.deepcopy(dict(e)) for e in events)
+
+    def states(self, run_id: str) -> list[str]:
+        return [e["data"]["state"] for e in self.published if e["data"]["runId"] == run_id]

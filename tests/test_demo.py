@@ -73,6 +73,9 @@ def test_demo_runs_the_whole_loop_on_the_tiny_model(tmp_path: Path) -> None:
         "unknown_role",
     ):
         assert stage in out, stage
+    # every state change reached the demo's webhook subscriber as a run event, in order
+    assert result["events"][: len(result["timeline"])] == result["timeline"] and result["timeline"][-1] == "live"
+    assert "event Tunegrid.Run.Received" in out and "event Tunegrid.Run.Live" in out
     proxy_key = re.compile(r"demo-[A-Za-z0-9_-]{32}")
     assert not proxy_key.search(out + proc.stderr + (tmp_path / "demo.log").read_text())
     # the run page: its address is printed (key left out) and a copy is saved, with the stages and loss curve

@@ -31,6 +31,7 @@ INFRA = ROOT / "infra"
 MAIN = INFRA / "main.bicep"
 PARAMETERS = INFRA / "main.parameters.json"
 API = INFRA / "app" / "api.bicep"
+RUN_EVENTS_TOPIC = INFRA / "app" / "run-events-topic.bicep"
 EVENT_SUBSCRIPTIONS = INFRA / "event-subscriptions.bicep"
 JOB_EVENTS_SUBSCRIPTION = INFRA / "app" / "job-events-subscription.bicep"
 SAMPLE_SETTINGS = ROOT / "local.settings.sample.json"
@@ -81,12 +82,13 @@ HOST_SETTINGS = {"APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "PYTHON_ENABLE_INI
 # Settings whose Azure value deliberately differs from the SETTINGS default.
 AZURE_VALUES = {"FINETUNE_BACKEND": "azureml"}
 
-# Settings computed by the templates (identity, subscription, Key Vault reference, App Insights).
+# Settings computed by the templates (identity, subscription, Key Vault reference, App Insights, run-events topic).
 COMPUTED_SETTINGS = {
     "AZURE_SUBSCRIPTION_ID",
     "AZURE_CLIENT_ID",
     "PROXY_API_KEYS",
     "APPLICATIONINSIGHTS_CONNECTION_STRING",
+    "RUN_EVENTS_TOPIC_ENDPOINT",
 }
 
 # Values local.settings.sample.json deliberately sets differently from the SETTINGS default, for local runs.
@@ -116,6 +118,7 @@ ROLES = {
     "Storage Queue Data Contributor": "974c5e8b-45b9-4653-ba55-5f855dd0fb88",
     "Storage Table Data Contributor": "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3",
     "Key Vault Secrets User": "4633458b-17de-408a-b874-0445c86b69e6",
+    "EventGrid Data Sender": "d5a91429-5739-47e2-a06b-3470a27159e7",
 }
 
 COMPLETE_UPLOAD_APIS = {"CopyBlob", "PutBlob", "PutBlockList", "FlushWithClose"}
@@ -455,10 +458,11 @@ def test_no_keys_or_connection_strings_in_infra() -> None:
         (MAIN, "disableLocalAuth: true"),
         (MAIN, "allowBlobPublicAccess: false"),
         (INFRA / "app" / "keyvault.bicep", "enableRbacAuthorization: true"),
+        (RUN_EVENTS_TOPIC, "disableLocalAuth: true"),
     ],
 )
 def test_local_auth_is_disabled(path: Path, setting: str) -> None:
-    """Storage and Application Insights take Entra ID only; Key Vault uses RBAC."""
+    """Storage, Application Insights and the run-events topic take Entra ID only; Key Vault uses RBAC."""
     assert re.search(rf"^\s*{re.escape(setting)}\s*$", _bicep(path), re.MULTILINE), f"{path.name}: {setting}"
 
 
@@ -486,6 +490,7 @@ def test_role_assignments_are_named_with_guid() -> None:
         ("Monitoring Metrics Publisher", "app/rbac.bicep"),
         ("Storage Blob Data Contributor", "app/rbac.bicep"),
         ("Key Vault Secrets User", "app/keyvault.bicep"),
+        ("EventGrid Data Sender", "app/rbac.bicep"),
     ],
 )
 def test_expected_roles_are_assigned(role: str, path: str) -> None:
@@ -605,6 +610,21 @@ def test_subscriptions_target_the_app_functions(bindings: dict[str, list[dict[st
     assert trigger["connection"] == app_settings.STORAGE_CONNECTION
     assert trigger["path"].split("/")[0] == app_settings.TRAINING_CONTAINER
     assert any(b["type"] == "eventGridTrigger" for b in bindings[job_events])
+
+
+def test_run_events_topic_takes_cloud_events_from_the_app_identity_only() -> None:
+    """The app publishes CloudEvents v1.0 with its identity: no key (local auth off), the sender role on the
+    topic, and the topic's endpoint as RUN_EVENTS_TOPIC_ENDPOINT."""
+    topic = _bicep(RUN_EVENTS_TOPIC)
+    assert "'Microsoft.EventGrid/topics@" in topic and "inputSchema: 'CloudEventSchemaV1_0'" in topic
+    assert "minimumTlsVersionAllowed: '1.2'" in topic and "output endpoint string = topic.properties.endpoint" in topic
+    assert _app_settings()["RUN_EVENTS_TOPIC_ENDPOINT"] == "runEventsTopic.outputs.endpoint"
+    assert "module runEventsTopic 'app/run-events-topic.bicep'" in _bicep(MAIN)
+    assert "runEventsTopicName: runEventsTopic.outputs.name" in _bicep(MAIN)
+    rbac = _bicep(INFRA / "app" / "rbac.bicep")
+    sender = rbac[rbac.index("resource appRunEventsSender") :]
+    assert "scope: runEventsTopic" in sender and "eventGridDataSenderRoleId" in sender
+    assert "principalId: managedIdentityPrincipalId" in sender
 
 
 def test_system_topics_have_an_identity_with_dead_letter_rights() -> None:
@@ -803,6 +823,7 @@ SUPPRESSED_CHECKS = {
     ("CKV_AZURE_189", "Microsoft.KeyVault/vaults.vault"),
     ("CKV_AZURE_109", "Microsoft.KeyVault/vaults.vault"),
     ("CKV_AZURE_41", "Microsoft.KeyVault/vaults/secrets.proxyKeys"),
+    ("CKV_AZURE_193", "Microsoft.EventGrid/topics.topic"),
 }
 
 # Run by the checkov venv's interpreter: parse each file with pycep on its own, as checkov's Bicep runner does, and

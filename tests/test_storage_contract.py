@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from shared.domain.janitor_rules import Decision, Rule
-from shared.domain.runs import RunRecord, RunState, new_record
+from shared.domain.runs import RunRecord, RunState, new_record, without_events
 from shared.errors import ConflictError, NotFound
 from tests.fakes import InMemoryAuditLog, InMemoryBlobs, InMemoryLedger
 
@@ -171,6 +171,36 @@ def test_transition_follows_the_domain_rules(ledger: Any) -> None:
     with pytest.raises(NotFound):
         ledger.transition("r-missing", RunState.VALIDATING)
     assert ledger.get("r1").state is RunState.VALIDATING
+
+
+def test_each_state_change_writes_its_event_in_the_same_write(ledger: Any) -> None:
+    """The run's creation and every move put their event in the stored outbox (ids run-1, run-2, ...); a
+    refused move writes none."""
+    created, _ = ledger.create(record())
+    assert [e["id"] for e in ledger.get("r1").outbox] == ["r1-1"] and created.event_seq == 1
+    moved = ledger.transition("r1", RunState.VALIDATING, expect=[RunState.RECEIVED])
+    stored = ledger.get("r1")
+    assert stored.outbox == moved.outbox and stored.event_seq == 2
+    assert [e["type"] for e in stored.outbox] == ["Tunegrid.Run.Received", "Tunegrid.Run.Validating"]
+    assert stored.outbox[1]["data"]["previousState"] == "received" and stored.outbox[1]["subject"] == "runs/r1"
+    with pytest.raises(ConflictError):
+        ledger.transition("r1", RunState.LIVE)
+    assert ledger.get("r1").event_seq == 2 and len(ledger.get("r1").outbox) == 2
+
+
+def test_published_events_leave_the_outbox_only_by_a_conditional_write(ledger: Any) -> None:
+    """Taking events out is an ETag-conditional update: a stale copy can neither drop events recorded since
+    nor bring published ones back."""
+    ledger.create(record())
+    moved = ledger.transition("r1", RunState.VALIDATING)
+    acked = ledger.update(moved, outbox=without_events(moved, ["r1-1"]).outbox)
+    assert [e["id"] for e in ledger.get("r1").outbox] == ["r1-2"] and acked.etag == ledger.get("r1").etag
+    ledger.transition("r1", RunState.SUBMITTING)
+    with pytest.raises(ConflictError):
+        ledger.update(acked, outbox=())
+    with pytest.raises(ConflictError):
+        ledger.update(moved, outbox=moved.outbox)
+    assert [e["id"] for e in ledger.get("r1").outbox] == ["r1-2", "r1-3"]
 
 
 def test_concurrent_writers_one_wins(ledger: Any) -> None:

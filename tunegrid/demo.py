@@ -3,7 +3,8 @@
 Azurite + the dev host (serving the real `function_app.app`) + the embedded local backend. It
 uploads an invalid dataset (to show the report) and a real ultrachat slice, follows the run through
 every stage, asks the fine-tuned model a question with the official `openai` client, then runs the
-janitor (dry run, then a short idle window, which deletes the endpoint). Stops everything on exit.
+janitor (dry run, then a short idle window, which deletes the endpoint). A webhook subscriber of the
+dev host's run-events topic prints every run event as it arrives. Stops everything on exit.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 from shared.settings import REPORTS_CONTAINER, TRAINING_CONTAINER
 from tunegrid.azurite import free_port, run_azurite
+from tunegrid.notifications import WebhookListener
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,8 @@ def _env(config: DemoConfig, conn: str, port: int, workspace: Path) -> dict[str,
         "LOCAL_BASE_MODEL": config.model,
         "LOCAL_EVENT_WEBHOOK_URL": f"http://127.0.0.1:{port}/runtime/webhooks/eventgrid?functionName=job_events",
         "LOCAL_EVENT_KEY": secrets.token_urlsafe(24),
+        "RUN_EVENTS_TOPIC_ENDPOINT": f"http://127.0.0.1:{port}/runtime/topics/run-events",
+        "LOCAL_RUN_EVENTS_KEY": secrets.token_urlsafe(24),
         "PROXY_API_KEYS": "demo-" + secrets.token_urlsafe(24),
         "ROLLOUT_SCHEDULE": "*/2 * * * * *",
         "JANITOR_SCHEDULE": "0 0 0 1 1 *",
@@ -203,17 +207,20 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     say(clock, f"preparing the base model {config.model!r} (converted once, then cached)")
     resolve_base_model(config.model)
     port = free_port()
-    with run_azurite(log_path=config.workdir / "azurite.log") as azurite:
+    listener = WebhookListener(on_event=lambda n: say(clock, f"  event {n.summary()}"))
+    with run_azurite(log_path=config.workdir / "azurite.log") as azurite, listener:
         say(
             clock,
             f"Azurite up (blob {azurite.blob_port}, queue {azurite.queue_port}, table {azurite.table_port}), pid {azurite.pid}",
         )
-        env = _env(config, azurite.connection_string, port, workspace)
+        env = {**_env(config, azurite.connection_string, port, workspace), "LOCAL_RUN_EVENTS_SUBSCRIBERS": listener.url}
         with _environment(env):
-            return _run_loop(config, env, port, clock)
+            return _run_loop(config, env, port, clock, listener)
 
 
-def _run_loop(config: DemoConfig, env: dict[str, str], port: int, clock: Clock) -> dict[str, Any]:
+def _run_loop(
+    config: DemoConfig, env: dict[str, str], port: int, clock: Clock, listener: WebhookListener
+) -> dict[str, Any]:
     from openai import OpenAI
 
     from shared.bootstrap import app_context, reset_app_context, sweep_from_context
@@ -234,6 +241,7 @@ def _run_loop(config: DemoConfig, env: dict[str, str], port: int, clock: Clock) 
     host.start()
     try:
         say(clock, f"dev host up at {host.base_url}: {len(host.routes())} functions")
+        say(clock, f"run events: the dev host's topic delivers each one to a webhook subscriber at {listener.url}")
         lines = demo_rows(SAMPLE.read_bytes().splitlines())
 
         say(clock, "uploading demo-invalid.jsonl (real rows with mistakes) to training-data/")
@@ -263,6 +271,9 @@ def _run_loop(config: DemoConfig, env: dict[str, str], port: int, clock: Clock) 
         upload_at = clock()
         ctx.blobs.upload(TRAINING_CONTAINER, name, data)
         record, stages = _follow_run(ctx, name, clock, config, upload_at)
+        listener.wait_for(
+            lambda seen: any(n.subject == f"runs/{record.run_id}" and n.state == "live" for n in seen), timeout_s=60
+        )
 
         client = OpenAI(base_url=f"{host.base_url}/api/v1", api_key=env["PROXY_API_KEYS"], max_retries=0, timeout=120)
         say(clock, f"asking {record.model_name} through /api/v1/chat/completions: {QUESTION!r}")
@@ -301,6 +312,8 @@ def _run_loop(config: DemoConfig, env: dict[str, str], port: int, clock: Clock) 
             "base_model": config.model,
             "max_steps": config.max_steps,
             "run_page": str(page),
+            "timeline": [state for state, _ in record.timeline],
+            "events": [n.state for n in listener.events if n.subject == f"runs/{record.run_id}"],
         }
     finally:
         host.stop()

@@ -1,6 +1,7 @@
 // Role assignments in the app's resource group, as in the samples' app/rbac.bicep: data roles on the storage
-// account for the app (and the deploying user), Monitoring Metrics Publisher on Application Insights, and
-// write access to the dead-letter container for the Event Grid system topics' identities.
+// account for the app (and the deploying user), Monitoring Metrics Publisher on Application Insights, EventGrid
+// Data Sender on the run-events topic, and write access to the dead-letter container for the Event Grid system
+// topics' identities.
 @description('Name of the data storage account.')
 param storageAccountName string
 
@@ -9,6 +10,9 @@ param appInsightsName string
 
 @description('Container Event Grid dead-letters into.')
 param deadLetterContainerName string
+
+@description('Name of the run-events topic the app publishes to.')
+param runEventsTopicName string
 
 @description('Principal id of the app\'s user-assigned identity.')
 param managedIdentityPrincipalId string
@@ -23,7 +27,7 @@ param userIdentityPrincipalId string = ''
 @description('Kind of principal that userIdentityPrincipalId is.')
 param userPrincipalType string = 'User'
 
-@description('Principal ids of the Event Grid system topics that dead-letter into deadLetterContainerName.')
+@description('Principal ids of the Event Grid topics (the system topics, the run-events topic) that dead-letter into deadLetterContainerName.')
 param eventGridPrincipalIds array = []
 
 var blobDataOwnerRoleId = 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b' // Storage Blob Data Owner
@@ -31,6 +35,7 @@ var blobDataContributorRoleId = 'ba92f5b4-2d11-453d-a403-e96b0029c9fe' // Storag
 var queueDataContributorRoleId = '974c5e8b-45b9-4653-ba55-5f855dd0fb88' // Storage Queue Data Contributor
 var tableDataContributorRoleId = '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3' // Storage Table Data Contributor
 var metricsPublisherRoleId = '3913510d-42f4-4e42-8a64-420c390055eb' // Monitoring Metrics Publisher
+var eventGridDataSenderRoleId = 'd5a91429-5739-47e2-a06b-3470a27159e7' // EventGrid Data Sender
 
 // Blob: host, deployment package, datasets and reports. Queue: the host's blob-trigger bookkeeping.
 // Table: the run ledger, audit and usage tables.
@@ -54,6 +59,10 @@ resource storageAccount 'Microsoft.Storage/storageAccounts@2022-09-01' existing 
 
 resource applicationInsights 'Microsoft.Insights/components@2020-02-02' existing = {
   name: appInsightsName
+}
+
+resource runEventsTopic 'Microsoft.EventGrid/topics@2025-02-15' existing = {
+  name: runEventsTopicName
 }
 
 resource appStorageRoles 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for roleId in storageRoleIds: {
@@ -95,3 +104,14 @@ resource deadLetterWriters 'Microsoft.Authorization/roleAssignments@2022-04-01' 
     principalType: 'ServicePrincipal'
   }
 }]
+
+// Publishing run events: the topic has local auth disabled, so this role is the only way in.
+resource appRunEventsSender 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(runEventsTopic.id, managedIdentityPrincipalId, eventGridDataSenderRoleId)
+  scope: runEventsTopic
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', eventGridDataSenderRoleId)
+    principalId: managedIdentityPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}

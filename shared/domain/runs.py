@@ -2,7 +2,8 @@
 
 The record is the single source of truth about a run. Every state change is an ETag-conditional
 update (the ledger adapters persist it), so two concurrent deliveries can never both move a run:
-the loser gets `ConflictError` and re-reads.
+the loser gets `ConflictError` and re-reads. The change also appends its event to the record's
+outbox (`shared.domain.run_events`), in that same write, so no state change goes unannounced.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def run_id_for(container: str, blob: str, version: str) -> str:
     return "r" + digest[:15]
 
 
-_JSON_FIELDS = ("timeline", "params", "metrics", "smoke", "extra")
+_JSON_FIELDS = ("timeline", "params", "metrics", "smoke", "extra", "outbox")
+_LIST_FIELDS = ("timeline", "outbox")
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,10 @@ class RunRecord:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     smoke: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    event_seq: int = 0
+    """Sequence number of the run's latest event (one per state change, the creation included)."""
+    outbox: tuple[Mapping[str, Any], ...] = ()
+    """Events not yet published, oldest first (`shared.domain.run_events.run_event`)."""
     etag: str = field(default="", compare=False)
 
     @property
@@ -132,8 +138,10 @@ class RunRecord:
         for name, value in self.__dict__.items():
             if name in ("run_id", "etag"):
                 continue
-            if name in _JSON_FIELDS:
-                ent[name] = json.dumps(value if name != "timeline" else [list(t) for t in value])
+            if name == "timeline":
+                ent[name] = json.dumps([list(t) for t in value])
+            elif name in _JSON_FIELDS:
+                ent[name] = json.dumps(list(value) if name in _LIST_FIELDS else value)
             elif isinstance(value, datetime):
                 ent[name] = value
             elif isinstance(value, enum.Enum):
@@ -156,6 +164,8 @@ class RunRecord:
                 kwargs[name] = RunState(ent[name])
             elif name == "timeline":
                 kwargs[name] = tuple(tuple(t) for t in json.loads(ent[name] or "[]"))
+            elif name == "outbox":
+                kwargs[name] = tuple(json.loads(ent[name] or "[]"))
             elif name in _JSON_FIELDS:
                 kwargs[name] = json.loads(ent[name] or "{}")
             elif name in ("created_at", "updated_at"):
@@ -167,7 +177,7 @@ class RunRecord:
 
     def public(self) -> dict[str, Any]:
         """The record as plain JSON for CLI, status API and reports."""
-        out = {k: v for k, v in self.__dict__.items() if k not in ("etag", "claimed_at")}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("etag", "claimed_at", "event_seq", "outbox")}
         out["state"] = self.state.value
         out["created_at"] = self.created_at.isoformat()
         out["updated_at"] = self.updated_at.isoformat()
@@ -177,7 +187,7 @@ class RunRecord:
 
 def new_record(*, run_id: str, container: str, blob: str, blob_version: str, backend: str) -> RunRecord:
     now = utcnow()
-    return RunRecord(
+    record = RunRecord(
         run_id=run_id,
         state=RunState.RECEIVED,
         container=container,
@@ -188,12 +198,29 @@ def new_record(*, run_id: str, container: str, blob: str, blob_version: str, bac
         updated_at=now,
         timeline=((RunState.RECEIVED.value, now.isoformat()),),
     )
+    return with_event(record, previous=None, at=now)
+
+
+def with_event(record: RunRecord, *, previous: RunState | None, at: datetime) -> RunRecord:
+    """`record` with the event of its latest state change appended to its outbox (next sequence number)."""
+    from shared.domain.run_events import run_event  # that module builds on this one's types
+
+    sequence = record.event_seq + 1
+    event = run_event(record, previous=previous, sequence=sequence, at=at)
+    return replace(record, event_seq=sequence, outbox=(*record.outbox, event))
+
+
+def without_events(record: RunRecord, event_ids: Iterable[str]) -> RunRecord:
+    """`record` with the given events taken out of its outbox (they were published)."""
+    done = set(event_ids)
+    return replace(record, outbox=tuple(e for e in record.outbox if e.get("id") not in done))
 
 
 def apply_transition(
     record: RunRecord, to: RunState, expect: Iterable[RunState] | None, fields: Mapping[str, Any]
 ) -> RunRecord:
-    """Check a move is legal and return the moved record (pure; storage adapters persist it)."""
+    """Check a move is legal and return the moved record, its event in the outbox (pure; storage adapters
+    persist both in one conditional write)."""
     allowed = set(expect) if expect is not None else None
     if allowed is not None and record.state not in allowed:
         raise ConflictError(
@@ -202,10 +229,11 @@ def apply_transition(
     if to not in TRANSITIONS.get(record.state, frozenset()):
         raise ConflictError(f"run {record.run_id}: illegal move {record.state.value} -> {to.value}")
     now = utcnow()
-    return replace(
+    moved = replace(
         record,
         state=to,
         updated_at=now,
         timeline=(*record.timeline, (to.value, now.isoformat())),
         **fields,
     )
+    return with_event(moved, previous=record.state, at=now)

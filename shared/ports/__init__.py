@@ -3,6 +3,7 @@ knows which adapter stands behind each."""
 
 from shared.ports.backend import EndpointPort, FineTuneBackend
 from shared.ports.janitor import AuditLog, LastProxyUse
+from shared.ports.run_events import RunEvents
 from shared.ports.scoring import Upstream, UpstreamAnswer, UpstreamReply, UsageSink
 from shared.ports.storage import Blobs, Ledger, RunLedgerPort
 
@@ -13,6 +14,7 @@ __all__ = [
     "FineTuneBackend",
     "LastProxyUse",
     "Ledger",
+    "RunEvents",
     "RunLedgerPort",
     "Upstream",
     "UpstreamAnswer",

@@ -7,6 +7,7 @@
   own uvicorn app does);
 - `/runtime/webhooks/eventgrid`: Event Grid triggers (system key, or `aeg-sas-key` equal to
   `LOCAL_EVENT_KEY`);
+- `/runtime/topics/run-events`: the stand-in for the app's run-events topic (`tunegrid.devhost.topic`);
 - `/admin/host/ping` (anonymous), `/admin/host/status`, `/admin/functions` and
   `POST /admin/functions/{name}` (master key) as on the host.
 
@@ -31,6 +32,7 @@ from tunegrid.devhost.eventgrid import EventGridDispatcher
 from tunegrid.devhost.invoker import Invoker
 from tunegrid.devhost.keys import key_matches
 from tunegrid.devhost.routing import RouteTable
+from tunegrid.devhost.topic import TOPIC_PATH, RunEventsTopic
 
 log = logging.getLogger("tunegrid.devhost")
 
@@ -157,6 +159,7 @@ class HostAsgiApp:
         admin_keys: Callable[[], tuple[bytes, ...]],
         admin_functions: Callable[[], list[dict[str, Any]]],
         invoke_by_name: Callable[[str, bytes], Awaitable[int]],
+        run_events_topic: RunEventsTopic | None = None,
         max_body_bytes: int = 100 * 1024 * 1024,
     ) -> None:
         self.routes = routes
@@ -167,6 +170,7 @@ class HostAsgiApp:
         self._admin_keys = admin_keys
         self._admin_functions = admin_functions
         self._invoke_by_name = invoke_by_name
+        self._run_events_topic = run_events_topic
         self._max_body = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -184,6 +188,8 @@ class HostAsgiApp:
         lowered = path.lower()
         if lowered.startswith("/runtime/webhooks/eventgrid"):
             await self._webhook(scope, receive, send)
+        elif lowered.rstrip("/") == TOPIC_PATH and self._run_events_topic is not None:
+            await self._topic(scope, receive, send, self._run_events_topic)
         elif lowered.startswith("/admin/"):
             await self._admin(scope, receive, send, lowered)
         elif path == "/":
@@ -323,6 +329,15 @@ class HostAsgiApp:
         out.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers)
         await send({"type": "http.response.start", "status": reply.status, "headers": out})
         await send({"type": "http.response.body", "body": reply.body})
+
+    async def _topic(self, scope: Scope, receive: Receive, send: Send, topic: RunEventsTopic) -> None:
+        try:
+            body = await _read_body(receive, self._max_body)
+        except _BodyTooLarge:
+            await _reply(send, 413)
+            return
+        reply = await topic.handle(scope["method"], _headers(scope["headers"]), body)
+        await _reply(send, reply.status, reply.body, reply.content_type.encode() if reply.body else _TEXT)
 
     async def _admin(self, scope: Scope, receive: Receive, send: Send, lowered: str) -> None:
         if lowered == "/admin/host/ping":

@@ -39,6 +39,7 @@ from tunegrid.devhost.eventgrid import EventGridDispatcher
 from tunegrid.devhost.invoker import Invoker, RetryPolicy
 from tunegrid.devhost.keys import KeyStore
 from tunegrid.devhost.routing import RouteTable, compile_route
+from tunegrid.devhost.topic import TOPIC_PATH, RunEventsTopic
 
 log = logging.getLogger("tunegrid.devhost")
 
@@ -58,6 +59,9 @@ class HostTimings:
     event_retry_first_delay_s: float = 0.5
     shutdown_timeout_s: float = 30.0
     timer_late_tolerance_s: float = 1.0
+    run_event_tries: int = 6
+    run_event_retry_first_delay_s: float = 1.0
+    run_event_drain_s: float = 5.0
 
 
 def _default_state_dir(env: Mapping[str, str]) -> Path:
@@ -182,6 +186,7 @@ class DevHost:
             retry=RetryPolicy(self.host_config.max_dequeue_count, self.timings.blob_retry_first_delay_s),
         )
         self._errors.update(self.blobs.errors)
+        self.run_events_topic = self._build_run_events_topic(env)
         self.asgi = HostAsgiApp(
             routes=self.route_table,
             invoker=self.invoker,
@@ -191,9 +196,23 @@ class DevHost:
             admin_keys=self.keys.accepted_for_admin,
             admin_functions=self.routes,
             invoke_by_name=self._invoke_by_name,
+            run_events_topic=self.run_events_topic,
         )
         for name, error in self._errors.items():
             log.error("Function '%s' is disabled: %s", name, error, extra={"function": name})
+
+    def _build_run_events_topic(self, env: Mapping[str, str]) -> RunEventsTopic:
+        """The stand-in for RUN_EVENTS_TOPIC_ENDPOINT, from the LOCAL_RUN_EVENTS_* settings."""
+        from shared.settings import comma_list
+
+        folder = env.get("LOCAL_RUN_EVENTS_DEAD_LETTER_DIR", "").strip()
+        return RunEventsTopic(
+            key=env.get("LOCAL_RUN_EVENTS_KEY", "").strip(),
+            subscribers=comma_list(env.get("LOCAL_RUN_EVENTS_SUBSCRIBERS", "")),
+            dead_letter_dir=Path(folder).expanduser().resolve() if folder else self.state_dir / "run-events-deadletter",
+            retry=RetryPolicy(self.timings.run_event_tries, self.timings.run_event_retry_first_delay_s),
+            drain_s=self.timings.run_event_drain_s,
+        )
 
     # ------------------------------------------------------------------------------ description
     @property
@@ -213,6 +232,11 @@ class DevHost:
     @property
     def event_grid_system_key(self) -> str:
         return self.keys.system_key()
+
+    @property
+    def run_events_topic_url(self) -> str:
+        """What RUN_EVENTS_TOPIC_ENDPOINT is locally: this host's stand-in topic."""
+        return self.base_url + TOPIC_PATH
 
     def routes(self) -> list[dict[str, Any]]:
         """The routing table: one entry per function with its trigger type and (resolved) binding fields."""
@@ -269,6 +293,9 @@ class DevHost:
             elif trigger == TIMER_TRIGGER:
                 startup = ", runs on startup" if entry["run_on_startup"] else ""
                 lines.append(f"    {name}: timerTrigger {entry['schedule']}{startup}")
+        if self.run_events_topic.enabled:
+            count = len(self.run_events_topic.subscriptions)
+            lines.append(f"Run-events topic: {base}{TOPIC_PATH} -> {count} webhook subscribers")
         return "\n".join(lines)
 
     # -------------------------------------------------------------------------------- lifecycle
@@ -342,6 +369,7 @@ class DevHost:
         background = [
             asyncio.create_task(self.timers.run(self._stopping), name="devhost-timers"),
             asyncio.create_task(self.blobs.run(self._stopping), name="devhost-blobs"),
+            asyncio.create_task(self.run_events_topic.run(self._stopping), name="devhost-run-events"),
         ]
         self._ready.set()
         log.info("dev host listening on %s", self.base_url)

@@ -73,7 +73,9 @@ def handle_run_event(event: RunEvent, rollout: Rollout) -> EventOutcome:
 def tick(rollout: Rollout) -> list[RunRecord]:
     """Timer entry: move every in-flight run on (resumes long steps, catches missed events)."""
     from shared.usecases.ingest import resume_stale_submission
+    from shared.usecases.run_events import publish_left_over
 
+    publish_left_over(rollout.ledger, rollout.events, now=rollout.now())
     moved = []
     for record in rollout.ledger.list():
         if record.state == RunState.SUBMITTING:

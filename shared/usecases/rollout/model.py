@@ -8,8 +8,9 @@ from datetime import datetime, timedelta
 
 from shared.domain.clock import utcnow
 from shared.domain.runs import RunState
-from shared.ports import Blobs, FineTuneBackend, Ledger, Upstream
+from shared.ports import Blobs, FineTuneBackend, Ledger, RunEvents, Upstream
 from shared.settings import Settings
+from shared.usecases.run_events import NO_RUN_EVENTS
 
 LEASE_TTL = timedelta(minutes=5)
 IN_FLIGHT = (
@@ -35,6 +36,8 @@ class Rollout:
     upstream: Upstream
     """How the smoke test calls the new deployment: the scoring proxy's client and credential cache."""
     now: Callable[[], datetime] = utcnow
+    events: RunEvents = NO_RUN_EVENTS
+    """Where run events go; the tick publishes what state changes left in the outboxes."""
 
 
 @dataclass(frozen=True)
