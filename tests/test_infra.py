@@ -965,9 +965,10 @@ _PATH_MENTION = re.compile(
     rf"(?<![\w./@-])(?:\./)?((?:{'|'.join(TOP_LEVEL_FOLDERS)})/[\w./-]*[\w/]|README\.md)(?:#([\w-]+))?"
 )
 _MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
-# Mentions of another repository's file, on purpose.
+# Mentions of a path that is not in a fresh clone, on purpose: another repository's file, or an output folder.
 FOREIGN_PATHS = {
     ("README.md", "infra/app/processor.bicep"): "the Azure-Samples quickstart's module our app module follows",
+    ("docs/run-page.md", "tests/artifacts/"): "where the browser tests write their screenshots (gitignored)",
 }
 
 
