@@ -680,6 +680,7 @@ def cli_context(storage: Any, unique: str) -> Any:
             "ledger": ledger,
             "audit_table": storage.tables.create_table(f"audit{unique}"),
             "usage_table": usage_table,
+            "costs_table": storage.tables.create_table(f"costs{unique}"),
         },
     )
     set_app_context(ctx)

@@ -365,6 +365,7 @@ def test_stages_mark_done_current_failed_and_pending_with_durations() -> None:
         "registering",
         "deploying",
         "smoke-testing",
+        "evaluating",
         "shifting-traffic",
         "live",
     ]

@@ -34,6 +34,7 @@ class RunState(enum.StrEnum):
     REGISTERING = "registering"
     DEPLOYING = "deploying"
     SMOKE_TESTING = "smoke-testing"
+    EVALUATING = "evaluating"
     SHIFTING_TRAFFIC = "shifting-traffic"
     LIVE = "live"
     ROLLED_BACK = "rolled-back"
@@ -59,7 +60,8 @@ TRANSITIONS: Mapping[RunState, frozenset[RunState]] = {
     S.SUCCEEDED: frozenset({S.REGISTERING}),
     S.REGISTERING: frozenset({S.DEPLOYING, S.ERROR}),
     S.DEPLOYING: frozenset({S.SMOKE_TESTING, S.ROLLED_BACK, S.ERROR}),
-    S.SMOKE_TESTING: frozenset({S.SHIFTING_TRAFFIC, S.ROLLED_BACK, S.ERROR}),
+    S.SMOKE_TESTING: frozenset({S.EVALUATING, S.ROLLED_BACK, S.ERROR}),
+    S.EVALUATING: frozenset({S.SHIFTING_TRAFFIC, S.ROLLED_BACK, S.ERROR}),
     S.SHIFTING_TRAFFIC: frozenset({S.LIVE, S.ROLLED_BACK, S.ERROR}),
     S.LIVE: frozenset({S.RETIRED}),
 }
@@ -76,6 +78,7 @@ ORDER = [
     S.REGISTERING,
     S.DEPLOYING,
     S.SMOKE_TESTING,
+    S.EVALUATING,
     S.SHIFTING_TRAFFIC,
     S.LIVE,
     S.RETIRED,
@@ -88,7 +91,7 @@ def run_id_for(container: str, blob: str, version: str) -> str:
     return "r" + digest[:15]
 
 
-_JSON_FIELDS = ("timeline", "params", "metrics", "smoke", "extra")
+_JSON_FIELDS = ("timeline", "params", "metrics", "smoke", "extra", "gate", "estimate")
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,10 @@ class RunRecord:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     smoke: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    gate: Mapping[str, Any] = field(default_factory=dict)
+    """The evaluation gate's verdict: both scores, the rows used, a few answers side by side."""
+    estimate: Mapping[str, Any] = field(default_factory=dict)
+    """The cost (or, locally, time) estimate made before submission."""
     etag: str = field(default="", compare=False)
 
     @property

@@ -2,6 +2,7 @@
 knows which adapter stands behind each."""
 
 from shared.ports.backend import EndpointPort, FineTuneBackend
+from shared.ports.costs import PriceSource, ThroughputHistory
 from shared.ports.janitor import AuditLog, LastProxyUse
 from shared.ports.scoring import Upstream, UpstreamAnswer, UpstreamReply, UsageSink
 from shared.ports.storage import Blobs, Ledger, RunLedgerPort
@@ -13,7 +14,9 @@ __all__ = [
     "FineTuneBackend",
     "LastProxyUse",
     "Ledger",
+    "PriceSource",
     "RunLedgerPort",
+    "ThroughputHistory",
     "Upstream",
     "UpstreamAnswer",
     "UpstreamReply",

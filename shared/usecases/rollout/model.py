@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 from shared.domain.clock import utcnow
 from shared.domain.runs import RunState
-from shared.ports import Blobs, FineTuneBackend, Ledger, Upstream
+from shared.ports import Blobs, FineTuneBackend, Ledger, ThroughputHistory, Upstream
 from shared.settings import Settings
 
 LEASE_TTL = timedelta(minutes=5)
@@ -19,6 +19,7 @@ IN_FLIGHT = (
     RunState.REGISTERING,
     RunState.DEPLOYING,
     RunState.SMOKE_TESTING,
+    RunState.EVALUATING,
     RunState.SHIFTING_TRAFFIC,
 )
 REPORT_STATES = frozenset({RunState.LIVE, RunState.ROLLED_BACK, RunState.FAILED, RunState.CANCELED, RunState.ERROR})
@@ -33,8 +34,10 @@ class Rollout:
     blobs: Blobs
     settings: Settings
     upstream: Upstream
-    """How the smoke test calls the new deployment: the scoring proxy's client and credential cache."""
+    """How the smoke test and the evaluation gate call deployments: the scoring proxy's client and credential cache."""
     now: Callable[[], datetime] = utcnow
+    history: ThroughputHistory | None = None
+    """Where a completed run's training speed is remembered for later cost estimates (None: not remembered)."""
 
 
 @dataclass(frozen=True)
