@@ -15,6 +15,7 @@ A call that fails (the live deployment unreachable, throttled, erroring) is retr
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,8 +32,11 @@ from shared.usecases.rollout.model import Rollout
 
 log = logging.getLogger(__name__)
 
-ATTEMPTS = 3
+ATTEMPTS = 5
 """Evaluations tried (one per tick or event) before a deployment that cannot be scored ends the run."""
+CALL_TRIES = 2
+"""Tries of one call within an evaluation when it is throttled (429, 503) or fails transiently."""
+MAX_RETRY_AFTER_S = 5.0
 SAMPLES_SHOWN = 3
 SAMPLE_CHARS = 300
 METRIC = "ROUGE-L F1 (rouge-score, Porter stemming) of the answer against the row's reference assistant turn"
@@ -82,13 +86,23 @@ def _ask(record: RunRecord, rollout: Rollout, deployment: str, conversation: lis
         },
         "params": {},
     }
-    reply = rollout.upstream.post_json_blocking(
-        record.endpoint,
-        deployment,
-        orjson.dumps(body),
-        request_id=f"gate-{record.run_id}-{row}-{deployment}"[:120],
-        timeout_s=rollout.settings.smoke_timeout_s,
-    )
+    for attempt in range(CALL_TRIES):
+        try:
+            reply = rollout.upstream.post_json_blocking(
+                record.endpoint,
+                deployment,
+                orjson.dumps(body),
+                request_id=f"gate-{record.run_id}-{row}-{deployment}"[:120],
+                timeout_s=rollout.settings.smoke_timeout_s,
+            )
+        except TransientError:
+            if attempt + 1 == CALL_TRIES:
+                raise
+            continue
+        if reply.status in (429, 503) and attempt + 1 < CALL_TRIES:
+            time.sleep(min(reply.retry_after or 0.0, MAX_RETRY_AFTER_S))  # the deployment asked to wait
+            continue
+        break
     if reply.status >= 400:
         snippet = reply.body[:200].decode("utf-8", "replace")
         raise UpstreamError(f"HTTP {reply.status}: {snippet}", status=reply.status)
