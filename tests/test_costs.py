@@ -259,7 +259,7 @@ def test_the_estimate_from_a_recorded_retail_prices_answer(unique: str) -> None:
     per_row = stats["total_tokens"] / stats["valid_rows"]
     tokens = round(split["train_rows"] * 2 * per_row)
     assert (est["tokens"], est["train_rows"], est["epochs"]) == (tokens, split["train_rows"], 2.0)
-    assert est["tokens_per_second"] == 100.0 and "default for unknown" in est["throughput_source"]
+    assert est["tokens_per_second"] == 100.0 and "default for an unknown GPU" in est["throughput_source"]
     hours = tokens / 100 / 3600
     assert est["hours"] == round(hours, 4)
     assert est["training_usd"] == round((hours + OVERHEAD_HOURS) * 2.305, 2)
@@ -395,7 +395,11 @@ def test_history_median_of_the_latest_runs_and_defaults_per_gpu_type() -> None:
     assert choose_throughput("Standard_NC24ads_A100_v4", samples).tokens_per_second == 950.0
     nd = choose_throughput("Standard_ND96isr_H100_v5", [])
     assert nd.tokens_per_second == 8 * 1400.0 and "8 x H100" in nd.source
-    assert choose_throughput("local-cpu", []).tokens_per_second == 40.0
+    local = choose_throughput("local-cpu", [])
+    assert (
+        local.tokens_per_second == 100.0
+        and local.source == "default for the local backend on cpu; no earlier run on local-cpu"
+    )
 
 
 def test_the_local_backend_estimates_time_from_its_measured_tokens_per_second(tmp_path: Path) -> None:

@@ -310,7 +310,9 @@ def test_report_and_status_show_both_scores_and_answers(world: World) -> None:
     assert "4 test rows, greedy" in markdown
     doc = run_status(world.ledger, world.backend, second.run_id)
     text = render_status(doc)
-    assert re.search(r"\n  gate +promoted: new ROUGE-L 1.0 vs live 0\.\d+, eval_loss 1.7 vs 1.7 over 4 test rows", text)
+    assert re.search(
+        r"\n  gate +promoted: new ROUGE-L 1.0 vs live 0\.\d+, eval_loss 1.7000 vs 1.7000 over 4 test rows", text
+    )
     assert "gate answers" in text and "  new  (1.0): " in text and "  live (" in text and "reference: " in text
 
 

@@ -336,6 +336,7 @@ def _run_loop(config: DemoConfig, env: dict[str, str], port: int, clock: Clock) 
                 "state": second.state.value,
                 "estimate": second.estimate.get("summary"),
                 "throughput_source": second.estimate.get("throughput_source"),
+                "test_rows": second.extra.get("split", {}).get("test_rows"),
                 "gate": {k: second.gate.get(k) for k in ("verdict", "rows", "new", "live")},
                 "stages": {k: round(v, 1) for k, v in second_stages.items()},
             },

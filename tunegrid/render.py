@@ -60,7 +60,12 @@ def savings_line(report: SweepReport) -> str:
         return ""
     verb = "would save" if report.dry_run else "saved"
     unpriced = s.endpoints - s.priced
-    tail = f"; {unpriced} endpoint(s) without a known price (local backend or no price)" if unpriced else ""
+    if not s.priced:
+        return (
+            f"total {verb}: unknown, no price is known for the {s.endpoints} idle endpoint(s) deleted (the local "
+            f"backend, or no price for their size and region); they had run idle {s.idle_hours:,.1f} h"
+        )
+    tail = f"; {unpriced} more without a known price" if unpriced else ""
     return (
         f"total {verb}: ${s.usd_per_hour:,.2f} per hour from now on by deleting {s.endpoints} idle endpoint(s) "
         f"(they had run idle {s.idle_hours:,.1f} h, ${s.idle_usd:,.2f}){tail}"
@@ -78,9 +83,13 @@ def gate_line(gate: Mapping[str, Any]) -> str:
     scores += f" vs live {live.get('rouge_l')}" if live else " (first model on the endpoint: no live model)"
     losses = ""
     if new.get("eval_loss") is not None or live.get("eval_loss") is not None:
-        losses = f", eval_loss {new.get('eval_loss')}" + (f" vs {live.get('eval_loss')}" if live else "")
+        losses = f", eval_loss {_loss(new.get('eval_loss'))}" + (f" vs {_loss(live.get('eval_loss'))}" if live else "")
     why = f": {'; '.join(gate['reasons'])}" if gate.get("reasons") else ""
     return f"{gate.get('verdict')}: {scores}{losses} over {gate.get('rows')} test rows{why}"
+
+
+def _loss(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def gate_samples(gate: Mapping[str, Any], *, width: int = 70, indent: str = "    ") -> list[str]:

@@ -26,8 +26,8 @@ DEFAULT_TOKENS_PER_GPU_SECOND: Mapping[str, float] = {
     "A10": 200.0,
     "V100": 200.0,
     "T4": 60.0,
-    "cpu": 40.0,
-    "cuda": 300.0,
+    "cpu": 100.0,
+    "cuda": 500.0,
     "unknown": 100.0,
 }
 """Training tokens per second per GPU with no history on a SKU: about half of what LoRA fine-tuning of a
@@ -157,7 +157,9 @@ def choose_throughput(sku: str, samples: Sequence[ThroughputSample], *, gpus_per
     kind = gpu_type(sku)
     gpus = 1 if kind in ("cpu", "cuda") else gpu_count(sku, fallback=gpus_per_node)
     per_gpu = DEFAULT_TOKENS_PER_GPU_SECOND.get(kind, DEFAULT_TOKENS_PER_GPU_SECOND["unknown"])
-    where = f"{gpus} x {kind}" if kind not in ("cpu", "cuda", "unknown") else kind
+    if kind in ("cpu", "cuda"):
+        return Throughput(per_gpu, f"default for the local backend on {kind}; no earlier run on {sku}")
+    where = f"{gpus} x {kind}" if kind != "unknown" else "an unknown GPU"
     return Throughput(per_gpu * gpus, f"default for {where} ({per_gpu:g} tokens/s per GPU; no earlier run on {sku})")
 
 
