@@ -4,7 +4,9 @@ takes the live one's traffic only if it answers the run's test rows at least abo
 The same `GATE_ROWS` rows of the run's test split go, with greedy decoding, to the new deployment and to the
 live one, each by deployment name through the shared endpoint caller; both answers are scored against the
 row's reference assistant turn with ROUGE-L F1 (`rouge-score`, Porter stemming). The job's final `eval_loss`
-is reported next to them when the backend logged it. The rule is `shared.domain.gate.decide`.
+is reported next to them when the backend logged it. The rule is `shared.domain.gate.decide`. A limit of the
+metric: rouge-score's tokenizer keeps ASCII letters and digits only, so answers in other scripts score 0 for both
+models and the comparison says nothing (such data is better gated on the sidecar's `max_eval_loss`).
 
 Promoted: on to `shifting-traffic`. Not promoted: `rolled-back`, reason `gate: ...`; the live deployment
 keeps its traffic (mirrored traffic to the new one is removed first) and the new deployment is deleted.
@@ -129,6 +131,8 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 class _Unscored(Exception):
+    """A deployment could not be asked (unreachable, throttled, erroring): the evaluation is retried."""
+
     def __init__(self, deployment: str, role: str, cause: Exception) -> None:
         super().__init__(f"the {role} deployment {deployment} could not be scored: {cause}")
         self.deployment = deployment
