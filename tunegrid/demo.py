@@ -114,7 +114,9 @@ def _env(config: DemoConfig, conn: str, port: int, workspace: Path) -> dict[str,
         "JANITOR_SCHEDULE": "0 0 0 1 1 *",
         "SMOKE_ROWS": "2",
         "SMOKE_TIMEOUT_S": "120",
-        # the evaluation gate: a few rows and short answers, so the second run's gate takes seconds on a CPU
+        # the evaluation gate: a few rows and short answers, so the second run's gate takes seconds on a CPU;
+        # 10 % held out gives it 4 test rows of the 48
+        "TEST_SPLIT_PERCENT": "10",
         "GATE_ROWS": "4",
         "GATE_MAX_NEW_TOKENS": "32",
         "IDLE_MINUTES": "120",
