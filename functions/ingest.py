@@ -11,7 +11,7 @@ import logging
 import azure.functions as func
 import azurefunctions.extensions.bindings.blob as blob
 
-from shared.bootstrap import app_context, build_token_counter
+from shared.bootstrap import app_context, build_token_counter, deferred_costs
 from shared.settings import STORAGE_CONNECTION, TRAINING_CONTAINER
 from shared.usecases.ingest import ingest_dataset
 
@@ -37,6 +37,7 @@ def ingest_dataset_blob(client: blob.BlobClient) -> None:
         backend=ctx.backend,
         settings=ctx.settings,
         token_counter=build_token_counter,
+        costs=deferred_costs(ctx),
     )
     log.info(
         "ingest %s/%s: %s (%s)",

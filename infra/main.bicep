@@ -153,6 +153,7 @@ var dataTables = [
   'tunegridruns'
   'tunegridaudit'
   'tunegridusage'
+  'tunegridcosts'
 ]
 var trainingContainerName = 'training-data'
 // Where Event Grid puts events it could not deliver after its retries.
@@ -308,6 +309,10 @@ var appSettings = {
   MIRROR_TRAFFIC_PERCENT: '0'
   SMOKE_ROWS: '3'
   SMOKE_TIMEOUT_S: '120'
+  GATE_ROWS: '20'
+  GATE_MAX_REGRESSION: '0.02'
+  GATE_MAX_NEW_TOKENS: '128'
+  MAX_RUN_COST_USD: ''
   ROLLOUT_SCHEDULE: '0 */1 * * * *'
   RUN_EVENTS_TOPIC_ENDPOINT: runEventsTopic.outputs.endpoint
   PROXY_API_KEYS: '@Microsoft.KeyVault(SecretUri=${keyVault.outputs.proxyKeysSecretUri})'

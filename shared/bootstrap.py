@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Any, cast
 
 from shared.domain.clock import utcnow
 from shared.errors import ConfigError
-from shared.settings import AUDIT_TABLE, LEDGER_TABLE, USAGE_TABLE, Settings
+from shared.settings import AUDIT_TABLE, COSTS_TABLE, LEDGER_TABLE, USAGE_TABLE, Settings
 
 if TYPE_CHECKING:
     from shared.adapters.storage import BlobStore, StorageClients
+    from shared.domain.costs import PriceQuote, ThroughputSample
     from shared.domain.validation import TokenCounter
     from shared.ports import FineTuneBackend, LastProxyUse, Ledger, RunEvents, Upstream
+    from shared.usecases.estimate import CostPorts
     from shared.usecases.janitor import SweepReport
     from shared.usecases.rollout import Rollout
     from shared.usecases.scoring import ScoringService
@@ -125,6 +127,28 @@ class AppContext:
         return self._get("usage_table", lambda: self.storage.tables.get_table_client(USAGE_TABLE))
 
     @cached_property
+    def costs_table(self) -> Any:
+        return self._get("costs_table", lambda: self.storage.tables.get_table_client(COSTS_TABLE))
+
+    @cached_property
+    def costs(self) -> CostPorts:
+        """Prices (the Retail Prices API, cached in the costs table, else the repo's dated table) and the
+        throughput history of earlier runs, for the estimate before submission and the janitor's savings."""
+        return self._get("costs", self._build_costs)
+
+    def _build_costs(self) -> CostPorts:
+        from shared.adapters.cost_tables import TablePriceCache, TableThroughputHistory
+        from shared.adapters.retail_prices import RetailPrices, RetailPricesApi
+        from shared.usecases.estimate import CostPorts
+
+        table = self.costs_table
+        # The local backend has no bill: no price is ever asked for, so the API is not wired in.
+        api = RetailPricesApi() if self.settings.backend == "azureml" else None
+        return CostPorts(
+            prices=RetailPrices(api=api, cache=TablePriceCache(table)), history=TableThroughputHistory(table)
+        )
+
+    @cached_property
     def backend(self) -> FineTuneBackend:
         return self._get("backend", lambda: build_backend(self.settings))
 
@@ -196,7 +220,38 @@ def rollout_from_context(ctx: AppContext) -> Rollout:
         settings=ctx.settings,
         upstream=ctx.upstream,
         events=ctx.run_events,
+        history=deferred_costs(ctx).history,
     )
+
+
+class _DeferredCosts:
+    """`PriceSource` and `ThroughputHistory` that build the context's cost ports on first use: a trigger that
+    never asks for a price never opens the costs table, and a table that cannot be opened fails only the call
+    that needed it (the estimate, the janitor and the roll-out each treat that as "no price" / "not recorded")."""
+
+    def __init__(self, ctx: AppContext) -> None:
+        self._ctx = ctx
+
+    def hourly_price(self, sku: str, region: str) -> PriceQuote | None:
+        prices = self._ctx.costs.prices
+        return prices.hourly_price(sku, region) if prices is not None else None
+
+    def record(self, sample: ThroughputSample) -> None:
+        history = self._ctx.costs.history
+        if history is not None:
+            history.record(sample)
+
+    def recent(self, sku: str) -> list[ThroughputSample]:
+        history = self._ctx.costs.history
+        return history.recent(sku) if history is not None else []
+
+
+def deferred_costs(ctx: AppContext) -> CostPorts:
+    """The context's cost ports, built when first used (see `_DeferredCosts`)."""
+    from shared.usecases.estimate import CostPorts
+
+    deferred = _DeferredCosts(ctx)
+    return CostPorts(prices=deferred, history=deferred)
 
 
 def proxy_last_use_from_table(usage_table: Any) -> LastProxyUse:
@@ -237,6 +292,7 @@ def sweep_from_context(
         policy=policy,
         dry_run=settings.janitor_dry_run if dry_run is None else dry_run,
         now=now,
+        prices=deferred_costs(ctx).prices,
     )
 
 

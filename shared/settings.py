@@ -38,8 +38,10 @@ RUN_REPORTS_CONTAINER = "run-reports"
 LEDGER_TABLE = "tunegridruns"
 AUDIT_TABLE = "tunegridaudit"
 USAGE_TABLE = "tunegridusage"
+COSTS_TABLE = "tunegridcosts"
+"""Training throughput of earlier runs per SKU, and the cached answers of the Azure Retail Prices API."""
 CONTAINERS = (TRAINING_CONTAINER, REPORTS_CONTAINER, PREPARED_CONTAINER, RUN_REPORTS_CONTAINER)
-TABLES = (LEDGER_TABLE, AUDIT_TABLE, USAGE_TABLE)
+TABLES = (LEDGER_TABLE, AUDIT_TABLE, USAGE_TABLE, COSTS_TABLE)
 STORAGE_CONNECTION = "DataStorage"
 """Name of the connection (app setting prefix) for the data account: a connection string locally,
 `DataStorage__blobServiceUri` / `__queueServiceUri` / `__tableServiceUri` + `__credential` +
@@ -68,6 +70,20 @@ def integer(raw: str) -> int:
 
 def optional_integer(raw: str) -> int | None:
     return integer(raw) if raw else None
+
+
+def number(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"must be a number, got {raw!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"must be a finite number, got {raw!r}")
+    return value
+
+
+def optional_number(raw: str) -> float | None:
+    return number(raw) if raw else None
 
 
 def flag(raw: str) -> bool:
@@ -107,6 +123,8 @@ PARSERS: Mapping[Any, Parse] = {
     str: text,
     int: integer,
     int | None: optional_integer,
+    float: number,
+    float | None: optional_number,
     bool: flag,
     tuple[str, ...]: comma_list,
     Path: directory,
@@ -117,9 +135,11 @@ PARSERS: Mapping[Any, Parse] = {
 # ---- checks: the parsed value in, None when it is fine, else what is wrong with it ----
 
 
-def between(low: int, high: int, *, why: str = "") -> Check:
+def between(low: float, high: float, *, why: str = "") -> Check:
     def check(value: Any) -> str | None:
-        return None if low <= value <= high else f"must be between {low} and {high}{why}, got {value}"
+        if value is None:
+            return None
+        return None if low <= value <= high else f"must be between {low:g} and {high:g}{why}, got {value:g}"
 
     return check
 
@@ -312,6 +332,29 @@ class Settings:
         "SMOKE_ROWS", "3", "Rows of the run's test split sent to a new deployment before it takes traffic."
     )
     smoke_timeout_s: int = setting("SMOKE_TIMEOUT_S", "120", "Timeout of one smoke request.")
+    gate_rows: int = setting(
+        "GATE_ROWS",
+        "20",
+        "Rows of the run's test split the evaluation gate sends, greedy, to the new and to the live deployment "
+        "(ROUGE-L against the reference answers); 0 = no answer comparison, only the sidecar's eval_loss bound.",
+        check=between(0, 1000),
+    )
+    gate_max_regression: float = setting(
+        "GATE_MAX_REGRESSION",
+        "0.02",
+        "A new model is promoted when its ROUGE-L is at most this much below the live model's on the same rows.",
+        check=between(0, 1),
+    )
+    gate_max_new_tokens: int = setting(
+        "GATE_MAX_NEW_TOKENS", "128", "Longest answer the gate asks for (max_new_tokens).", check=between(1, 4096)
+    )
+    max_run_cost_usd: float | None = setting(
+        "MAX_RUN_COST_USD",
+        "",
+        "A run whose estimated training cost is above this (USD) is refused before submission, with the estimate "
+        "in its report; empty = no cap (a sidecar's max_cost_usd can only lower it).",
+        check=between(0.01, 1e9),
+    )
     rollout_schedule: str = setting(
         "ROLLOUT_SCHEDULE", "0 */1 * * * *", "NCRONTAB schedule of the timer that resumes long rollout steps."
     )

@@ -10,12 +10,13 @@ import random
 import threading
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from shared.domain.clock import utcnow
+from shared.domain.costs import PriceQuote, ThroughputSample, TrainingPlan
 from shared.domain.janitor_rules import Decision
 from shared.domain.resources import (
     DeploymentInfo,
@@ -34,7 +35,7 @@ from shared.domain.resources import (
     ProvisioningState,
 )
 from shared.domain.runs import RunRecord, RunState, apply_transition
-from shared.errors import BackendError, ConflictError, NotFound, TransientError, TunegridError
+from shared.errors import BackendError, ConflictError, NotFound, TransientError, TunegridError, UpstreamError
 from shared.ports import UpstreamReply
 from shared.settings import CONTAINERS
 
@@ -71,6 +72,24 @@ class FakeBackend:
     """Deployments that provision but answer with empty text (a bad model)."""
     findings: list[Finding] = field(default_factory=list)
     """What `check_finetune` answers (errors make ingest refuse the run before submitting)."""
+    plan: TrainingPlan = field(
+        default_factory=lambda: TrainingPlan(
+            backend="fake",
+            sku="Standard_NC24ads_A100_v4",
+            region="eastus",
+            gpus_per_node=1,
+            epochs=3.0,
+            inference_sku="Standard_NC24ads_A100_v4",
+        )
+    )
+    """What `plan_training` answers (the cost estimate's input)."""
+    metrics: dict[str, list[MetricPoint]] = field(
+        default_factory=lambda: {
+            "loss": [MetricPoint(1, 2.5), MetricPoint(2, 1.5)],
+            "eval_loss": [MetricPoint(2, 1.7)],
+        }
+    )
+    """What `get_job_metrics` answers for every job."""
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     def __post_init__(self) -> None:
@@ -99,6 +118,10 @@ class FakeBackend:
         self._call("check_finetune", request.job_name)
         return list(self.findings)
 
+    def plan_training(self, request: FineTuneRequest) -> TrainingPlan:
+        self._call("plan_training", request.job_name)
+        return self.plan
+
     def submit_finetune(self, request: FineTuneRequest) -> JobRef:
         self._call("submit_finetune", request.job_name)
         with self.lock:
@@ -125,7 +148,7 @@ class FakeBackend:
 
     def get_job_metrics(self, job_name: str) -> dict[str, list[MetricPoint]]:
         self._call("get_job_metrics", job_name)
-        return {"loss": [MetricPoint(1, 2.5), MetricPoint(2, 1.5)], "eval_loss": [MetricPoint(2, 1.7)]}
+        return {k: list(v) for k, v in self.metrics.items()}
 
     # registry
     def register_model(
@@ -506,25 +529,51 @@ def _blob_content(data: Any) -> bytes:
     raise TypeError(f"Unsupported data type: {type(data)}")
 
 
+Answerer = Callable[[str, list[dict[str, Any]]], str]
+"""A deployment's controlled answer: (deployment, conversation) -> text."""
+
+
 @dataclass
 class FakeUpstream:
-    """The `Upstream` port's blocking call (the roll-out's smoke test) over a `FakeBackend`: a deployment
-    that is not ready answers 404, a mute one an empty text, any other the backend's `answer`."""
+    """The `Upstream` port's blocking call (the roll-out's smoke test and evaluation gate) over a `FakeBackend`:
+    a deployment that is not ready answers 404, a mute one an empty text, one in `answerers` what its function
+    says for the conversation, one in `unreachable` fails as a refused connection does (`UpstreamError`, what
+    `EndpointCaller` raises), one in `statuses` answers that HTTP status; any other the backend's `answer`."""
 
     backend: FakeBackend
     calls: list[tuple[str, str, Any]] = field(default_factory=list)
+    answerers: dict[str, Answerer] = field(default_factory=dict)
+    unreachable: set[str] = field(default_factory=set)
+    statuses: dict[str, int] = field(default_factory=dict)
 
     def post_json_blocking(
         self, endpoint: str, deployment: str, body: bytes, *, request_id: str, timeout_s: float
     ) -> UpstreamReply:
-        self.calls.append((endpoint, deployment, json.loads(body)))
+        doc = json.loads(body)
+        with self.backend.lock:
+            self.calls.append((endpoint, deployment, doc))
         self.backend._call("score", endpoint, deployment)
+        if deployment in self.unreachable:
+            raise UpstreamError(f"cannot connect to {endpoint}/{deployment}: Connection refused")
+        if deployment in self.statuses:
+            status = self.statuses[deployment]
+            return UpstreamReply(status, json.dumps({"message": f"HTTP {status} from {deployment}"}).encode())
         with self.backend.lock:
             dep = self.backend.deployments.get((endpoint, deployment))
         if dep is None or dep.provisioning_state != ProvisioningState.SUCCEEDED:
             return UpstreamReply(404, json.dumps({"message": f"deployment {deployment} is not ready"}).encode())
-        text = "" if deployment in self.backend.mute_deployments else self.backend.answer
+        if deployment in self.backend.mute_deployments:
+            text = ""
+        elif deployment in self.answerers:
+            text = self.answerers[deployment](deployment, doc["input_data"]["input_string"][0])
+        else:
+            text = self.backend.answer
         return UpstreamReply(200, json.dumps({"output": text}).encode(), content_type="application/json")
+
+    def to(self, deployment: str) -> list[Any]:
+        """The bodies sent to `deployment`, in order."""
+        with self.backend.lock:
+            return [body for _, name, body in self.calls if name == deployment]
 
     async def post_json(
         self, endpoint: str, deployment: str, body: bytes, *, request_id: str, timeout_s: float
@@ -555,3 +604,37 @@ class RecordingRunEvents:
 
     def states(self, run_id: str) -> list[str]:
         return [e["data"]["state"] for e in self.published if e["data"]["runId"] == run_id]
+
+
+class InMemoryThroughputHistory:
+    """The `ThroughputHistory` port in memory (`TableThroughputHistory` keeps one row per run and SKU)."""
+
+    def __init__(self, samples: Iterable[ThroughputSample] = ()) -> None:
+        self._lock = threading.Lock()
+        self._rows: dict[tuple[str, str], ThroughputSample] = {}
+        for sample in samples:
+            self.record(sample)
+
+    def record(self, sample: ThroughputSample) -> None:
+        with self._lock:
+            self._rows[(sample.sku.lower(), sample.run_id)] = sample
+
+    def recent(self, sku: str) -> list[ThroughputSample]:
+        with self._lock:
+            rows = [s for (k, _), s in self._rows.items() if k == sku.lower()]
+        return sorted(rows, key=lambda s: s.at, reverse=True)
+
+
+@dataclass
+class FixedPrices:
+    """The `PriceSource` port with fixed answers: (sku, region) -> USD per hour; anything else has no price."""
+
+    prices: dict[tuple[str, str], float] = field(default_factory=dict)
+    asked: list[tuple[str, str]] = field(default_factory=list)
+
+    def hourly_price(self, sku: str, region: str) -> PriceQuote | None:
+        self.asked.append((sku, region))
+        value = self.prices.get((sku, region))
+        if value is None:
+            return None
+        return PriceQuote(sku=sku, region=region, usd_per_hour=value, source="fixed test price", as_of="2026-01-01")

@@ -246,6 +246,34 @@ def test_a_cluster_in_the_allow_list_gets_all_four_steps_and_its_gpu_count(azure
     assert inputs["number_of_gpu_to_use_finetuning"] == "8"
 
 
+def test_plan_training_reuses_the_checked_plan_for_the_cost_estimate(azureml_rig: AzureMLRig) -> None:
+    """After check_finetune, plan_training answers from the same plan (only the workspace is read, for its
+    region): the serverless size from Phi-4's list, the merged epochs and batch, Phi-4's first inference size."""
+    rig = azureml_rig
+    rig.serve_registry()
+    rig.serve_vm_sizes()
+    backend = rig.backend()
+    request = _request(params={"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4})
+    assert not [f for f in backend.check_finetune(request) if f.is_error]
+    reads = len(rig.summary())
+    plan = backend.plan_training(request)
+    assert rig.summary()[reads:] == ["GET {ws}"]
+    assert (plan.sku, plan.region, plan.nodes, plan.gpus_per_node) == ("Standard_NC24ads_A100_v4", "eastus", 1, 1)
+    assert plan.epochs == 1.0  # Phi-4's model_specific_defaults beat the notebook's 3
+    assert (plan.rows_per_step, plan.max_steps, plan.priced) == (8, -1, True)
+    assert plan.inference_sku == "Standard_NC24ads_A100_v4"
+
+
+def test_plan_training_of_a_cluster_is_its_size(azureml_rig: AzureMLRig) -> None:
+    """On a cluster, the estimate prices the cluster's VM size with its GPU count."""
+    rig = azureml_rig
+    rig.serve_registry()
+    rig.serve_vm_sizes()
+    rig.serve_cluster("a100", vm_size="STANDARD_ND96ASR_V4")
+    plan = rig.backend().plan_training(_request(compute={"cluster": "a100"}))
+    assert (plan.sku, plan.gpus_per_node, plan.rows_per_step) == ("STANDARD_ND96ASR_V4", 8, 8)
+
+
 def test_more_gpus_than_the_size_has_is_refused(azureml_rig: AzureMLRig) -> None:
     """An explicit gpus_per_node above what list_sizes() reports for the serverless size is a ComputeError."""
     rig = azureml_rig

@@ -54,10 +54,22 @@ def test_demo_runs_the_whole_loop_on_the_tiny_model(tmp_path: Path) -> None:
         "registered",
         "deploying",
         "smoke-tested",
+        "gate",
         "live",
         "answered",
     ]
     assert result["answer"].strip()
+    # the time estimate before submission (the local backend has no bill), learnt from the first run for the second
+    assert result["estimate"].startswith("about ") and "on this machine at" in result["estimate"]
+    assert "estimate before submission: about " in out
+    second = result["second"]
+    assert second["throughput_source"].startswith("median of 1 earlier run on local-")
+    # the second version's model went through the gate against the live one: both scores, printed
+    gate = second["gate"]
+    assert gate["rows"] == min(4, second["test_rows"]) and gate["rows"] >= 1  # GATE_ROWS=4, or the whole test split
+    assert gate["new"]["rouge_l"] is not None and gate["live"]["rouge_l"] is not None
+    assert second["state"] == ("live" if gate["verdict"] == "promoted" else "rolled-back")
+    assert f"new ROUGE-L {gate['new']['rouge_l']} vs live {gate['live']['rouge_l']}" in out and "reference: " in out
     assert result["deleted_endpoints"] == [result["endpoint"]]
     assert result["total_seconds"] == result["stages"]["answered"]
     for stage in (
@@ -68,6 +80,7 @@ def test_demo_runs_the_whole_loop_on_the_tiny_model(tmp_path: Path) -> None:
         "registered",
         "deploying",
         "smoke-tested",
+        "gate",
         "live",
         "invalid_json",
         "unknown_role",
@@ -78,11 +91,13 @@ def test_demo_runs_the_whole_loop_on_the_tiny_model(tmp_path: Path) -> None:
     assert "event Tunegrid.Run.Received" in out and "event Tunegrid.Run.Live" in out
     proxy_key = re.compile(r"demo-[A-Za-z0-9_-]{32}")
     assert not proxy_key.search(out + proc.stderr + (tmp_path / "demo.log").read_text())
-    # the run page: its address is printed (key left out) and a copy is saved, with the stages and loss curve
+    # the second run's page: its address is printed (key left out) and a copy is saved, with the stages, the loss
+    # curve and the gate's two scores
     page = Path(result["run_page"])
-    assert f"/api/runs/{result['run_id']}?code=<host key>" in out and str(page) in out
+    assert f"/api/runs/{second['run_id']}?code=<host key>" in out and str(page) in out
     html = page.read_text(encoding="utf-8")
-    assert result["run_id"] in html and 'id="loss-curve"' in html and result["endpoint"] in html
+    assert second["run_id"] in html and 'id="loss-curve"' in html and result["endpoint"] in html
+    assert 'id="gate-new"' in html and 'id="gate-live"' in html and 'id="estimate"' in html
     keys = json.loads((tmp_path / "devhost" / "keys.json").read_text())
     secrets = [v for v in _strings(keys) if len(v) >= 16]
     assert secrets and not any(secret in html or secret in out for secret in secrets)

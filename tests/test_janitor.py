@@ -466,6 +466,51 @@ def test_idle_owned_endpoint_is_deleted_retired_and_audited(audit_table: Any, ca
     assert len(lines) == 1 and lines[0].startswith("janitor delete endpoint idle-ep")
 
 
+@pytest.mark.azurite
+def test_a_deleted_endpoint_records_its_hourly_price_and_idle_hours(audit_table: Any) -> None:
+    """The audit row of a deleted endpoint holds its price per hour (each deployment's size in the endpoint's
+    region, times its instances), where the price came from, and how long it ran idle; the sweep adds them up."""
+    from tests.fakes import FixedPrices
+    from tunegrid.render import sweep_table
+
+    sizes = (
+        replace(dep("blue"), instance_type="Standard_NC24ads_A100_v4", instance_count=2),
+        replace(dep("old"), instance_type="Standard_NC24ads_A100_v4"),
+    )
+    ep = replace(endpoint("idle-ep", deployments=sizes, traffic={"blue": 100, "old": 0}), location="eastus")
+    backend = FakeBackend([ep], activity={"idle-ep": activity(0, ago(400))})
+    prices = FixedPrices({("Standard_NC24ads_A100_v4", "eastus"): 3.673})
+    report = sweep(backend, InMemoryLedger(), TableAuditLog(audit_table), prices=prices)
+    [decision] = report.decisions
+    assert decision.hourly_usd == round(3 * 3.673, 4) and decision.idle_hours == pytest.approx(400 / 60)
+    [row] = audit_rows(audit_table)
+    assert row["hourly_usd"] == round(3 * 3.673, 4) and row["idle_hours"] == round(400 / 60, 3)
+    assert row["price_source"] == "fixed test price 2026-01-01"
+    assert report.savings.usd_per_hour == round(3 * 3.673, 4) and report.savings.idle_usd == round(
+        3 * 3.673 * 400 / 60, 2
+    )
+    text = sweep_table(report)
+    assert (
+        "total saved: $11.02 per hour from now on by deleting 1 idle endpoint(s) (they had run idle 6.7 h, $73.46)"
+        in text
+    )
+    assert report.public()["savings"]["usd_per_hour"] == round(3 * 3.673, 4)
+
+
+def test_an_unpriced_delete_is_still_made_and_said_unpriced(audit: InMemoryAuditLog) -> None:
+    """No region (the local backend) or no price: the endpoint is deleted all the same; the total says so."""
+    from tests.fakes import FixedPrices
+    from tunegrid.render import sweep_table
+
+    backend = FakeBackend([endpoint("idle-ep")])
+    report = sweep(backend, InMemoryLedger(), audit, prices=FixedPrices(), dry_run=True)
+    [decision] = report.decisions
+    assert decision.hourly_usd is None and decision.price_source == "no region (local backend)"
+    assert "total would save: unknown, no price is known for the 1 idle endpoint(s) deleted" in sweep_table(report)
+    [row] = audit_rows(audit)
+    assert "hourly_usd" not in row and row["idle_hours"] > 0
+
+
 NEVER_DELETED = [
     ("not-owned", endpoint("ep", tags={OWNER_TAG: "other"}), {}, Rule.NOT_OWNED),
     ("keep-tagged", endpoint("ep", tags={**OWNED, KEEP_TAG: "true"}), {}, Rule.KEEP_TAG),
@@ -680,6 +725,7 @@ def cli_context(storage: Any, unique: str) -> Any:
             "ledger": ledger,
             "audit_table": storage.tables.create_table(f"audit{unique}"),
             "usage_table": usage_table,
+            "costs_table": storage.tables.create_table(f"costs{unique}"),
         },
     )
     set_app_context(ctx)

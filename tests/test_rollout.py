@@ -113,15 +113,24 @@ def test_completed_job_goes_live_with_report(world: dict[str, Any]) -> None:
     live = _drive(world, record.run_id)
     assert live.state == RunState.LIVE, live.error
     states = [s for s, _ in live.timeline]
-    assert states[-7:] == [
+    assert states[-8:] == [
         "running",
         "succeeded",
         "registering",
         "deploying",
         "smoke-testing",
+        "evaluating",
         "shifting-traffic",
         "live",
-    ] or states[-6:] == ["succeeded", "registering", "deploying", "smoke-testing", "shifting-traffic", "live"]
+    ] or states[-7:] == [
+        "succeeded",
+        "registering",
+        "deploying",
+        "smoke-testing",
+        "evaluating",
+        "shifting-traffic",
+        "live",
+    ]
     assert backend.calls["register_model"] == 1 and backend.calls["begin_create_deployment"] == 1
     endpoint = backend.get_endpoint(live.endpoint)
     assert endpoint.traffic == {live.deployment: 100}

@@ -49,6 +49,7 @@ BASE_MODEL_ID = "azureml://registries/azureml/models/Phi-4/versions/8"
 """What ingest records as `base_model` on Azure ML: the registry id the job was submitted with."""
 MLFLOW_HOST = API_HOST.removeprefix("https://")
 SMOKE_ROWS = 2
+GATE_ROWS = 2
 loopback_only = rig_module.loopback_only  # fixture: Azurite on 127.0.0.1 only
 
 
@@ -121,6 +122,7 @@ def world(rig: AzureMLRig, never_wait: None, storage: Any, storage_conn: str, un
         DataStorage=storage_conn,
         TUNEGRID_INSTANCE=f"t{unique}",
         SMOKE_ROWS=str(SMOKE_ROWS),
+        GATE_ROWS=str(GATE_ROWS),
         INFERENCE_INSTANCE_TYPE="Standard_NC48ads_A100_v4",  # on Phi-4's list, not its first
         INFERENCE_INSTANCE_COUNT="2",
         REQUEST_TIMEOUT_MS="120000",
@@ -507,7 +509,13 @@ def test_a_completed_job_goes_live_with_these_calls_in_this_order(world: World) 
 
     assert len(keys.calls) == 1 and keys.calls[0].body == b""
     conversations = _expected_conversations(SMOKE_ROWS)
-    assert [c.json["input_data"]["input_string"] for c in score.calls] == [[c] for c in conversations]
+    smoke_calls, gate_calls = score.calls[:SMOKE_ROWS], score.calls[SMOKE_ROWS:]
+    assert [c.json["input_data"]["input_string"] for c in smoke_calls] == [[c] for c in conversations]
+    # the evaluation gate: the first model on the endpoint, so only the new deployment answers its rows
+    assert [c.json["input_data"]["input_string"] for c in gate_calls] == [
+        [c] for c in _expected_conversations(GATE_ROWS)
+    ]
+    assert all(c.json["input_data"]["parameters"]["do_sample"] is False for c in gate_calls)
     for call in score.calls:
         assert call.url == f"https://{endpoint}.{LOCATION}.inference.ml.azure.com/score"
         assert call.headers["azureml-model-deployment"] == deployment
@@ -524,6 +532,7 @@ def test_a_completed_job_goes_live_with_these_calls_in_this_order(world: World) 
         "registering",
         "deploying",
         "smoke-testing",
+        "evaluating",
         "shifting-traffic",
         "live",
     ]
@@ -531,6 +540,7 @@ def test_a_completed_job_goes_live_with_these_calls_in_this_order(world: World) 
     assert (live.endpoint, live.deployment, live.previous_deployment, live.operation) == (endpoint, deployment, "", "")
     assert live.metrics["loss"] == {"last": 0.98, "first": 1.61, "steps": 2, "last_step": 30}
     assert live.smoke["passed"] is True and [r["ok"] for r in live.smoke["rows"]] == [True] * SMOKE_ROWS
+    assert (live.gate["verdict"], live.gate["rows"], live.gate["live"]) == ("promoted", GATE_ROWS, None)
     assert live.smoke["rows"][0]["answer"].startswith("Hello! I am a fine-tuned assistant")
     report = json.loads(world.blobs.read_bytes(RUN_REPORTS_CONTAINER, f"{record.run_id}/report.json") or b"{}")
     assert report["state"] == "live" and report["model"]["id"] == model_id and report["deployment"] == deployment
@@ -571,7 +581,14 @@ def test_a_second_model_replaces_blue_and_blue_is_deleted_only_after_the_shift(w
     ]
     shift = rig.one("PUT", rf"/onlineEndpoints/{endpoint}$").json["properties"]
     assert shift["traffic"] == {deployment: 100}  # blue, left out, is set to 0 by the service
-    assert all(c.headers["azureml-model-deployment"] == deployment for c in score.calls)
+    by_deployment: dict[str, list[Any]] = {}
+    for c in score.calls:
+        by_deployment.setdefault(c.headers["azureml-model-deployment"], []).append(c.json["input_data"]["input_string"])
+    # the smoke rows go to the new deployment; the gate's rows to it and to blue, the same rows to both
+    assert {k: len(v) for k, v in by_deployment.items()} == {deployment: SMOKE_ROWS + GATE_ROWS, "blue": GATE_ROWS}
+    assert sorted(map(json.dumps, by_deployment[deployment][SMOKE_ROWS:])) == sorted(
+        map(json.dumps, by_deployment["blue"])
+    )
     live = world.ledger.get(record.run_id)
     assert live is not None and live.state == RunState.LIVE
     assert live.previous_deployment == "blue"

@@ -286,6 +286,18 @@ def test_every_value_is_escaped_in_text_attributes_and_svg() -> None:
             "p50_ms": HOSTILE,
             "rows": [{"row": 0, "ok": True, "latency_ms": 1, "answer": HOSTILE}],
         },
+        "gate": {
+            "verdict": HOSTILE,
+            "rows": HOSTILE,
+            "metric": HOSTILE,
+            "new": {"deployment": HOSTILE, "rouge_l": HOSTILE, "eval_loss": 1.0},
+            "live": {"deployment": HOSTILE, "rouge_l": 0.5, "eval_loss": HOSTILE},
+            "thresholds": {"max_regression": HOSTILE, "min_rouge_l": HOSTILE, "max_eval_loss": None},
+            "reasons": [HOSTILE],
+            "notes": [HOSTILE],
+            "samples": [{"row": 0, "prompt": HOSTILE, "reference": HOSTILE, "new": HOSTILE, "live": HOSTILE}],
+        },
+        "estimate": {"summary": HOSTILE, "refusal": HOSTILE, "tokens": HOSTILE, "price": {"usd_per_hour": HOSTILE}},
         "report_url": "javascript:window.pwned=4",
         "run_report_url": "https://reports.example/" + HOSTILE,
         "validation": {
@@ -306,12 +318,75 @@ def test_every_value_is_escaped_in_text_attributes_and_svg() -> None:
     hrefs = [a["href"] for t, a in page.tags if t == "a"]
     assert not any("javascript" in (h or "").lower() for h in hrefs)
     assert "https://reports.example/" + HOSTILE in hrefs  # an http(s) link keeps its text, attribute-escaped
-    assert page.visible.count("<script>window.pwned=1</script>") >= 15
+    assert page.visible.count("<script>window.pwned=1</script>") >= 30
     assert "javascript:window.pwned=3" in page.visible  # shown as text only
     listing = Page(
         render_run_list([{"run_id": HOSTILE, "state": HOSTILE, "dataset": HOSTILE, "error": HOSTILE}], api_path="/api")
     )
     assert [t for t, _ in listing.tags].count("script") == 1 and "<script>window.pwned=1</script>" in listing.visible
+
+
+def test_the_page_shows_the_gates_two_scores_the_answers_and_the_estimate() -> None:
+    """Verdict, both deployments' ROUGE-L and eval_loss, rows used, answers side by side; the cost estimate."""
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    doc = {
+        "run_id": "r1",
+        "state": "live",
+        "container": "training-data",
+        "blob": "family.jsonl",
+        "timeline": [{"state": "received", "at": now.isoformat()}, {"state": "live", "at": now.isoformat()}],
+        "gate": {
+            "verdict": "promoted",
+            "rows": 20,
+            "metric": "ROUGE-L F1",
+            "new": {"deployment": "d-new", "rouge_l": 0.3412, "eval_loss": 1.25},
+            "live": {"deployment": "d-old", "rouge_l": 0.3301, "eval_loss": 1.31},
+            "thresholds": {"max_regression": 0.02, "min_rouge_l": None, "max_eval_loss": None},
+            "reasons": [],
+            "notes": [],
+            "samples": [
+                {
+                    "row": 0,
+                    "prompt": "Tips?",
+                    "reference": "Be brief.",
+                    "new": "Be short.",
+                    "new_rouge_l": 0.5,
+                    "live": "Hm.",
+                    "live_rouge_l": 0.0,
+                }
+            ],
+        },
+        "estimate": {
+            "summary": "about 2.1 h on Standard_NC24ads_A100_v4 for 4,500,000 tokens: $8.63",
+            "tokens": 4500000,
+            "train_rows": 1000,
+            "epochs": 3.0,
+            "tokens_per_row": 1500.0,
+            "tokens_per_second": 600.0,
+            "throughput_source": "default for 1 x A100",
+            "sku": "Standard_NC24ads_A100_v4",
+            "region": "eastus",
+            "price": {"usd_per_hour": 3.673, "source": "retail-prices-api", "as_of": "2026-01-01"},
+            "deployment": {"sku": "Standard_NC24ads_A100_v4", "count": 1, "usd_per_hour": 3.673},
+            "cap_usd": 50.0,
+            "cap_source": "MAX_RUN_COST_USD",
+        },
+    }
+    page = Page(render_run_page(doc, api_root="http://h/api", api_path="/api", now=now))
+    text = page.visible
+    for expected in (
+        "Evaluation gate promoted 20 test rows, greedy",
+        "new d-new 0.3412 1.25",
+        "live d-old 0.3301 1.31",
+        "Allowed regression 0.02",
+        "Answers side by side (1)",
+        "Tips? Be brief. Be short. (0.5) Hm. (0)",
+        "about 2.1 h on Standard_NC24ads_A100_v4 for 4,500,000 tokens: $8.63",
+        "$3.673/h for Standard_NC24ads_A100_v4 in eastus (retail-prices-api, 2026-01-01)",
+        "cap $50.0 (MAX_RUN_COST_USD)",
+    ):
+        assert expected in text, expected
+    assert any(t == "table" and a.get("id") == "gate" for t, a in page.tags)
 
 
 def test_inline_style_and_script_match_the_policy_hashes() -> None:
@@ -365,6 +440,7 @@ def test_stages_mark_done_current_failed_and_pending_with_durations() -> None:
         "registering",
         "deploying",
         "smoke-testing",
+        "evaluating",
         "shifting-traffic",
         "live",
     ]

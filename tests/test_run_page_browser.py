@@ -191,7 +191,7 @@ def test_upload_follow_goes_from_file_to_live_model(stack: dict[str, Any], live_
     out = proc.stdout
     stages = [line.split("] ", 1)[1].split()[0] for line in out.splitlines() if line.startswith("[") and "] " in line]
     order = ["received", "validating", "submitting", "submitted", "running", "succeeded"]
-    order += ["registering", "deploying", "smoke-testing", "shifting-traffic", "live"]
+    order += ["registering", "deploying", "smoke-testing", "evaluating", "shifting-traffic", "live"]
     assert [s for s in stages if s in order] == order
     assert "validation: valid, 40 rows (40 valid)" in out and "training step 6/6  loss " in out
     doc = _status(stack, live_run["run_id"])

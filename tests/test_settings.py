@@ -137,6 +137,10 @@ def _other_value(name: str, default: str) -> str:
         return "true"
     if default.isdigit():
         return str(int(default) + 1)
+    if name == "MAX_RUN_COST_USD":
+        return "25"
+    if default.replace(".", "", 1).isdigit():
+        return str(float(default) / 2)
     return "7" if name == "AZUREML_GPUS_PER_NODE" else default + "-x"
 
 

@@ -194,6 +194,7 @@ def test_follow_prints_each_stage_once_and_exits_0_when_live(
         "registering",
         "deploying",
         "smoke-testing",
+        "evaluating",
         "shifting-traffic",
         "live",
     ):

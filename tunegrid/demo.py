@@ -1,8 +1,10 @@
 """`make demo`: the whole loop on this machine, with no Azure account and no Core Tools.
 
 Azurite + the dev host (serving the real `function_app.app`) + the embedded local backend. It
-uploads an invalid dataset (to show the report) and a real ultrachat slice, follows the run through
-every stage, asks the fine-tuned model a question with the official `openai` client, then runs the
+uploads an invalid dataset (to show the report) and a real ultrachat slice, prints the time estimate
+made before submission, follows the run through every stage, asks the fine-tuned model a question with
+the official `openai` client, then uploads a second version of the dataset: its model goes through the
+evaluation gate against the live one (both scores printed) and is promoted or rolled back. Last, the
 janitor (dry run, then a short idle window, which deletes the endpoint). A webhook subscriber of the
 dev host's run-events topic prints every run event as it arrives. Stops everything on exit.
 """
@@ -26,6 +28,7 @@ from typing import Any
 from shared.settings import REPORTS_CONTAINER, TRAINING_CONTAINER
 from tunegrid.azurite import free_port, run_azurite
 from tunegrid.notifications import WebhookListener
+from tunegrid.render import gate_line, gate_samples
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,8 @@ STAGES = (
     ("completed", ("succeeded",)),
     ("registered", ("deploying",)),
     ("deploying", ("smoke-testing",)),
-    ("smoke-tested", ("shifting-traffic",)),
+    ("smoke-tested", ("evaluating",)),
+    ("gate", ("shifting-traffic", "rolled-back")),
     ("live", ("live",)),
 )
 FAILED = ("failed", "canceled", "rolled-back", "error", "invalid")
@@ -114,6 +118,11 @@ def _env(config: DemoConfig, conn: str, port: int, workspace: Path) -> dict[str,
         "JANITOR_SCHEDULE": "0 0 0 1 1 *",
         "SMOKE_ROWS": "2",
         "SMOKE_TIMEOUT_S": "120",
+        # the evaluation gate: a few rows and short answers, so the second run's gate takes seconds on a CPU;
+        # 10 % held out gives it 4 test rows of the 48
+        "TEST_SPLIT_PERCENT": "10",
+        "GATE_ROWS": "4",
+        "GATE_MAX_NEW_TOKENS": "32",
         "IDLE_MINUTES": "120",
         "JANITOR_GRACE_MINUTES": "0",
         "HF_HUB_OFFLINE": "1",
@@ -153,16 +162,25 @@ def _wait_report(ctx: Any, name: str, timeout_s: float) -> dict[str, Any]:
 
 
 def _follow_run(
-    ctx: Any, name: str, clock: Clock, config: DemoConfig, upload_at: float
+    ctx: Any, name: str, clock: Clock, config: DemoConfig, upload_at: float, *, after: set[str] | None = None
 ) -> tuple[Any, dict[str, float]]:
-    """Print each stage as the ledger reaches it, with training steps and loss from the job."""
+    """Print each stage as the ledger reaches it, with training steps and loss from the job, the estimate made
+    before submission and the gate's verdict. `after`: runs of the same dataset to leave out (earlier versions).
+    A run the gate rolls back is returned too (the live model stays); any other failure raises."""
     deadline = time.monotonic() + config.timeout_s
     seen: dict[str, float] = {}
     last_step = -1
     record = None
+    estimate_shown = False
     while time.monotonic() < deadline:
-        record = next((r for r in ctx.ledger.list() if r.blob == name), None)
+        record = next((r for r in ctx.ledger.list() if r.blob == name and r.run_id not in (after or ())), None)
         if record is not None:
+            if record.estimate and not estimate_shown:
+                estimate_shown = True
+                say(
+                    clock,
+                    f"estimate before submission: {record.estimate.get('summary') or record.estimate.get('error')}",
+                )
             states = [s for s, _ in record.timeline]
             for stage, markers in STAGES:
                 if stage not in seen and any(m in states for m in markers):
@@ -172,9 +190,13 @@ def _follow_run(
                         "registered": f"model {record.model_name}:{record.model_version}",
                         "deploying": f"endpoint {record.endpoint}, deployment {record.deployment} at 0 %",
                         "smoke-tested": f"p50 {record.smoke.get('p50_ms')} ms" if record.smoke else "",
+                        "gate": gate_line(record.gate),
                         "live": f"100 % of {record.endpoint} on {record.deployment}",
                     }.get(stage, "")
                     say(clock, f"stage {stage:<13} {detail}")
+                    if stage == "gate" and record.gate.get("live"):
+                        for line in gate_samples(record.gate, width=60, indent="           "):
+                            print(line, flush=True)
             if record.job_name and "completed" not in seen:
                 progress = ctx.settings.local_workspace_dir / "jobs" / record.job_name / "progress.json"
                 with contextlib.suppress(OSError, ValueError):
@@ -186,6 +208,8 @@ def _follow_run(
                             clock,
                             f"  training step {p['step']}/{p['total']}  loss {loss if loss is None else round(loss, 4)}  {p.get('tokens_per_s', 0):.0f} tokens/s",
                         )
+            if record.state.value == "rolled-back" and record.gate.get("verdict") == "rolled-back":
+                return record, seen
             if record.state.value in FAILED:
                 raise RuntimeError(f"run {record.run_id} ended {record.state.value}: {record.error}")
             if record.state.value == "live":
@@ -287,8 +311,15 @@ def _run_loop(
         total = clock() - upload_at
         stages["answered"] = total
         say(clock, f"answer: {answer!r}")
-        page = _save_run_page(host, record.run_id, config.workdir)
-        say(clock, f"run page: {host.base_url}/api/runs/{record.run_id}?code=<host key> (while the demo runs)")
+        data2 = b"\n".join(lines[config.rows : 2 * config.rows]) + b"\n"
+        say(clock, f"uploading a second version of {name}: {config.rows} other rows, the same sidecar")
+        second_at = clock()
+        ctx.blobs.upload(TRAINING_CONTAINER, name, data2)
+        second, second_stages = _follow_run(ctx, name, clock, config, second_at, after={record.run_id})
+        verdict = "goes live" if second.state.value == "live" else f"is rolled back ({second.error})"
+        say(clock, f"the second model {verdict}")
+        page = _save_run_page(host, second.run_id, config.workdir)
+        say(clock, f"run page: {host.base_url}/api/runs/{second.run_id}?code=<host key> (while the demo runs)")
         print(f"           saved as {page}: open it in a browser (one self-contained file)", flush=True)
 
         dry = sweep_from_context(ctx, dry_run=True)
@@ -314,6 +345,16 @@ def _run_loop(
             "run_page": str(page),
             "timeline": [state for state, _ in record.timeline],
             "events": [n.state for n in listener.events if n.subject == f"runs/{record.run_id}"],
+            "estimate": record.estimate.get("summary"),
+            "second": {
+                "run_id": second.run_id,
+                "state": second.state.value,
+                "estimate": second.estimate.get("summary"),
+                "throughput_source": second.estimate.get("throughput_source"),
+                "test_rows": second.extra.get("split", {}).get("test_rows"),
+                "gate": {k: second.gate.get(k) for k in ("verdict", "rows", "new", "live")},
+                "stages": {k: round(v, 1) for k, v in second_stages.items()},
+            },
         }
     finally:
         host.stop()

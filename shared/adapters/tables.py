@@ -99,8 +99,15 @@ class TableRunLedger:
 
 
 def audit_entity(decision: Decision, *, at: datetime, dry_run: bool, sweep_id: str) -> dict[str, Any]:
-    """The audit row: partition by UTC day, row key sortable by time and unique."""
+    """The audit row: partition by UTC day, row key sortable by time and unique. A priced endpoint delete also
+    records its price per hour, where that price came from, and the hours it had run idle."""
     at = as_utc(at).astimezone(UTC)
+    priced: dict[str, Any] = {}
+    if decision.hourly_usd is not None:
+        priced["hourly_usd"] = float(decision.hourly_usd)
+        priced["price_source"] = decision.price_source
+    if decision.idle_hours is not None:
+        priced["idle_hours"] = round(float(decision.idle_hours), 3)
     return {
         "PartitionKey": at.strftime("%Y-%m-%d"),
         "RowKey": f"{at.strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:12]}",
@@ -117,6 +124,7 @@ def audit_entity(decision: Decision, *, at: datetime, dry_run: bool, sweep_id: s
         "dry_run": dry_run,
         "sweep_id": sweep_id,
         "at": at,
+        **priced,
     }
 
 

@@ -48,7 +48,7 @@ class Rule(enum.StrEnum):
 
 
 ROLLOUT_STATES = frozenset(
-    {RunState.REGISTERING, RunState.DEPLOYING, RunState.SMOKE_TESTING, RunState.SHIFTING_TRAFFIC}
+    {RunState.REGISTERING, RunState.DEPLOYING, RunState.SMOKE_TESTING, RunState.EVALUATING, RunState.SHIFTING_TRAFFIC}
 )
 """A run in one of these states may be between creating a 0 % deployment and shifting traffic to it."""
 
@@ -124,6 +124,11 @@ class Decision:
     last_use: datetime | None = None
     outcome: str = ""
     retired_runs: tuple[str, ...] = ()
+    hourly_usd: float | None = None
+    """A deleted endpoint's price per hour (its deployments' sizes times their instances); None when unknown."""
+    idle_hours: float | None = None
+    """How long the endpoint had run idle (since its last use, or its creation) when it was deleted."""
+    price_source: str = ""
 
     @property
     def target(self) -> str:
@@ -141,6 +146,9 @@ class Decision:
             "last_use": self.last_use.isoformat() if self.last_use else None,
             "outcome": self.outcome,
             "retired_runs": list(self.retired_runs),
+            "hourly_usd": self.hourly_usd,
+            "idle_hours": None if self.idle_hours is None else round(self.idle_hours, 2),
+            "price_source": self.price_source,
         }
 
 

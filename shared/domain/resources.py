@@ -156,6 +156,7 @@ class DeploymentInfo:
     created_at: datetime | None = None
     instance_type: str | None = None
     error: str | None = None
+    instance_count: int | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,8 @@ class EndpointInfo:
     traffic: Mapping[str, int] = field(default_factory=dict)
     mirror_traffic: Mapping[str, int] = field(default_factory=dict)
     deployments: tuple[DeploymentInfo, ...] = ()
+    location: str | None = None
+    """The Azure region (None on the local backend): what the janitor prices an idle endpoint in."""
 
 
 @dataclass(frozen=True)

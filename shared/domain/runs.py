@@ -35,6 +35,7 @@ class RunState(enum.StrEnum):
     REGISTERING = "registering"
     DEPLOYING = "deploying"
     SMOKE_TESTING = "smoke-testing"
+    EVALUATING = "evaluating"
     SHIFTING_TRAFFIC = "shifting-traffic"
     LIVE = "live"
     ROLLED_BACK = "rolled-back"
@@ -60,7 +61,8 @@ TRANSITIONS: Mapping[RunState, frozenset[RunState]] = {
     S.SUCCEEDED: frozenset({S.REGISTERING}),
     S.REGISTERING: frozenset({S.DEPLOYING, S.ERROR}),
     S.DEPLOYING: frozenset({S.SMOKE_TESTING, S.ROLLED_BACK, S.ERROR}),
-    S.SMOKE_TESTING: frozenset({S.SHIFTING_TRAFFIC, S.ROLLED_BACK, S.ERROR}),
+    S.SMOKE_TESTING: frozenset({S.EVALUATING, S.ROLLED_BACK, S.ERROR}),
+    S.EVALUATING: frozenset({S.SHIFTING_TRAFFIC, S.ROLLED_BACK, S.ERROR}),
     S.SHIFTING_TRAFFIC: frozenset({S.LIVE, S.ROLLED_BACK, S.ERROR}),
     S.LIVE: frozenset({S.RETIRED}),
 }
@@ -77,6 +79,7 @@ ORDER = [
     S.REGISTERING,
     S.DEPLOYING,
     S.SMOKE_TESTING,
+    S.EVALUATING,
     S.SHIFTING_TRAFFIC,
     S.LIVE,
     S.RETIRED,
@@ -89,7 +92,7 @@ def run_id_for(container: str, blob: str, version: str) -> str:
     return "r" + digest[:15]
 
 
-_JSON_FIELDS = ("timeline", "params", "metrics", "smoke", "extra", "outbox")
+_JSON_FIELDS = ("timeline", "params", "metrics", "smoke", "extra", "outbox", "gate", "estimate")
 _LIST_FIELDS = ("timeline", "outbox")
 
 
@@ -127,6 +130,10 @@ class RunRecord:
     """Sequence number of the run's latest event (one per state change, the creation included)."""
     outbox: tuple[Mapping[str, Any], ...] = ()
     """Events not yet published, oldest first (`shared.domain.run_events.run_event`)."""
+    gate: Mapping[str, Any] = field(default_factory=dict)
+    """The evaluation gate's verdict: both scores, the rows used, a few answers side by side."""
+    estimate: Mapping[str, Any] = field(default_factory=dict)
+    """The cost (or, locally, time) estimate made before submission."""
     etag: str = field(default="", compare=False)
 
     @property

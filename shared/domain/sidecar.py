@@ -99,6 +99,20 @@ DEPLOYMENT_KEYS: Mapping[str, str] = {
     "max_concurrent_requests_per_instance": "int",
     "mirror_traffic_percent": "int",
 }
+GATE_KEYS: Mapping[str, tuple[float, float, str]] = {
+    "min_rouge_l": (0.0, 1.0, "the least ROUGE-L (F1, 0-1) the new model must reach on the gate's rows"),
+    "max_eval_loss": (
+        0.0,
+        1e6,
+        "the highest final eval_loss of the job that may go live (when the backend reports it)",
+    ),
+    "max_regression": (
+        0.0,
+        1.0,
+        "how far below the live model's ROUGE-L the new one may be; can only tighten GATE_MAX_REGRESSION",
+    ),
+}
+"""The evaluation gate's thresholds a sidecar may set (`"gate": {...}`): name -> (low, high, meaning)."""
 TOP_KEYS = (
     "model",
     "model_label",
@@ -108,6 +122,8 @@ TOP_KEYS = (
     "finetune",
     "deployment",
     "test_split_percent",
+    "gate",
+    "max_cost_usd",
 )
 
 
@@ -123,6 +139,10 @@ class Sidecar:
     finetune: Mapping[str, Any] = field(default_factory=dict)
     deployment: Mapping[str, Any] = field(default_factory=dict)
     test_split_percent: int | None = None
+    gate: Mapping[str, float] = field(default_factory=dict)
+    """Absolute thresholds of the evaluation gate (`GATE_KEYS`); none by default."""
+    max_cost_usd: float | None = None
+    """This dataset's cost cap; it can only lower MAX_RUN_COST_USD."""
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v not in (None, {}, ())}
@@ -182,6 +202,31 @@ def _section(doc: Mapping[str, Any], key: str, kinds: Mapping[str, str]) -> dict
     return out
 
 
+def _number(path: str, value: Any, low: float, high: float, *, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise InvalidInput(f"{path}: expected a number, got {value!r}")
+    number = float(value)
+    if number < low or number > high or (low_open and number == low):
+        bound = f"({low:g}, {high:g}]" if low_open else f"[{low:g}, {high:g}]"
+        raise InvalidInput(f"{path}: {value} is outside {bound}")
+    return number
+
+
+def _gate_section(doc: Mapping[str, Any]) -> dict[str, float]:
+    raw = doc.get("gate", {})
+    if not isinstance(raw, dict):
+        raise InvalidInput(f"gate: expected an object, got {type(raw).__name__}")
+    out: dict[str, float] = {}
+    for name, value in raw.items():
+        spec = GATE_KEYS.get(name)
+        if spec is None:
+            known = "; ".join(f"{k} ({meaning})" for k, (_, _, meaning) in GATE_KEYS.items())
+            raise InvalidInput(f"gate.{name}: unknown key (known: {known})")
+        low, high, _ = spec
+        out[name] = _number(f"gate.{name}", value, low, high, low_open=name == "max_eval_loss")
+    return out
+
+
 def parse_sidecar(text: str | bytes | None) -> Sidecar:
     """Parse and validate a sidecar document; `None` (no sidecar) gives all defaults."""
     if text is None:
@@ -211,6 +256,9 @@ def parse_sidecar(text: str | bytes | None) -> Sidecar:
     mirror = deployment.get("mirror_traffic_percent")
     if mirror is not None and not 0 <= mirror <= 50:
         raise InvalidInput(f"deployment.mirror_traffic_percent: {mirror} is outside [0, 50]")
+    gate = _gate_section(doc)
+    cap = doc.get("max_cost_usd")
+    max_cost = None if cap is None else _number("max_cost_usd", cap, 0.0, 1e9, low_open=True)
     return Sidecar(
         model=doc.get("model"),
         model_label=doc.get("model_label"),
@@ -220,6 +268,8 @@ def parse_sidecar(text: str | bytes | None) -> Sidecar:
         finetune=validate_finetune_params(finetune),
         deployment=deployment,
         test_split_percent=split,
+        gate=gate,
+        max_cost_usd=max_cost,
     )
 
 

@@ -2,6 +2,7 @@
 knows which adapter stands behind each."""
 
 from shared.ports.backend import EndpointPort, FineTuneBackend
+from shared.ports.costs import PriceSource, ThroughputHistory
 from shared.ports.janitor import AuditLog, LastProxyUse
 from shared.ports.run_events import RunEvents
 from shared.ports.scoring import Upstream, UpstreamAnswer, UpstreamReply, UsageSink
@@ -14,8 +15,10 @@ __all__ = [
     "FineTuneBackend",
     "LastProxyUse",
     "Ledger",
+    "PriceSource",
     "RunEvents",
     "RunLedgerPort",
+    "ThroughputHistory",
     "Upstream",
     "UpstreamAnswer",
     "UpstreamReply",

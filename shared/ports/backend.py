@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
+from shared.domain.costs import TrainingPlan
 from shared.domain.resources import (
     DeploymentInfo,
     DeploymentSpec,
@@ -38,6 +39,11 @@ class FineTuneBackend(Protocol):
         """What would stop (errors) or should worry (warnings) a submission of `request`: a retired
         base model, a SKU off the model's list, a choice the component does not offer. Reads only;
         `submit_finetune` refuses the same errors itself."""
+        ...
+
+    def plan_training(self, request: FineTuneRequest) -> TrainingPlan:
+        """Where and how long `request` would train (the SKU, its region, nodes, epochs, batch), for the cost
+        estimate made before submitting. Reads only."""
         ...
 
     def submit_finetune(self, request: FineTuneRequest) -> JobRef: ...

@@ -30,6 +30,7 @@ from shared.domain.validation import (
 from shared.errors import BackendError, ConfigError, ConflictError, InvalidInput, TransientError
 from shared.ports import Blobs, FineTuneBackend, Ledger
 from shared.settings import PREPARED_CONTAINER, REPORTS_CONTAINER, Settings
+from shared.usecases.estimate import CostPorts, estimate_before_submission
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +217,12 @@ def ingest_dataset(
     settings: Settings,
     now: Callable[[], datetime] = utcnow,
     token_counter: TokenCounterFactory | None = None,
+    costs: CostPorts | None = None,
 ) -> IngestOutcome:
-    """Handle one delivery of a dataset blob. Safe to call any number of times, concurrently."""
+    """Handle one delivery of a dataset blob. Safe to call any number of times, concurrently.
+
+    `costs`: prices and throughput history for the estimate made before submission (None: no price, the
+    default throughput)."""
     if not name.endswith(".jsonl"):
         log.info("ignoring %s/%s: not a .jsonl dataset", container, name)
         return IngestOutcome("ignored", "not a .jsonl file")
@@ -244,6 +249,7 @@ def ingest_dataset(
             settings=settings,
             etag=etag,
             token_counter=token_counter,
+            costs=costs or CostPorts(),
         )
     except (TransientError, OSError):
         _release(ledger, run_id)
@@ -273,6 +279,7 @@ def _process(
     settings: Settings,
     etag: str,
     token_counter: TokenCounterFactory | None = None,
+    costs: CostPorts,
 ) -> IngestOutcome:
     run_id, container, name = record.run_id, record.container, record.blob
     extra = {"run_id": run_id, "blob": f"{container}/{name}"}
@@ -296,6 +303,11 @@ def _process(
             errors = [f.message for f in findings if f.is_error]
             if errors:
                 raise ConfigError("; ".join(errors))
+            refusal = estimate_before_submission(
+                record, request, backend=backend, blobs=blobs, ledger=ledger, settings=settings, costs=costs
+            )
+            if refusal:
+                raise ConfigError(refusal)
             log.info("submitting fine-tune job %s for run %s", record.job_name, run_id, extra=extra)
             ref = backend.submit_finetune(request)
         except (BackendError, ConfigError, InvalidInput) as exc:

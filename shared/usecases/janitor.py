@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 from shared.domain.clock import as_utc, utcnow
+from shared.domain.costs import endpoint_hourly_usd, idle_hours
 from shared.domain.janitor_rules import (
     Decision,
     JanitorPolicy,
@@ -25,9 +26,10 @@ from shared.domain.janitor_rules import (
     latest,
     screen_endpoint,
 )
+from shared.domain.resources import EndpointInfo
 from shared.domain.runs import RunState
 from shared.errors import ConflictError, NotFound, TunegridError
-from shared.ports import AuditLog, EndpointPort, LastProxyUse, RunLedgerPort
+from shared.ports import AuditLog, EndpointPort, LastProxyUse, PriceSource, RunLedgerPort
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,21 @@ class SweepReport:
     def failures(self) -> list[Decision]:
         return [d for d in self.decisions if d.outcome.startswith("failed")]
 
+    @property
+    def savings(self) -> Savings:
+        """What the endpoints deleted in this sweep (in a dry run: that would be) billed per hour, and the
+        money they had cost while idle."""
+        done = ("dry-run",) if self.dry_run else ("deleting",)
+        deleted = [d for d in self.deletes if d.kind == "endpoint" and d.outcome in done]
+        priced = [d for d in deleted if d.hourly_usd is not None]
+        return Savings(
+            endpoints=len(deleted),
+            priced=len(priced),
+            usd_per_hour=round(sum(d.hourly_usd or 0.0 for d in priced), 4),
+            idle_usd=round(sum((d.hourly_usd or 0.0) * (d.idle_hours or 0.0) for d in priced), 2),
+            idle_hours=round(sum(d.idle_hours or 0.0 for d in deleted), 2),
+        )
+
     def public(self) -> dict[str, Any]:
         return {
             "sweep_id": self.sweep_id,
@@ -63,7 +80,21 @@ class SweepReport:
             "decisions": [d.public() for d in self.decisions],
             "deleted_endpoints": self.deleted_endpoints,
             "failed": len(self.failures),
+            "savings": asdict(self.savings),
         }
+
+
+@dataclass(frozen=True)
+class Savings:
+    endpoints: int
+    """Endpoints deleted (or, in a dry run, that would be)."""
+    priced: int
+    """Of those, the ones whose price is known."""
+    usd_per_hour: float
+    """Billing stopped per hour by the deletes: the total saved for every hour they would have kept running."""
+    idle_usd: float
+    """What they had cost while idle before the janitor deleted them."""
+    idle_hours: float
 
 
 def _read_usage(backend: EndpointPort, last_proxy_use: LastProxyUse, endpoint: str, *, since: datetime) -> Usage:
@@ -116,7 +147,9 @@ class _Sweep:
         policy: JanitorPolicy,
         dry_run: bool,
         now: datetime,
+        prices: PriceSource | None = None,
     ) -> None:
+        self.prices = prices
         self.backend = backend
         self.ledger = ledger
         self.audit = audit
@@ -157,7 +190,7 @@ class _Sweep:
                 if decision.action == "delete":
                     decision = self.confirm_endpoint(decision, runs, usage)
             if decision.action == "delete":
-                self.delete_endpoint(decision, runs)
+                self.delete_endpoint(self.priced(decision, endpoint), runs)
                 continue
             self.finish(decision)
             for deployment in sorted(endpoint.deployments, key=lambda d: d.name):
@@ -168,6 +201,27 @@ class _Sweep:
                     self.delete_deployment(dep_decision, runs)
                 else:
                     self.finish(dep_decision)
+
+    def priced(self, decision: Decision, endpoint: EndpointInfo) -> Decision:
+        """The endpoint's price per hour (each deployment's size in the endpoint's region, times its instances)
+        and the hours it ran idle; a price that cannot be read leaves the decision unpriced, never blocks it."""
+        hours = idle_hours(latest(decision.last_use, endpoint.created_at), self.now)
+        if not endpoint.deployments:  # a managed endpoint bills its deployments' instances only
+            return replace(decision, idle_hours=hours, hourly_usd=0.0, price_source="no deployment")
+        if self.prices is None or not endpoint.location:
+            why = "no region (local backend)" if not endpoint.location else "no price source"
+            return replace(decision, idle_hours=hours, price_source=why)
+        try:
+            quotes = [
+                (self.prices.hourly_price(d.instance_type or "", endpoint.location), d.instance_count or 1)
+                for d in endpoint.deployments
+            ]
+        except Exception as exc:  # the savings are for the record; the delete goes on without them
+            log.warning("janitor: price of %s unavailable: %s", endpoint.name, exc, extra={"endpoint": endpoint.name})
+            return replace(decision, idle_hours=hours, price_source=f"unavailable: {type(exc).__name__}")
+        hourly = endpoint_hourly_usd(quotes)
+        sources = sorted({f"{q.source} {q.as_of}" for q, _ in quotes if q is not None})
+        return replace(decision, idle_hours=hours, hourly_usd=hourly, price_source=", ".join(sources))
 
     def confirm_endpoint(self, decision: Decision, runs: Sequence[RunRef], usage: Usage) -> Decision:
         """Re-read the endpoint and the proxy's record just before acting: a keep tag or a request may have landed."""
@@ -280,11 +334,13 @@ def sweep_idle_endpoints(
     policy: JanitorPolicy,
     dry_run: bool = False,
     now: Callable[[], datetime] = utcnow,
+    prices: PriceSource | None = None,
 ) -> SweepReport:
     """One janitor pass: decide on every endpoint the backend lists, delete what is owned, idle and safe.
 
     Deletes are started, never waited on. In dry-run mode the same decisions are logged and audited
-    (rows marked `dry_run`), and nothing is deleted or retired. Errors listing endpoints or runs
+    (rows marked `dry_run`), and nothing is deleted or retired. With `prices`, each deleted endpoint's audit row
+    records its price per hour and the hours it ran idle (`SweepReport.savings` adds them up). Errors listing endpoints or runs
     propagate (nothing is deleted then); a refused delete is recorded and the pass goes on.
     """
     at = as_utc(now())
@@ -297,6 +353,7 @@ def sweep_idle_endpoints(
         policy=policy,
         dry_run=dry_run,
         now=at,
+        prices=prices,
     )
     sweep.run(runs)
     report = SweepReport(

@@ -15,7 +15,13 @@ from shared.settings import REPORTS_CONTAINER
 log = logging.getLogger(__name__)
 
 CANCELABLE = (RunState.SUBMITTED, RunState.RUNNING)
-ROLLOUT_STATES = (RunState.DEPLOYING, RunState.SMOKE_TESTING, RunState.SHIFTING_TRAFFIC, RunState.LIVE)
+ROLLOUT_STATES = (
+    RunState.DEPLOYING,
+    RunState.SMOKE_TESTING,
+    RunState.EVALUATING,
+    RunState.SHIFTING_TRAFFIC,
+    RunState.LIVE,
+)
 """States in which the run's endpoint exists and its traffic split is worth showing."""
 
 LISTED_ISSUES = 20

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.bootstrap import app_context
-from tunegrid.render import table
+from tunegrid.render import gate_line, gate_samples, table
 
 
 def _runs(args: argparse.Namespace) -> int:
@@ -66,9 +66,16 @@ def render_status(doc: dict[str, Any]) -> str:
         pairs.append(("metrics", ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, int | float))))
     if doc.get("smoke"):
         pairs.append(("smoke", f"passed={doc['smoke'].get('passed')} p50={doc['smoke'].get('p50_ms')} ms"))
+    if doc.get("gate"):
+        pairs.append(("gate", gate_line(doc["gate"])))
+    if doc.get("estimate"):
+        pairs.append(("estimate", str(doc["estimate"].get("summary") or doc["estimate"].get("error"))))
     if doc.get("loss_curve"):
         pairs.append(("loss PNG", doc["loss_curve"]["file"]))
-    lines = [f"run {doc['run_id']}: {doc['state']}", *table(pairs, indent="  "), "  timeline"]
+    lines = [f"run {doc['run_id']}: {doc['state']}", *table(pairs, indent="  ")]
+    if (doc.get("gate") or {}).get("samples"):
+        lines += ["  gate answers", *gate_samples(doc["gate"])]
+    lines.append("  timeline")
     lines += table(([step["at"][:23], step["state"]] for step in doc["timeline"]), indent="    ")
     return "\n".join(lines)
 

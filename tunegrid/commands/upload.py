@@ -29,6 +29,7 @@ from shared.domain.runs import run_id_for
 from shared.domain.sidecar import parse_sidecar
 from shared.errors import ConfigError, InvalidInput, TransientError, UsageError
 from shared.settings import TRAINING_CONTAINER, Settings
+from tunegrid.render import gate_line
 
 SIDECAR_SUFFIX = ".config.json"
 TEST_SUFFIX = ".test.jsonl"
@@ -231,16 +232,19 @@ class Follower:
 
 def _stage_detail(state: str, doc: Mapping[str, Any]) -> str:
     if state == "submitted":
-        return f"job {doc.get('job_name', '')}"
+        estimate = (doc.get("estimate") or {}).get("summary")
+        return f"job {doc.get('job_name', '')}" + (f"; estimate: {estimate}" if estimate else "")
     if state == "succeeded":
         last = {k: v.get("last") for k, v in (doc.get("metrics") or {}).items() if isinstance(v, Mapping)}
         shown = [f"{k} {last[k]:.4f}" for k in ("loss", "train_loss", "eval_loss") if isinstance(last.get(k), float)]
         return "  ".join(shown)
     if state == "deploying":
         return f"model {doc.get('model_name', '')}:{doc.get('model_version', '')} to endpoint {doc.get('endpoint', '')}, deployment {doc.get('deployment', '')} at 0 %"
-    if state == "shifting-traffic":
+    if state == "evaluating":
         smoke = doc.get("smoke") or {}
         return f"smoke test passed ({len(smoke.get('rows') or [])} rows, p50 {smoke.get('p50_ms')} ms)" if smoke else ""
+    if state == "shifting-traffic":
+        return f"gate {gate_line(doc.get('gate') or {})}" if doc.get("gate") else ""
     if state == "live":
         return f"100 % of {doc.get('endpoint', '')} on {doc.get('deployment', '')}"
     if state in FAILED_STATES:

@@ -16,6 +16,7 @@ in the child processes, except mlflow for the registry and metrics calls.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import signal
@@ -29,6 +30,7 @@ from urllib.parse import unquote, urlparse
 
 from shared.domain.clock import iso, utcnow
 from shared.domain.clock import parse_time as parse_iso
+from shared.domain.costs import TrainingPlan
 from shared.domain.resources import (
     DataRef,
     DeploymentInfo,
@@ -83,6 +85,18 @@ def fetch_local_file(ref: DataRef, dest: Path) -> None:
         )
     with source.open("rb") as src, dest.open("wb") as out:
         shutil.copyfileobj(src, out, 1024 * 1024)
+
+
+def local_device() -> str:
+    """The device the trainer will pick (`trainer.pick_device`: CUDA when torch sees a GPU), told without
+    importing torch in the app's process: an NVIDIA driver listing a GPU, not hidden by CUDA_VISIBLE_DEVICES."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return "cpu"
+    gpus = Path("/proc/driver/nvidia/gpus")
+    try:
+        return "cuda" if gpus.is_dir() and any(gpus.iterdir()) else "cpu"
+    except OSError:
+        return "cpu"
 
 
 def blob_fetcher(storage_connection: Mapping[str, str]) -> DataFetcher:
@@ -205,6 +219,19 @@ class LocalBackend:
         except InvalidInput as exc:
             return [Finding(FindingLevel.ERROR, "invalid_parameter", str(exc))]
         return []
+
+    def plan_training(self, request: FineTuneRequest) -> TrainingPlan:
+        """This machine and the local trainer's resolved parameters: the estimate is a time, not money."""
+        config = resolve_train_config(request.params)
+        return TrainingPlan(
+            backend=self.name,
+            sku=f"local-{local_device()}",
+            epochs=float(config.num_train_epochs),
+            max_steps=config.max_steps,
+            rows_per_step=config.per_device_train_batch_size * config.gradient_accumulation_steps,
+            max_seq_length=config.max_seq_length,
+            priced=False,
+        )
 
     def submit_finetune(self, request: FineTuneRequest) -> JobRef:
         """Copy the data, start the job process, return. The same job name again returns the same job."""

@@ -95,6 +95,8 @@ class AzureMLClients:
         self._workspace_entity: Any = None
         self._arm_client: Any = None
         self._alternatives_cache: dict[tuple[str, str], tuple[float, str]] = {}
+        self._recent_plans: dict[str, tuple[float, Any]] = {}
+        """job name -> (monotonic time, SubmissionPlan): `plan_training` reuses the plan `check_finetune` just made."""
         self._deployment_pollers: dict[tuple[str, str], Any] = {}
         workspace_id = (
             f"/subscriptions/{settings.subscription_id}/resourceGroups/{settings.resource_group}"

@@ -58,6 +58,10 @@ def _poller_error(poller: Any) -> str | None:
     return None
 
 
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def _check_traffic(traffic: Mapping[str, int], mirror: Mapping[str, int]) -> None:
     for what, shares in (("traffic", traffic), ("mirror traffic", mirror)):
         for name, share in shares.items():
@@ -101,6 +105,7 @@ class EndpointsMixin(AzureMLClients):
             created_at=_created_at(deployment),
             instance_type=getattr(deployment, "instance_type", None),
             error=error,
+            instance_count=_count(getattr(deployment, "instance_count", None)),
         )
 
     def _endpoint_info(self, endpoint: Any, deployments: list[Any]) -> EndpointInfo:
@@ -113,6 +118,7 @@ class EndpointsMixin(AzureMLClients):
             traffic={k: int(v) for k, v in (endpoint.traffic or {}).items()},
             mirror_traffic={k: int(v) for k, v in (getattr(endpoint, "mirror_traffic", None) or {}).items()},
             deployments=tuple(self._deployment_info(endpoint.name, d) for d in deployments),
+            location=str(getattr(endpoint, "location", "") or "") or None,
         )
 
     def _deployments_of(self, endpoint: str) -> list[Any]:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from shared.adapters.azureml.clients import AzureMLClients, operation_now, service_word
 from shared.adapters.azureml.component_choices import choice_findings, component_enums
@@ -54,6 +54,7 @@ from shared.adapters.azureml.model_lifecycle import (
 )
 from shared.adapters.azureml.model_tags import MODEL_DEFAULTS_TAG, parse_model_defaults
 from shared.adapters.azureml.observability import mlflow_base_url, read_run_metrics
+from shared.domain.costs import TrainingPlan
 from shared.domain.resources import (
     Finding,
     FindingLevel,
@@ -75,6 +76,8 @@ _MAX_LISTED_MODELS = 5000
 _ALTERNATIVE_READS = 12
 """Model versions read at most when looking for an alternative to a retired model."""
 _ALTERNATIVE_TTL_S = 3600.0
+_PLAN_REUSE_S = 300.0
+"""How long `plan_training` reuses the plan `check_finetune` made for the same job (one ingest delivery)."""
 
 
 def pipeline_job_from_spec(spec: FineTuneJobSpec, component: Any) -> Any:
@@ -115,6 +118,8 @@ class SubmissionPlan:
     spec: FineTuneJobSpec | None = None
     component: Any = None
     model: ModelMetadata | None = None
+    finetune_size: str = ""
+    """The fine-tune step's VM size (serverless: chosen or from the model's list; a cluster: its size)."""
 
     @property
     def errors(self) -> list[Finding]:
@@ -220,7 +225,7 @@ class JobsMixin(AzureMLClients):
 
     def _compute(
         self, request: FineTuneRequest, meta: ModelMetadata, *, now: datetime
-    ) -> tuple[ComputePlan, list[Finding]]:
+    ) -> tuple[ComputePlan, list[Finding], str]:
         """Sizes from settings, the sidecar or the model's list, checked against the model's lists and
         the retired families; then the GPU count of the fine-tune size."""
         plan = compute_plan(self._settings, request.compute)
@@ -254,8 +259,9 @@ class JobsMixin(AzureMLClients):
             where = f"cluster {plan.target}"
             findings += sku_findings(size, meta.finetune_skus, meta=meta, role="fine-tune", where=where, now=now)
         if any(f.is_error for f in findings) or not size:
-            return plan, findings
-        return resolve_gpus(self._ws, lambda fn, action: self._call(fn, action), plan, size=size, where=where), findings
+            return plan, findings, size
+        gpus = resolve_gpus(self._ws, lambda fn, action: self._call(fn, action), plan, size=size, where=where)
+        return gpus, findings, size
 
     def plan_submission(self, request: FineTuneRequest, *, now: datetime | None = None) -> SubmissionPlan:
         """Resolve and check the base model (lifecycle), the compute (the model's SKU lists) and the
@@ -269,7 +275,7 @@ class JobsMixin(AzureMLClients):
         findings += finetune_lifecycle_findings(meta, now=now, alternative=alternative)
         if any(f.is_error for f in findings):
             return SubmissionPlan(tuple(findings), model=meta)
-        plan, compute_findings = self._compute(request, meta, now=now)
+        plan, compute_findings, size = self._compute(request, meta, now=now)
         findings += compute_findings
         if any(f.is_error for f in findings):
             return SubmissionPlan(tuple(findings), model=meta)
@@ -298,16 +304,59 @@ class JobsMixin(AzureMLClients):
             component=f"{component.name} {component.version}",
             sources=sources,
         )
-        return SubmissionPlan(tuple(findings), spec=spec, component=component, model=meta)
+        return SubmissionPlan(tuple(findings), spec=spec, component=component, model=meta, finetune_size=size)
+
+    def _remembered_plan(self, request: FineTuneRequest) -> SubmissionPlan:
+        """The plan `check_finetune` made for this job moments ago, else a new one."""
+        with self._lock:
+            hit = self._recent_plans.get(request.job_name)
+        if hit is not None and time.monotonic() - hit[0] < _PLAN_REUSE_S:
+            return cast(SubmissionPlan, hit[1])
+        return self._remember(request, self.plan_submission(request))
+
+    def _remember(self, request: FineTuneRequest, plan: SubmissionPlan) -> SubmissionPlan:
+        now = time.monotonic()
+        with self._lock:
+            for name, (at, _) in list(self._recent_plans.items()):
+                if now - at >= _PLAN_REUSE_S:
+                    del self._recent_plans[name]
+            self._recent_plans[request.job_name] = (now, plan)
+        return plan
 
     def check_finetune(self, request: FineTuneRequest) -> list[Finding]:
         """The plan's findings; a compute, config or input problem found while planning (a missing
         cluster, unreadable tags) is an error finding too. Permission and service errors raise."""
         try:
-            return list(self.plan_submission(request).findings)
+            return list(self._remember(request, self.plan_submission(request)).findings)
         except (ComputeError, ConfigError, InvalidInput) as exc:
             code = "compute" if isinstance(exc, ComputeError) else "config"
             return [Finding(FindingLevel.ERROR, code, str(exc))]
+
+    def plan_training(self, request: FineTuneRequest) -> TrainingPlan:
+        """The fine-tune step's size and the workspace's region, with the merged training parameters (the
+        same spec `submit_finetune` sends), for the cost estimate."""
+        planned = self._remembered_plan(request)
+        if planned.spec is None or not planned.finetune_size:
+            raise refusal(planned.errors) if planned.errors else ConfigError("the fine-tune VM size is unknown")
+        inputs = planned.spec.training_inputs
+        gpus = int(inputs.get("number_of_gpu_to_use_finetuning") or 1)
+        nodes = int(inputs.get("num_nodes_finetune") or 1)
+        inference = planned.model.inference_skus if planned.model is not None else None
+        return TrainingPlan(
+            backend="azureml",
+            sku=planned.finetune_size,
+            region=str(getattr(self._workspace(), "location", "") or ""),
+            nodes=nodes,
+            gpus_per_node=gpus,
+            epochs=float(inputs.get("num_train_epochs") or 1),
+            max_steps=int(inputs.get("max_steps") or -1),
+            rows_per_step=int(inputs.get("per_device_train_batch_size") or 1)
+            * int(inputs.get("gradient_accumulation_steps") or 1)
+            * gpus
+            * nodes,
+            max_seq_length=int(inputs.get("max_seq_length") or -1),
+            inference_sku=(inference.first_usable() or "") if inference is not None else "",
+        )
 
     def submit_finetune(self, request: FineTuneRequest) -> JobRef:
         extra = {"run_id": request.run_id}

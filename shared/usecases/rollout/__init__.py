@@ -2,8 +2,9 @@
 
 The ledger drives a state machine:
     submitted -> running -> succeeded | failed | canceled
-    succeeded -> registering -> deploying -> smoke-testing -> shifting-traffic -> live (-> retired)
-    deploying | smoke-testing | shifting-traffic -> rolled-back
+    succeeded -> registering -> deploying -> smoke-testing -> evaluating -> shifting-traffic -> live (-> retired)
+    deploying | smoke-testing | evaluating | shifting-traffic -> rolled-back
+`evaluating` is the evaluation gate (`gate.py`): the new model must score about as well as the live one.
 Events are only a nudge: every step re-reads the backend's truth, checks before it acts, and takes a
 short lease on the record (an ETag-conditional write) so that duplicate, concurrent or out-of-order
 deliveries never repeat work. Long operations (endpoint and deployment provisioning, traffic updates)

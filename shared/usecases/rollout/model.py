@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 from shared.domain.clock import utcnow
 from shared.domain.runs import RunState
-from shared.ports import Blobs, FineTuneBackend, Ledger, RunEvents, Upstream
+from shared.ports import Blobs, FineTuneBackend, Ledger, RunEvents, ThroughputHistory, Upstream
 from shared.settings import Settings
 from shared.usecases.run_events import NO_RUN_EVENTS
 
@@ -20,6 +20,7 @@ IN_FLIGHT = (
     RunState.REGISTERING,
     RunState.DEPLOYING,
     RunState.SMOKE_TESTING,
+    RunState.EVALUATING,
     RunState.SHIFTING_TRAFFIC,
 )
 REPORT_STATES = frozenset({RunState.LIVE, RunState.ROLLED_BACK, RunState.FAILED, RunState.CANCELED, RunState.ERROR})
@@ -34,10 +35,12 @@ class Rollout:
     blobs: Blobs
     settings: Settings
     upstream: Upstream
-    """How the smoke test calls the new deployment: the scoring proxy's client and credential cache."""
+    """How the smoke test and the evaluation gate call deployments: the scoring proxy's client and credential cache."""
     now: Callable[[], datetime] = utcnow
     events: RunEvents = NO_RUN_EVENTS
     """Where run events go; the tick publishes what state changes left in the outboxes."""
+    history: ThroughputHistory | None = None
+    """Where a completed run's training speed is remembered for later cost estimates (None: not remembered)."""
 
 
 @dataclass(frozen=True)

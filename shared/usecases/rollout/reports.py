@@ -44,8 +44,55 @@ def run_report_markdown(record: RunRecord) -> str:
             "",
             f"- passed: {record.smoke.get('passed')}, p50 {record.smoke.get('p50_ms')} ms",
         ]
+    lines += gate_markdown(record.gate)
+    if record.estimate:
+        lines += [
+            "",
+            "## Estimate before submission",
+            "",
+            f"- {record.estimate.get('summary') or record.estimate.get('error')}",
+        ]
     lines += ["", "## Timeline", "", "| state | at |", "|---|---|"] + [f"| {s} | {t} |" for s, t in record.timeline]
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: Any) -> str:
+    return str(text if text is not None else "").replace("|", "\\|").replace("\n", " ")
+
+
+def gate_markdown(gate: Mapping[str, Any]) -> list[str]:
+    """The evaluation gate: verdict, both scores, the rows used, and a few answers side by side."""
+    if not gate:
+        return []
+    new, live = gate.get("new") or {}, gate.get("live") or {}
+    lines = ["", "## Evaluation gate", "", f"- verdict: **{gate.get('verdict')}**"]
+    if gate.get("rows") is not None:
+        lines.append(
+            f"- {gate['rows']} test rows, greedy, max {gate.get('max_new_tokens')} new tokens; {gate.get('metric')}"
+        )
+    if new:
+        lines.append(f"- new `{new.get('deployment')}`: ROUGE-L {new.get('rouge_l')}, eval_loss {new.get('eval_loss')}")
+    if live:
+        lines.append(
+            f"- live `{live.get('deployment')}`: ROUGE-L {live.get('rouge_l')}, eval_loss {live.get('eval_loss')}"
+        )
+    elif new:
+        lines.append("- live: none (first model on this endpoint: absolute thresholds only)")
+    if gate.get("thresholds"):
+        lines.append("- thresholds: " + ", ".join(f"{k} {v}" for k, v in gate["thresholds"].items() if v is not None))
+    lines += [f"- why not: {r}" for r in gate.get("reasons") or []]
+    lines += [f"- note: {n}" for n in gate.get("notes") or []]
+    samples = gate.get("samples") or []
+    if samples:
+        with_live = any("live" in s for s in samples)
+        head = "| row | prompt | reference | new |" + (" live |" if with_live else "")
+        lines += ["", head, "|---|---|---|---|" + ("---|" if with_live else "")]
+        for s in samples:
+            row = f"| {s.get('row')} | {_cell(s.get('prompt'))} | {_cell(s.get('reference'))} | {_cell(s.get('new'))} ({s.get('new_rouge_l')}) |"
+            if with_live:
+                row += f" {_cell(s.get('live'))} ({s.get('live_rouge_l')}) |"
+            lines.append(row)
+    return lines
 
 
 def write_run_report(record: RunRecord, rollout: Rollout) -> str:

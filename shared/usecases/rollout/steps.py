@@ -22,6 +22,8 @@ from shared.domain.resources import DeploymentSpec, JobState, ModelRef, Provisio
 from shared.domain.runs import RunRecord, RunState
 from shared.errors import ConflictError, TransientError, UpstreamError
 from shared.settings import Settings
+from shared.usecases.estimate import record_throughput
+from shared.usecases.rollout.gate import step_evaluate
 from shared.usecases.rollout.leases import leased, move, release
 from shared.usecases.rollout.model import Rollout
 
@@ -74,6 +76,7 @@ def _final_metrics(record: RunRecord, rollout: Rollout) -> dict[str, Any]:
 
 
 def _step_succeeded(record: RunRecord, rollout: Rollout) -> RunRecord | None:
+    record_throughput(record, rollout.history)  # how fast it trained on its SKU: later cost estimates learn it
     return move(record, rollout, RunState.REGISTERING)
 
 
@@ -275,7 +278,7 @@ def _step_smoke(record: RunRecord, rollout: Rollout) -> RunRecord | None:
             rollout.backend.begin_set_traffic(
                 record.endpoint, dict(endpoint.traffic), mirror_traffic={record.deployment: int(mirror)}
             )
-    return move(record, rollout, RunState.SHIFTING_TRAFFIC, smoke=smoke)
+    return move(record, rollout, RunState.EVALUATING, smoke=smoke)
 
 
 @leased
@@ -337,5 +340,6 @@ STEPS: Mapping[RunState, Callable[[RunRecord, Rollout], RunRecord | None]] = {
     RunState.REGISTERING: _step_register,
     RunState.DEPLOYING: _step_deploy,
     RunState.SMOKE_TESTING: _step_smoke,
+    RunState.EVALUATING: step_evaluate,  # the evaluation gate: shared/usecases/rollout/gate.py
     RunState.SHIFTING_TRAFFIC: _step_shift,
 }

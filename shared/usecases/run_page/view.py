@@ -32,6 +32,7 @@ STAGE_LABELS: Mapping[str, str] = {
     "registering": "Registering the model",
     "deploying": "Deploying (0 % traffic)",
     "smoke-testing": "Smoke test",
+    "evaluating": "Evaluation gate (new against live)",
     "shifting-traffic": "Shifting traffic",
     "live": "Live",
     "rolled-back": "Rolled back",

@@ -1,0 +1,360 @@
+"""The evaluation gate over the in-memory ports: controlled answers behind the backend and upstream ports decide
+whether a new model takes the live one's traffic. The rule itself is tested as a table; the gate against real
+local deployments is in tests/test_gate_local.py."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.domain.gate import GateThresholds, Scores, decide
+from shared.domain.resources import JobState, MetricPoint
+from shared.domain.runs import RunState
+from shared.settings import PREPARED_CONTAINER, RUN_REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
+from shared.usecases.ingest import ingest_dataset
+from shared.usecases.rollout import Rollout, advance_run, run_report_markdown, tick
+from shared.usecases.rollout.gate import ATTEMPTS, rouge_l
+from tests.fakes import FakeBackend, FakeUpstream, InMemoryBlobs, InMemoryLedger
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+class World:
+    """The roll-out's ports in memory, one fake upstream whose answers the test controls."""
+
+    def __init__(self, unique: str, **settings: str) -> None:
+        self.settings = Settings.from_env(
+            {"TUNEGRID_INSTANCE": f"t{unique}", "SMOKE_ROWS": "1", "GATE_ROWS": "4", **settings}
+        )
+        self.ledger = InMemoryLedger()
+        self.blobs = InMemoryBlobs()
+        self.backend = FakeBackend()
+        self.upstream = FakeUpstream(self.backend)
+        self.prefix = f"g{unique}/"
+
+    def rollout(self) -> Rollout:
+        return Rollout(
+            ledger=self.ledger, backend=self.backend, blobs=self.blobs, settings=self.settings, upstream=self.upstream
+        )
+
+    def submit(self, *, offset: int, rows: int = 80, sidecar: dict[str, Any] | None = None) -> Any:
+        lines = (SAMPLES / "ultrachat_small.jsonl").read_bytes().splitlines()
+        blob = self.prefix + "family.jsonl"
+        if sidecar is not None:
+            self.blobs.upload(TRAINING_CONTAINER, self.prefix + "family.config.json", json.dumps(sidecar).encode())
+        self.blobs.upload(TRAINING_CONTAINER, blob, b"\n".join(lines[offset : offset + rows]) + b"\n")
+        outcome = ingest_dataset(
+            container=TRAINING_CONTAINER,
+            name=blob,
+            blobs=self.blobs,
+            ledger=self.ledger,
+            backend=self.backend,
+            settings=self.settings,
+        )
+        assert outcome.action == "submitted", outcome
+        record = self.ledger.get(outcome.run_id)
+        self.backend.set_job(record.job_name, JobState.COMPLETED)
+        return record
+
+    def drive(self, run_id: str, *, ticks: int = 20) -> Any:
+        rollout = self.rollout()
+        for _ in range(ticks):
+            tick(rollout)
+            record = self.ledger.get(run_id)
+            if record.state.terminal or record.state == RunState.LIVE:
+                return record
+        return self.ledger.get(run_id)
+
+    def references(self, record: Any) -> dict[str, str]:
+        """The test split's reference answers, by the conversation that leads to them."""
+        raw = self.blobs.read_bytes(PREPARED_CONTAINER, record.extra["test"]["blob"], limit=10**8) or b""
+        out = {}
+        for line in raw.splitlines():
+            messages = json.loads(line)["messages"]
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            out[_key(messages[:last])] = messages[last]["content"]
+        return out
+
+
+def _key(conversation: list[dict[str, Any]]) -> str:
+    return json.dumps([[m["role"], m["content"]] for m in conversation])
+
+
+def answers_like(references: dict[str, str], *, words: int | None = None) -> Callable[[str, list[Any]], str]:
+    """A deployment that answers with the reference (its first `words` words): a model that learned the data."""
+
+    def answer(deployment: str, conversation: list[Any]) -> str:
+        text = references[_key(conversation)]
+        return text if words is None else " ".join(text.split()[:words])
+
+    return answer
+
+
+def _serving(world: World, endpoint: str) -> dict[str, int]:
+    """The deployments taking traffic now."""
+    return {k: v for k, v in world.backend.get_endpoint(endpoint).traffic.items() if v}
+
+
+def off_topic(deployment: str, conversation: list[Any]) -> str:
+    return "I am sorry, I cannot help with that request today."
+
+
+@pytest.fixture
+def world(unique: str) -> World:
+    return World(unique)
+
+
+def _live_first(world: World, **answers: Any) -> Any:
+    first = world.submit(offset=0)
+    world.upstream.answerers[f"d-{first.run_id}"] = answers.get("first") or off_topic
+    first = world.drive(first.run_id)
+    assert first.state == RunState.LIVE, first.error
+    return first
+
+
+def test_a_better_model_is_promoted_with_both_scores_on_record(world: World) -> None:
+    """The new model answers like the references, the live one off topic: promoted, both scores recorded."""
+    first = _live_first(world)
+    asked_before = len(world.upstream.to(first.deployment))
+    second = world.submit(offset=300)
+    world.upstream.answerers[f"d-{second.run_id}"] = answers_like(world.references(second))
+    second = world.drive(second.run_id)
+    assert second.state == RunState.LIVE, second.error
+    gate = second.gate
+    assert gate["verdict"] == "promoted" and gate["rows"] == 4
+    assert gate["new"]["rouge_l"] == 1.0 and gate["live"]["rouge_l"] < 0.2
+    assert gate["live"]["deployment"] == first.deployment and gate["live"]["run_id"] == first.run_id
+    assert gate["new"]["eval_loss"] == 1.7 and gate["live"]["eval_loss"] == 1.7
+    # the same rows went to both deployments, greedy, by deployment name
+    to_new = [b for b in world.upstream.to(second.deployment) if b["input_data"]["parameters"]["max_new_tokens"] == 128]
+    to_live = world.upstream.to(first.deployment)[asked_before:]
+    assert len(to_new) == len(to_live) == 4
+    assert [b["input_data"]["input_string"] for b in to_new] == [b["input_data"]["input_string"] for b in to_live]
+    assert all(b["input_data"]["parameters"]["do_sample"] is False for b in to_new + to_live)
+    assert len(gate["samples"]) == 3 and {"prompt", "reference", "new", "live"} <= set(gate["samples"][0])
+    assert _serving(world, second.endpoint) == {second.deployment: 100}
+    assert world.ledger.get(first.run_id).state == RunState.RETIRED
+
+
+def test_a_worse_model_is_rolled_back_and_the_live_one_keeps_its_traffic(world: World) -> None:
+    """The new model answers worse than the live one by more than GATE_MAX_REGRESSION: rolled back, reason gate."""
+    first = world.submit(offset=0)
+    world.upstream.answerers[f"d-{first.run_id}"] = answers_like(world.references(first))
+    first = world.drive(first.run_id)
+    second = world.submit(offset=300)
+    references = {**world.references(first), **world.references(second)}
+    world.upstream.answerers[f"d-{first.run_id}"] = answers_like(references)
+    world.upstream.answerers[f"d-{second.run_id}"] = answers_like(references, words=3)
+    second = world.drive(second.run_id)
+    assert second.state == RunState.ROLLED_BACK
+    assert second.error.startswith("gate: ROUGE-L ") and "below the live model's 1.0000" in second.error
+    assert "the live one keeps its traffic" in second.error
+    gate = second.gate
+    assert gate["verdict"] == "rolled-back" and gate["live"]["rouge_l"] == 1.0 and gate["new"]["rouge_l"] < 0.5
+    assert _serving(world, first.endpoint) == {first.deployment: 100}
+    assert ("begin_delete_deployment", (second.endpoint, second.deployment)) in world.backend.log
+    assert world.ledger.get(first.run_id).state == RunState.LIVE
+    report = json.loads(world.blobs.read_bytes(RUN_REPORTS_CONTAINER, f"{second.run_id}/report.json"))
+    assert report["gate"]["verdict"] == "rolled-back" and report["gate"]["new"]["rouge_l"] == gate["new"]["rouge_l"]
+    markdown = (world.blobs.read_bytes(RUN_REPORTS_CONTAINER, f"{second.run_id}/report.md") or b"").decode()
+    assert "## Evaluation gate" in markdown and "| row | prompt | reference | new | live |" in markdown
+
+
+def test_a_small_regression_within_the_allowed_one_is_promoted(unique: str) -> None:
+    """A new model a little worse than the live one, within GATE_MAX_REGRESSION, still goes live."""
+    world = World(unique, GATE_MAX_REGRESSION="0.5")
+    first = world.submit(offset=0)
+    world.upstream.answerers[f"d-{first.run_id}"] = answers_like(world.references(first))
+    first = world.drive(first.run_id)
+    second = world.submit(offset=300)
+    references = {**world.references(first), **world.references(second)}
+    world.upstream.answerers[f"d-{first.run_id}"] = answers_like(references)
+    world.upstream.answerers[f"d-{second.run_id}"] = answers_like(references, words=60)
+    second = world.drive(second.run_id)
+    assert second.state == RunState.LIVE, second.error
+    assert 0.5 < second.gate["new"]["rouge_l"] < second.gate["live"]["rouge_l"] == 1.0
+
+
+def test_the_first_model_without_thresholds_is_promoted(world: World) -> None:
+    """Nothing to compare with and no threshold: even an off-topic first model goes live, with a note."""
+    first = _live_first(world)
+    assert first.gate["verdict"] == "promoted" and first.gate["live"] is None
+    assert first.gate["new"]["rouge_l"] < 0.2
+    assert any("first model on this endpoint" in n for n in first.gate["notes"])
+    assert [s for s, _ in first.timeline][-4:] == ["smoke-testing", "evaluating", "shifting-traffic", "live"]
+
+
+@pytest.mark.parametrize(
+    ("gate", "good", "expected", "why"),
+    [
+        ({"min_rouge_l": 0.5}, False, RunState.ROLLED_BACK, "below the sidecar's min_rouge_l 0.5"),
+        ({"min_rouge_l": 0.5}, True, RunState.LIVE, ""),
+        ({"max_eval_loss": 1.0}, True, RunState.ROLLED_BACK, "final eval_loss 1.7000 is above the sidecar's"),
+        ({"max_eval_loss": 2.0}, True, RunState.LIVE, ""),
+    ],
+)
+def test_the_first_model_with_thresholds(
+    world: World, gate: dict[str, float], good: bool, expected: RunState, why: str
+) -> None:
+    """The sidecar's absolute thresholds apply to the first model on an endpoint (ROUGE-L and eval_loss)."""
+    record = world.submit(offset=0, sidecar={"gate": gate})
+    world.upstream.answerers[f"d-{record.run_id}"] = answers_like(world.references(record)) if good else off_topic
+    final = world.drive(record.run_id)
+    assert final.state == expected, final.error
+    assert final.gate["thresholds"] == {"max_regression": 0.02, "min_rouge_l": None, "max_eval_loss": None, **gate}
+    if why:
+        assert final.error.startswith("gate: ") and why in final.error
+        assert ("begin_delete_deployment", (final.endpoint, final.deployment)) in world.backend.log
+
+
+def test_an_unreachable_live_deployment_is_retried_then_ends_the_run_clearly(world: World) -> None:
+    """The live deployment refuses connections: each tick retries (transient); after ATTEMPTS the run is rolled
+    back with a reason naming it, and the live deployment keeps its traffic."""
+    first = _live_first(world)
+    second = world.submit(offset=300)
+    world.upstream.unreachable.add(first.deployment)
+    rollout = world.rollout()
+    states = []
+    for _ in range(ATTEMPTS + 8):
+        tick(rollout)
+        current = world.ledger.get(second.run_id)
+        states.append(current.state)
+        if current.state.terminal:
+            break
+    assert current.state == RunState.ROLLED_BACK
+    evaluating = [s for s in states if s == RunState.EVALUATING]
+    assert len(evaluating) == ATTEMPTS - 1  # one tick per failed try, the last one ends it
+    assert current.error.startswith(f"gate: the live deployment {first.deployment} could not be scored: ")
+    assert "Connection refused" in current.error and f"{ATTEMPTS} attempts" in current.error
+    assert current.gate["unreachable"] == {"deployment": first.deployment, "role": "live"}
+    assert _serving(world, first.endpoint) == {first.deployment: 100}
+    assert ("begin_delete_deployment", (current.endpoint, current.deployment)) in world.backend.log
+    assert world.ledger.get(first.run_id).state == RunState.LIVE
+
+
+def test_a_live_deployment_that_comes_back_is_compared(world: World) -> None:
+    """Unreachable on the first try, reachable on the next: the gate decides normally then."""
+    first = _live_first(world)
+    second = world.submit(offset=300)
+    world.upstream.unreachable.add(first.deployment)
+    rollout = world.rollout()
+    while world.ledger.get(second.run_id).state != RunState.EVALUATING:
+        tick(rollout)
+    assert world.ledger.get(second.run_id).gate["attempts"] == 1
+    world.upstream.unreachable.clear()
+    final = world.drive(second.run_id)
+    assert final.state == RunState.LIVE and final.gate["attempts"] == 2 and final.gate["live"]["rouge_l"] is not None
+
+
+def test_a_rollback_removes_mirrored_traffic_before_deleting(unique: str) -> None:
+    """With MIRROR_TRAFFIC_PERCENT, the failed new deployment loses its mirror first, then is deleted."""
+    world = World(unique, MIRROR_TRAFFIC_PERCENT="10")
+    first = world.submit(offset=0)
+    world.upstream.answerers[f"d-{first.run_id}"] = answers_like(world.references(first))
+    first = world.drive(first.run_id)
+    second = world.submit(offset=300)
+    world.upstream.answerers[f"d-{first.run_id}"] = answers_like(world.references(second))
+    second = world.drive(second.run_id)
+    assert second.state == RunState.ROLLED_BACK
+    calls = [(m, a) for m, a in world.backend.log if m in ("begin_set_traffic", "begin_delete_deployment")]
+    mirrors = [i for i, (m, a) in enumerate(calls) if m == "begin_set_traffic" and a[0] == second.endpoint]
+    on = next(i for i in mirrors if calls[i][1][2] == {second.deployment: 10})
+    off = next(i for i in mirrors if i > on and calls[i][1][2] == {})
+    delete = calls.index(("begin_delete_deployment", (first.endpoint, second.deployment)))
+    assert on < off < delete
+    assert all(calls[i][1][1].get(first.deployment) == 100 for i in mirrors if i >= on)
+    assert _serving(world, first.endpoint) == {first.deployment: 100}
+
+
+def test_gate_rows_zero_compares_no_answers(unique: str) -> None:
+    """GATE_ROWS=0: no answer is asked for; the run goes live with a note saying nothing was compared."""
+    world = World(unique, GATE_ROWS="0")
+    first = _live_first(world)
+    second = world.submit(offset=300)
+    calls = len(world.upstream.calls)
+    second = world.drive(second.run_id)
+    assert second.state == RunState.LIVE
+    assert len(world.upstream.calls) - calls == 1  # the smoke row only
+    assert second.gate["rows"] == 0 and any("not compared" in n for n in second.gate["notes"])
+    assert first.run_id != second.run_id
+
+
+def test_the_gate_never_runs_twice_for_a_decided_run(world: World) -> None:
+    """A repeated event on a run past the gate asks no deployment again."""
+    record = world.submit(offset=0)
+    final = world.drive(record.run_id)
+    calls = len(world.upstream.calls)
+    advance_run(record.run_id, world.rollout())
+    advance_run(record.run_id, world.rollout())
+    assert world.ledger.get(record.run_id).state == final.state == RunState.LIVE
+    assert len(world.upstream.calls) == calls
+
+
+def test_report_and_status_show_both_scores_and_answers(world: World) -> None:
+    """The run report's Markdown and `tunegrid status` show the verdict, both scores, rows and answers."""
+    from shared.usecases.runs import run_status
+    from tunegrid.commands.runs import render_status
+
+    _live_first(world)
+    second = world.submit(offset=300)
+    world.upstream.answerers[f"d-{second.run_id}"] = answers_like(world.references(second))
+    second = world.drive(second.run_id)
+    markdown = run_report_markdown(second)
+    assert "- verdict: **promoted**" in markdown
+    assert f"- new `{second.deployment}`: ROUGE-L 1.0, eval_loss 1.7" in markdown
+    assert "4 test rows, greedy" in markdown
+    doc = run_status(world.ledger, world.backend, second.run_id)
+    text = render_status(doc)
+    assert re.search(
+        r"\n  gate +promoted: new ROUGE-L 1.0 vs live 0\.\d+, eval_loss 1.7000 vs 1.7000 over 4 test rows", text
+    )
+    assert "gate answers" in text and "  new  (1.0): " in text and "  live (" in text and "reference: " in text
+
+
+@pytest.mark.parametrize(
+    ("new", "live", "thresholds", "promote", "why"),
+    [
+        (Scores(0.30), Scores(0.31), GateThresholds(0.02), True, ""),
+        (Scores(0.30), Scores(0.32), GateThresholds(0.02), True, ""),  # exactly the allowed regression
+        (Scores(0.30), Scores(0.33), GateThresholds(0.02), False, "0.0300 below the live model's 0.3300"),
+        (Scores(0.50), Scores(0.10), GateThresholds(0.02), True, ""),
+        (Scores(0.30), None, GateThresholds(0.02), True, ""),
+        (Scores(0.30), None, GateThresholds(0.02, min_rouge_l=0.4), False, "below the sidecar's min_rouge_l 0.4"),
+        (Scores(0.30, 2.0), None, GateThresholds(0.02, max_eval_loss=1.5), False, "above the sidecar's max_eval_loss"),
+        (Scores(0.30, None), None, GateThresholds(0.02, max_eval_loss=1.5), True, ""),  # not reported: a note
+        (Scores(None), Scores(None), GateThresholds(0.02, min_rouge_l=0.1), False, "no answer was scored"),
+    ],
+)
+def test_the_rule(new: Scores, live: Scores | None, thresholds: GateThresholds, promote: bool, why: str) -> None:
+    """Promote when not worse than live by more than the allowed regression and above the absolute minimum."""
+    verdict = decide(new, live, thresholds)
+    assert verdict.promote is promote
+    assert why in verdict.sentence() if why else not verdict.reasons
+
+
+def test_the_sidecar_may_only_tighten_the_allowed_regression() -> None:
+    """`gate.max_regression` lowers GATE_MAX_REGRESSION, never raises it."""
+    assert GateThresholds.of(setting_regression=0.02, sidecar={"max_regression": 0.5}).max_regression == 0.02
+    assert GateThresholds.of(setting_regression=0.02, sidecar={"max_regression": 0.01}).max_regression == 0.01
+
+
+def test_rouge_l_scores() -> None:
+    """Identical text scores 1, unrelated text near 0, an empty answer 0; stemming matches word forms."""
+    ref = "Write clear subject lines and keep the message short."
+    scores = rouge_l(
+        [ref, ref, ref, ref], [ref, "Bananas are yellow.", "", "write clearer subject line, keep it short"]
+    )
+    assert scores[0] == 1.0 and scores[1] == 0.0 and scores[2] == 0.0 and 0.4 < scores[3] < 1.0
+
+
+def test_eval_loss_of_the_job_is_the_last_point(world: World) -> None:
+    """The gate reads the job's final eval_loss from the metrics the backend reported."""
+    world.backend.metrics = {"eval_loss": [MetricPoint(1, 2.0), MetricPoint(9, 0.9)]}
+    record = world.submit(offset=0, sidecar={"gate": {"max_eval_loss": 1.0}})
+    final = world.drive(record.run_id)
+    assert final.state == RunState.LIVE and final.gate["new"]["eval_loss"] == 0.9
