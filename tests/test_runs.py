@@ -72,11 +72,11 @@ def test_list_status_and_cancel(ctx: Any, unique: str) -> None:
     assert [t["state"] for t in status["timeline"]] == ["received", "validating", "submitting", "submitted"]
     assert status["metrics_series"]["loss"] == [[1, 2.5], [2, 1.5]]
     assert status["split"]["train_rows"] + status["split"]["test_rows"] == 30
-    cancel_run(ctx.ledger, ctx.backend, record.run_id)
+    assert cancel_run(ctx.ledger, ctx.backend, record.run_id, blobs=ctx.blobs, settings=ctx.settings) == "canceled"
     assert ctx.backend.jobs[record.job_name].state == JobState.CANCELED
-    ctx.ledger.transition(record.run_id, RunState.CANCELED, error="canceled by user")
-    with pytest.raises(InvalidInput, match="only submitted or running"):
-        cancel_run(ctx.ledger, ctx.backend, record.run_id)
+    assert ctx.ledger.get(record.run_id).state == RunState.CANCELED
+    with pytest.raises(InvalidInput, match="already canceled"):
+        cancel_run(ctx.ledger, ctx.backend, record.run_id, blobs=ctx.blobs, settings=ctx.settings)
     with pytest.raises(NotFound):
         run_status(ctx.ledger, ctx.backend, "r-nope")
 
@@ -120,3 +120,38 @@ def test_http_routes_return_the_same_data(request: pytest.FixtureRequest, where:
     assert missing.status_code == 404
     bad = fns["runs_list"](func.HttpRequest(method="GET", url="/api/runs", body=b"", params={"limit": "lots"}))
     assert bad.status_code == 400
+
+
+class _UnreachableLedger:
+    """The ledger while storage is down: every call fails as the table adapter reports a refused connection."""
+
+    def __getattr__(self, name: str) -> Any:
+        def down(*args: Any, **kwargs: Any) -> Any:
+            from shared.errors import TransientError
+
+            raise TransientError("run ledger list: ServiceRequestError: connection refused")
+
+        return down
+
+
+def test_storage_outage_is_a_json_503_with_retry_after(unique: str) -> None:
+    """While storage is unreachable, /api/runs and /api/runs/{id} answer a JSON 503 with Retry-After."""
+    from function_app import app
+    from tunegrid.appindex import functions_of
+
+    settings = Settings.from_env({"TUNEGRID_INSTANCE": f"runs{unique}"})
+    for context in _install(settings, ledger=_UnreachableLedger(), blobs=InMemoryBlobs()):
+        fns = {f.get_function_name(): f.get_user_function() for f in functions_of(app)}
+        listed = fns["runs_list"](func.HttpRequest(method="GET", url="/api/runs", body=b""))
+        one = fns["run_status"](
+            func.HttpRequest(
+                method="GET", url="/api/runs/r0123456789abcde", body=b"", route_params={"run_id": "r0123456789abcde"}
+            )
+        )
+        for response in (listed, one):
+            assert response.status_code == 503
+            assert int(response.headers["Retry-After"]) > 0
+            body = json.loads(response.get_body())
+            assert (
+                body["error"]["code"] == "storage_unavailable" and "connection refused" not in body["error"]["message"]
+            )

@@ -41,7 +41,7 @@ STAGES = (
     ("smoke-tested", ("shifting-traffic",)),
     ("live", ("live",)),
 )
-FAILED = ("failed", "canceled", "rolled-back", "error", "invalid")
+FAILED = ("failed", "canceled", "rolled-back", "error", "invalid", "superseded", "duplicate")
 
 
 @dataclass(frozen=True)

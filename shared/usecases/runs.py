@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from shared.domain.runs import RunState
-from shared.errors import InvalidInput, NotFound
-from shared.ports import FineTuneBackend, Ledger
+from shared.domain.runs import RunState, is_run_id
+from shared.errors import ConflictError, InvalidInput, NotFound
+from shared.ports import Blobs, FineTuneBackend, Ledger
+from shared.settings import Settings
 
 log = logging.getLogger(__name__)
-
-CANCELABLE = (RunState.SUBMITTED, RunState.RUNNING)
 
 
 def list_runs(ledger: Ledger, *, limit: int = 100) -> list[dict[str, Any]]:
@@ -57,12 +56,28 @@ def run_status(
     return doc
 
 
-def cancel_run(ledger: Ledger, backend: FineTuneBackend, run_id: str) -> str:
-    record = ledger.get(run_id)
-    if record is None:
-        raise NotFound(f"run {run_id} not found")
-    if record.state not in CANCELABLE:
-        raise InvalidInput(f"run {run_id} is {record.state.value}; only submitted or running runs can be canceled")
-    op = backend.cancel_job(record.job_name)
-    log.info("cancel requested for run %s (job %s)", run_id, record.job_name, extra={"run_id": run_id})
-    return op.status
+def cancel_run(ledger: Ledger, backend: FineTuneBackend, run_id: str, *, blobs: Blobs, settings: Settings) -> str:
+    """Cancel a run in any state before `live`: it ends `canceled` at once (the move is won first, so a step
+    in progress stops at its next write), then what it started is undone: its job is canceled, its 0 %
+    deployment removed, its endpoint lease released (`shared.usecases.rollout.ending`). Returns the new state."""
+    from shared.usecases.rollout import Rollout
+    from shared.usecases.rollout.ending import end_run
+
+    rollout = Rollout(ledger=ledger, backend=backend, blobs=blobs, settings=settings)
+    for _ in range(8):
+        record = ledger.get(run_id) if is_run_id(run_id) else None
+        if record is None:
+            raise NotFound(f"run {run_id} not found")
+        if record.state.terminal:
+            raise InvalidInput(f"run {run_id} is already {record.state.value}; there is nothing to cancel")
+        if record.state == RunState.LIVE:
+            raise InvalidInput(
+                f"run {run_id} is live; a live run is replaced by a newer run or removed by the janitor, not canceled"
+            )
+        try:
+            ended = end_run(record, rollout, RunState.CANCELED, "canceled by user")
+        except ConflictError:
+            continue  # a step moved it meanwhile: look again
+        log.info("run %s canceled (was %s)", run_id, record.state.value, extra={"run_id": run_id})
+        return ended.state.value
+    raise ConflictError(f"run {run_id} kept changing; try again")

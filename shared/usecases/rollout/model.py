@@ -12,6 +12,10 @@ from shared.ports import Blobs, FineTuneBackend, Ledger
 from shared.settings import Settings
 
 LEASE_TTL = timedelta(minutes=5)
+"""The shortest lease: long enough for any single backend call of a step (they start long operations and
+return; the longest ones are the smoke requests, which `lease_ttl_for` covers)."""
+LEASE_MARGIN = timedelta(seconds=60)
+
 IN_FLIGHT = (
     RunState.SUBMITTED,
     RunState.RUNNING,
@@ -21,24 +25,53 @@ IN_FLIGHT = (
     RunState.SMOKE_TESTING,
     RunState.SHIFTING_TRAFFIC,
 )
-REPORT_STATES = frozenset({RunState.LIVE, RunState.ROLLED_BACK, RunState.FAILED, RunState.CANCELED, RunState.ERROR})
+ENDPOINT_STATES = frozenset({RunState.DEPLOYING, RunState.SMOKE_TESTING, RunState.SHIFTING_TRAFFIC})
+"""States whose steps act on the endpoint: a run in them holds (or waits for) the endpoint lease."""
+REPORT_STATES = frozenset(
+    {
+        RunState.LIVE,
+        RunState.ROLLED_BACK,
+        RunState.FAILED,
+        RunState.CANCELED,
+        RunState.ERROR,
+        RunState.SUPERSEDED,
+    }
+)
+
+
+def lease_ttl_for(settings: Settings) -> timedelta:
+    """How long a run lease (and an endpoint lease) lasts without renewal.
+
+    The rule: a holder renews its lease (an ETag-conditional write) before every side effect and after every
+    smoke row, so the TTL only has to cover the longest stretch between two renewals, which is one backend
+    call; the longest is one smoke request, bounded by SMOKE_TIMEOUT_S. Hence SMOKE_TIMEOUT_S + 60 s, and
+    never under 5 minutes. A holder that overruns it anyway (a stalled host) finds its next write refused
+    (`ConflictError`) once another delivery has taken the lease over, and stops.
+    """
+    return max(LEASE_TTL, timedelta(seconds=settings.smoke_timeout_s) + LEASE_MARGIN)
 
 
 @dataclass(frozen=True)
 class Rollout:
-    """The ports and settings one rollout step needs."""
+    """The ports and settings one rollout step needs. `lease_ttl` overrides `lease_ttl_for(settings)`
+    (tests that make a lease expire without waiting minutes)."""
 
     ledger: Ledger
     backend: FineTuneBackend
     blobs: Blobs
     settings: Settings
     now: Callable[[], datetime] = utcnow
+    lease_ttl: timedelta | None = None
+
+    @property
+    def ttl(self) -> timedelta:
+        return self.lease_ttl if self.lease_ttl is not None else lease_ttl_for(self.settings)
 
 
 @dataclass(frozen=True)
 class EventOutcome:
     action: str
-    """ignored | advanced"""
+    """ignored | advanced | rejected"""
     reason: str
     run_id: str | None = None
     state: str | None = None

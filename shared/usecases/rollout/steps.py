@@ -1,5 +1,10 @@
 """The roll-out steps, one per state: each re-reads the backend's truth, checks before it acts, and
-either moves the run on or gives its lease back to wait for a long operation."""
+either moves the run on or gives its lease back to wait for a long operation.
+
+Steps that act (register, deploy, smoke-test, shift) run under a run lease (`Held`) and call `authorise`
+right before each side effect; the endpoint steps also hold the endpoint lease. A side effect that undoes
+(deleting a failed deployment) comes after the move that decides it is won. Every side effect is idempotent
+by name (model version, endpoint and deployment names derive from the run)."""
 
 from __future__ import annotations
 
@@ -18,12 +23,14 @@ from shared.domain.naming import (
     model_name_for,
     model_version_for,
 )
-from shared.domain.resources import DeploymentSpec, JobState, ModelRef, ProvisioningState
-from shared.domain.runs import RunRecord, RunState
+from shared.domain.resources import DeploymentSpec, EndpointInfo, JobState, ModelRef, ProvisioningState
+from shared.domain.runs import RunRecord, RunState, is_run_id
 from shared.errors import ConflictError, TransientError
 from shared.settings import Settings
-from shared.usecases.rollout.leases import leased, move, release
+from shared.usecases.rollout.ending import undo
+from shared.usecases.rollout.leases import Held, authorise, hold_endpoint, move, release, release_endpoint, write
 from shared.usecases.rollout.model import Rollout
+from shared.usecases.rollout.reports import write_run_report
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +42,14 @@ def _step_job(record: RunRecord, rollout: Rollout) -> RunRecord | None:
             "run %s: job %s not found at the backend", record.run_id, record.job_name, extra={"run_id": record.run_id}
         )
         return None
+    ledger = rollout.ledger
     if status.state == JobState.RUNNING and record.state == RunState.SUBMITTED:
-        return move(record, rollout, RunState.RUNNING)
+        return ledger.transition(record, RunState.RUNNING)
     if status.state == JobState.COMPLETED:
         metrics = _final_metrics(record, rollout)
-        return move(record, rollout, RunState.SUCCEEDED, metrics=metrics, job_url=status.studio_url or record.job_url)
+        return ledger.transition(
+            record, RunState.SUCCEEDED, metrics=metrics, job_url=status.studio_url or record.job_url
+        )
     if status.state in (JobState.FAILED, JobState.CANCELED):
         to = RunState.FAILED if status.state == JobState.FAILED else RunState.CANCELED
         reason = status.error or f"job {status.raw_status.lower()} (no reason given by the backend)"
@@ -51,7 +61,7 @@ def _step_job(record: RunRecord, rollout: Rollout) -> RunRecord | None:
             reason,
             extra={"run_id": record.run_id},
         )
-        return move(record, rollout, to, error=reason[:4000], metrics=_final_metrics(record, rollout))
+        return ledger.transition(record, to, error=reason[:4000], metrics=_final_metrics(record, rollout))
     return None
 
 
@@ -74,14 +84,15 @@ def _final_metrics(record: RunRecord, rollout: Rollout) -> dict[str, Any]:
 
 
 def _step_succeeded(record: RunRecord, rollout: Rollout) -> RunRecord | None:
-    return move(record, rollout, RunState.REGISTERING)
+    return rollout.ledger.transition(record, RunState.REGISTERING)
 
 
-@leased
-def _step_register(record: RunRecord, rollout: Rollout) -> RunRecord | None:
+def _step_register(held: Held, rollout: Rollout) -> RunRecord | None:
+    record = held.record
     name, version = model_name_for(record), model_version_for(record)
     model = rollout.backend.get_model(name, version)
     if model is None:
+        held = authorise(held, rollout)
         model = rollout.backend.register_model(
             job_name=record.job_name,
             name=name,
@@ -96,7 +107,7 @@ def _step_register(record: RunRecord, rollout: Rollout) -> RunRecord | None:
         )
     endpoint = endpoint_name_for(record, model.name, rollout.settings)
     return move(
-        record,
+        held,
         rollout,
         RunState.DEPLOYING,
         model_name=model.name,
@@ -124,30 +135,34 @@ def _deployment_spec(record: RunRecord, settings: Settings) -> DeploymentSpec:
     )
 
 
-@leased
-def _step_deploy(record: RunRecord, rollout: Rollout) -> RunRecord | None:
+def _step_deploy(held: Held, rollout: Rollout) -> RunRecord | None:
     backend = rollout.backend
+    record = held.record
+    if not hold_endpoint(held, rollout):
+        return release(held, rollout)
     endpoint = backend.get_endpoint(record.endpoint)
     if endpoint is None:
+        held = authorise(held, rollout)
         backend.begin_create_endpoint(
             record.endpoint,
             tags={OWNER_TAG: rollout.settings.instance, "tunegridmodel": record.model_name},
             description=f"Tunegrid endpoint for {record.model_name}",
         )
         log.info("run %s: creating endpoint %s", record.run_id, record.endpoint, extra={"run_id": record.run_id})
-        return release(record, rollout)
+        return release(held, rollout)
     if endpoint.provisioning_state.in_progress:
-        return release(record, rollout)
+        return release(held, rollout)
     if endpoint.provisioning_state == ProvisioningState.FAILED:
-        return move(record, rollout, RunState.ERROR, error=f"endpoint {record.endpoint} failed to provision")
-    previous = record.previous_deployment
-    if not previous:
+        return _ended(held, rollout, RunState.ERROR, f"endpoint {record.endpoint} failed to provision")
+    if not record.previous_deployment:
         holders = [name for name, pct in endpoint.traffic.items() if pct > 0 and name != record.deployment]
         previous = max(holders, key=lambda n: endpoint.traffic[n]) if holders else ""
         if previous:
-            record = rollout.ledger.update(record, previous_deployment=previous)
+            held = write(held, rollout, previous_deployment=previous)
+            record = held.record
     deployment = backend.get_deployment(record.endpoint, record.deployment)
     if deployment is None:
+        held = authorise(held, rollout)
         backend.begin_create_deployment(_deployment_spec(record, rollout.settings))
         log.info(
             "run %s: creating deployment %s/%s at 0 %% traffic",
@@ -156,14 +171,21 @@ def _step_deploy(record: RunRecord, rollout: Rollout) -> RunRecord | None:
             record.deployment,
             extra={"run_id": record.run_id},
         )
-        return release(record, rollout)
+        return release(held, rollout)
     if deployment.provisioning_state.in_progress:
-        return release(record, rollout)
+        return release(held, rollout)
     if deployment.provisioning_state != ProvisioningState.SUCCEEDED:
-        reason = f"deployment {record.deployment} {deployment.provisioning_state.value.lower()}: {deployment.error or 'no reason given'}"
-        backend.begin_delete_deployment(record.endpoint, record.deployment)
-        return move(record, rollout, RunState.ROLLED_BACK, error=reason)
-    return move(record, rollout, RunState.SMOKE_TESTING)
+        state = deployment.provisioning_state.value.lower()
+        reason = f"deployment {record.deployment} {state}: {deployment.error or 'no reason given'}"
+        return _ended(held, rollout, RunState.ROLLED_BACK, reason)
+    return move(held, rollout, RunState.SMOKE_TESTING)
+
+
+def _ended(held: Held, rollout: Rollout, to: RunState, reason: str, **fields: Any) -> RunRecord:
+    """Win the move to an end state first; only then undo (delete the 0 % deployment, release the endpoint)."""
+    ended = move(held, rollout, to, error=reason[:4000], **fields)
+    undo(ended, rollout, was=held.record.state)
+    return ended
 
 
 def _smoke_conversations(record: RunRecord, rollout: Rollout, rows: int) -> list[list[dict[str, Any]]]:
@@ -196,9 +218,11 @@ def _answer_text(response: Any) -> str:
     return texts[0] if texts else ""
 
 
-@leased
-def _step_smoke(record: RunRecord, rollout: Rollout) -> RunRecord | None:
+def _step_smoke(held: Held, rollout: Rollout) -> RunRecord | None:
     settings = rollout.settings
+    record = held.record
+    if not hold_endpoint(held, rollout):
+        return release(held, rollout)
     conversations = _smoke_conversations(record, rollout, settings.smoke_rows)
     results: list[dict[str, Any]] = []
     failure = "" if conversations else "no test rows to smoke-test with"
@@ -211,6 +235,7 @@ def _step_smoke(record: RunRecord, rollout: Rollout) -> RunRecord | None:
             },
             "params": {},
         }
+        held = authorise(held, rollout)  # renewed before each row: a lease lasts one smoke request
         started = time.perf_counter()
         try:
             answer = _answer_text(
@@ -238,13 +263,8 @@ def _step_smoke(record: RunRecord, rollout: Rollout) -> RunRecord | None:
         log.warning(
             "run %s: smoke test failed (%s): rolling back", record.run_id, failure, extra={"run_id": record.run_id}
         )
-        rollout.backend.begin_delete_deployment(record.endpoint, record.deployment)
-        return move(
-            record,
-            rollout,
-            RunState.ROLLED_BACK,
-            smoke=smoke,
-            error=f"smoke test failed: {failure}; previous traffic kept",
+        return _ended(
+            held, rollout, RunState.ROLLED_BACK, f"smoke test failed: {failure}; previous traffic kept", smoke=smoke
         )
     mirror = (
         (record.extra.get("sidecar") or {})
@@ -254,25 +274,28 @@ def _step_smoke(record: RunRecord, rollout: Rollout) -> RunRecord | None:
     if mirror and record.previous_deployment:
         endpoint = rollout.backend.get_endpoint(record.endpoint)
         if endpoint is not None:
+            held = authorise(held, rollout)
             rollout.backend.begin_set_traffic(
                 record.endpoint, dict(endpoint.traffic), mirror_traffic={record.deployment: int(mirror)}
             )
-    return move(record, rollout, RunState.SHIFTING_TRAFFIC, smoke=smoke)
+    return move(held, rollout, RunState.SHIFTING_TRAFFIC, smoke=smoke)
 
 
-@leased
-def _step_shift(record: RunRecord, rollout: Rollout) -> RunRecord | None:
+def _step_shift(held: Held, rollout: Rollout) -> RunRecord | None:
     backend = rollout.backend
+    record = held.record
+    if not hold_endpoint(held, rollout):
+        return release(held, rollout)
     endpoint = backend.get_endpoint(record.endpoint)
     if endpoint is None:
-        return move(
-            record, rollout, RunState.ERROR, error=f"endpoint {record.endpoint} disappeared during the traffic shift"
-        )
+        reason = f"endpoint {record.endpoint} disappeared during the traffic shift"
+        return _ended(held, rollout, RunState.ERROR, reason)
     if endpoint.provisioning_state.in_progress:
-        return release(record, rollout)
+        return release(held, rollout)
     if endpoint.traffic.get(record.deployment, 0) != 100 or endpoint.mirror_traffic:
         traffic = {name: 0 for name in endpoint.traffic}
         traffic[record.deployment] = 100
+        held = authorise(held, rollout)
         backend.begin_set_traffic(record.endpoint, traffic, mirror_traffic={})
         log.info(
             "run %s: shifting 100 %% of %s to %s",
@@ -281,43 +304,67 @@ def _step_shift(record: RunRecord, rollout: Rollout) -> RunRecord | None:
             record.deployment,
             extra={"run_id": record.run_id},
         )
-        return release(record, rollout)
-    previous = record.previous_deployment
-    if (
-        previous
-        and previous != record.deployment
-        and endpoint.traffic.get(previous, 0) == 0
-        and backend.get_deployment(record.endpoint, previous) is not None
-    ):
-        backend.begin_delete_deployment(record.endpoint, previous)
-        log.info(
-            "run %s: deleting previous deployment %s (0 %% traffic)",
-            record.run_id,
-            previous,
-            extra={"run_id": record.run_id},
-        )
-    live = move(record, rollout, RunState.LIVE)
+        return release(held, rollout)
+    replaced = _replaced_deployments(record, endpoint, rollout)
+    if replaced:
+        held = authorise(held, rollout)
+        for name in replaced:
+            backend.begin_delete_deployment(record.endpoint, name)
+            log.info(
+                "run %s: deleting deployment %s (0 %% traffic, replaced)",
+                record.run_id,
+                name,
+                extra={"run_id": record.run_id},
+            )
+    live = move(held, rollout, RunState.LIVE)
+    release_endpoint(live, rollout)
     _retire_replaced(live, rollout)
     return live
+
+
+def _replaced_deployments(record: RunRecord, endpoint: EndpointInfo, rollout: Rollout) -> list[str]:
+    """The deployments this shift replaces, once all traffic is on the new one: the previous one, and any 0 %
+    deployment of a run of ours that has ended (left by an undo that could not finish). A 0 % deployment of
+    a run still in flight, or one the ledger does not know, is left alone."""
+    out = []
+    for deployment in endpoint.deployments:
+        name = deployment.name
+        if name == record.deployment or deployment.provisioning_state.in_progress:
+            continue
+        if endpoint.traffic.get(name, 0) or endpoint.mirror_traffic.get(name, 0):
+            continue
+        if name == record.previous_deployment:
+            out.append(name)
+            continue
+        owner_id = name.removeprefix("d-")
+        owner = rollout.ledger.get(owner_id) if is_run_id(owner_id) else None
+        ended = owner is not None and (owner.state.terminal or owner.state == RunState.LIVE)
+        if ended and owner is not None and owner.deployment == name:
+            out.append(name)
+    return out
 
 
 def _retire_replaced(live: RunRecord, rollout: Rollout) -> None:
     for other in rollout.ledger.list():
         if other.run_id != live.run_id and other.state == RunState.LIVE and other.endpoint == live.endpoint:
             try:
-                rollout.ledger.transition(
-                    other.run_id, RunState.RETIRED, expect=[RunState.LIVE], error=f"replaced by run {live.run_id}"
-                )
+                retired = rollout.ledger.transition(other, RunState.RETIRED, error=f"replaced by run {live.run_id}")
             except ConflictError:
                 continue
+            write_run_report(retired, rollout)
 
 
-STEPS: Mapping[RunState, Callable[[RunRecord, Rollout], RunRecord | None]] = {
+OBSERVING_STEPS: Mapping[RunState, Callable[[RunRecord, Rollout], RunRecord | None]] = {
     RunState.SUBMITTED: _step_job,
     RunState.RUNNING: _step_job,
     RunState.SUCCEEDED: _step_succeeded,
+}
+"""Steps that only read the backend and move the run, conditional on the record they read: no lease."""
+
+LEASED_STEPS: Mapping[RunState, Callable[[Held, Rollout], RunRecord | None]] = {
     RunState.REGISTERING: _step_register,
     RunState.DEPLOYING: _step_deploy,
     RunState.SMOKE_TESTING: _step_smoke,
     RunState.SHIFTING_TRAFFIC: _step_shift,
 }
+"""Steps with side effects: each runs under a run lease."""

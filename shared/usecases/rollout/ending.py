@@ -1,0 +1,97 @@
+"""Ending a run before it goes live (cancel, a non-transient failure, a newer version), and undoing what it
+started. The move is won first (ETag-conditional); only the winner undoes, and undoing is idempotent by
+name, so a delivery that lost its lease to the move may undo again without harm."""
+
+from __future__ import annotations
+
+import logging
+
+from shared.domain.runs import RunRecord, RunState
+from shared.errors import ConflictError, NotFound, TunegridError
+from shared.usecases.rollout.leases import release_endpoint
+from shared.usecases.rollout.model import Rollout
+from shared.usecases.rollout.reports import write_run_report
+
+log = logging.getLogger(__name__)
+
+JOB_STATES = frozenset({RunState.SUBMITTING, RunState.SUBMITTED, RunState.RUNNING})
+"""States in which the run's job may still be queued or training."""
+DEPLOYMENT_STATES = frozenset({RunState.DEPLOYING, RunState.SMOKE_TESTING, RunState.SHIFTING_TRAFFIC})
+"""States in which the run's deployment may exist."""
+
+
+def end_run(record: RunRecord, rollout: Rollout, to: RunState, reason: str) -> RunRecord:
+    """Move `record` (conditional on its ETag) to an end state, then undo what it started and write its run
+    report. `ConflictError` when the record changed since it was read: the caller re-reads and decides."""
+    ended = rollout.ledger.transition(record, to, operation="", claimed_at="", error=reason[:4000])
+    log.warning("run %s: %s: %s", record.run_id, to.value, reason, extra={"run_id": record.run_id})
+    undo(ended, rollout, was=record.state)
+    write_run_report(ended, rollout)
+    return ended
+
+
+def end_if_alive(run_id: str, rollout: Rollout, to: RunState, reason: str) -> RunRecord | None:
+    """`end_run` on the current record, retried while other writers change it; None when it is already over."""
+    for _ in range(8):
+        current = rollout.ledger.get(run_id)
+        if current is None or current.state.terminal or current.state == RunState.LIVE:
+            return None
+        try:
+            return end_run(current, rollout, to, reason)
+        except ConflictError:
+            continue
+    raise ConflictError(f"run {run_id} kept changing while being ended")
+
+
+def undo(record: RunRecord, rollout: Rollout, *, was: RunState) -> None:
+    """Undo what a run that ended in state `was` may have started: cancel its job, take its deployment out
+    (removed at 0 %; with traffic, the traffic goes back to the previous deployment first and the 0 %
+    deployment is left to the next roll-out on the endpoint or the janitor's orphan rule), and release the
+    endpoint lease. Best effort: whatever fails here is logged, and what it leaves is at 0 % traffic."""
+    backend = rollout.backend
+    if was in JOB_STATES and record.job_name:
+        try:
+            backend.cancel_job(record.job_name)
+            log.info("run %s: job %s canceled", record.run_id, record.job_name, extra={"run_id": record.run_id})
+        except NotFound:
+            pass
+        except TunegridError as exc:
+            log.warning("run %s: could not cancel job %s: %s", record.run_id, record.job_name, exc)
+    if was in DEPLOYMENT_STATES and record.endpoint and record.deployment:
+        try:
+            _take_out_deployment(record, rollout)
+        except TunegridError as exc:
+            log.warning(
+                "run %s: deployment %s/%s left for the janitor: %s",
+                record.run_id,
+                record.endpoint,
+                record.deployment,
+                exc,
+                extra={"run_id": record.run_id},
+            )
+    release_endpoint(record, rollout)
+
+
+def _take_out_deployment(record: RunRecord, rollout: Rollout) -> None:
+    backend = rollout.backend
+    endpoint = backend.get_endpoint(record.endpoint)
+    if endpoint is None or not any(d.name == record.deployment for d in endpoint.deployments):
+        return
+    mine = endpoint.traffic.get(record.deployment, 0) or endpoint.mirror_traffic.get(record.deployment, 0)
+    if not mine:
+        backend.begin_delete_deployment(record.endpoint, record.deployment)
+        log.info("run %s: deleting its deployment %s (0 %% traffic)", record.run_id, record.deployment)
+        return
+    lease = rollout.ledger.get_endpoint_lease(record.endpoint)
+    previous = record.previous_deployment
+    if lease is not None and lease.holder and not lease.held_by(record.run_id) and not lease.free_at(rollout.now()):
+        return  # another run rolls out on this endpoint now: its shift takes the traffic over
+    if (
+        previous
+        and any(d.name == previous for d in endpoint.deployments)
+        and not endpoint.provisioning_state.in_progress
+    ):
+        traffic = {name: 0 for name in endpoint.traffic}
+        traffic[previous] = 100
+        backend.begin_set_traffic(record.endpoint, traffic, mirror_traffic={})
+        log.info("run %s: traffic of %s back to %s", record.run_id, record.endpoint, previous)
