@@ -180,6 +180,28 @@ def test_failing_blob_is_parked_in_the_poison_table_after_five_tries(setup: dict
     assert rec2.names() == []
 
 
+def test_a_name_the_listing_cannot_return_does_not_stop_the_others(setup: dict[str, Any]) -> None:
+    """A blob whose name holds a control character makes Azurite's listing page fail (HTTP 500): the watcher
+    lists past it, delivers the blobs before and after it, and parks the unlistable name in the poison table."""
+    container, service = setup["container"], setup["service"]
+    for name in ("a-first.jsonl", "b\x01bad.jsonl", "c-last.jsonl"):
+        service.get_blob_client(container, name).upload_blob(b"{}\n")
+    rec = Recorder()
+    with _host(setup, rec) as host:
+        wait_for(lambda: sorted(rec.names()) == ["a-first.jsonl", "c-last.jsonl"], what="both listable blobs")
+        poison = setup["tables"].get_table_client(POISON_TABLE)
+        parked = wait_for(
+            lambda: [e for e in poison.list_entities() if e.get("Container") == container],
+            what="the unlistable name in the poison table",
+        )
+        settled_polls(host)
+        service.get_blob_client(container, "d-later.jsonl").upload_blob(b"{}\n")
+        wait_for(lambda: "d-later.jsonl" in rec.names(), what="a blob uploaded later")
+    assert [p["BlobName"] for p in parked] == ["b"] and parked[0]["Status"] == "Unlistable"
+    assert "control character" in parked[0]["Error"]
+    assert sorted(rec.names()) == ["a-first.jsonl", "c-last.jsonl", "d-later.jsonl"]
+
+
 def test_missing_connection_disables_only_that_function(storage_conn: str, tmp_path: Path) -> None:
     """A blob trigger whose connection setting is absent is reported disabled; the host still starts."""
     app = func.FunctionApp()
