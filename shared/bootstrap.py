@@ -141,7 +141,13 @@ def rollout_from_context(ctx: AppContext) -> Rollout:
     """The roll-out use case's ports from the process's `AppContext`."""
     from shared.usecases.rollout import Rollout
 
-    return Rollout(ledger=ctx.ledger, backend=ctx.backend, blobs=ctx.blobs, settings=ctx.settings)
+    return Rollout(
+        ledger=ctx.ledger,
+        backend=ctx.backend,
+        blobs=ctx.blobs,
+        settings=ctx.settings,
+        token_counter=build_token_counter,
+    )
 
 
 def proxy_last_use_from_table(usage_table: Any) -> LastProxyUse:

@@ -390,3 +390,54 @@ def test_ingest_heals_after_the_storage_was_emptied(azurite_env: dict[str, Any],
     outcome = _ingest(env, name)
     assert outcome.action == "submitted", outcome
     assert env["ledger"].get(outcome.run_id).state == RunState.SUBMITTED
+
+
+class _Killed(BaseException):
+    """The host process dying mid-delivery: nothing in the use case catches it, so its claim stays."""
+
+
+class _DyingBlobs:
+    """Wraps a blob store; the first read of the dataset kills the delivery."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.died = inner, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def chunks(self, container: str, name: str, **kw: Any) -> Any:
+        if not self.died:
+            self.died = True
+            raise _Killed
+        return self.inner.chunks(container, name, **kw)
+
+
+def test_a_run_left_by_a_dead_delivery_is_finished_by_the_timer(env: dict[str, Any]) -> None:
+    """A delivery that died mid-validation leaves its claim: once the claim is stale the timer takes the run
+    over and submits it; a run whose blob was replaced meanwhile ends superseded instead."""
+    from datetime import timedelta
+
+    from shared.usecases.rollout import Rollout, tick
+
+    names = [_upload(env, f"dead{i}.jsonl", _rows("azureml_chat_train.jsonl", 30 + i)) for i in range(2)]
+    run_ids = []
+    for name in names:
+        with pytest.raises(_Killed):
+            _ingest(env, name, blobs=_DyingBlobs(env["blobs"]))
+        etag = env["blobs"].properties(TRAINING_CONTAINER, name)["etag"]
+        run_ids.append(run_id_for(TRAINING_CONTAINER, name, etag))
+    _upload(env, "dead1.jsonl", _rows("azureml_chat_train.jsonl", 40))
+    fresh = Rollout(ledger=env["ledger"], backend=env["backend"], blobs=env["blobs"], settings=env["settings"])
+    tick(fresh)
+    assert [env["ledger"].get(r).state for r in run_ids] == [RunState.VALIDATING] * 2  # claims still bind
+    stale = Rollout(
+        ledger=env["ledger"],
+        backend=env["backend"],
+        blobs=env["blobs"],
+        settings=env["settings"],
+        claim_ttl=timedelta(0),
+    )
+    tick(stale)
+    done, replaced = (env["ledger"].get(r) for r in run_ids)
+    assert done.state == RunState.SUBMITTED and len(env["backend"].submissions) == 1
+    assert replaced.state == RunState.SUPERSEDED and "newer version" in replaced.error

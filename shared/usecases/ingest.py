@@ -59,10 +59,12 @@ from shared.ports import Blobs, FineTuneBackend, Ledger
 from shared.settings import PREPARED_CONTAINER, REPORTS_CONTAINER, Settings
 from shared.usecases.rollout import Rollout
 from shared.usecases.rollout.ending import end_if_alive, end_run, undo
+from shared.usecases.rollout.model import DEFAULT_CLAIM_TTL
 
 log = logging.getLogger(__name__)
 
-CLAIM_TTL = timedelta(minutes=15)
+CLAIM_TTL = DEFAULT_CLAIM_TTL
+INGEST_STATES = (RunState.RECEIVED, RunState.VALIDATING, RunState.SUBMITTING)
 COMPANION_SUFFIXES = (".test.jsonl", ".validation.jsonl")
 SIDECAR_SUFFIX = ".config.json"
 MIN_TRAIN_ROWS = 10
@@ -98,14 +100,14 @@ def _summary(report: ValidationReport) -> str:
     return f"{sum(report.error_counts.values())} errors: " + ", ".join(parts)
 
 
-def _claim_is_stale(record: RunRecord, now: datetime) -> bool:
+def _claim_is_stale(record: RunRecord, now: datetime, ttl: timedelta = CLAIM_TTL) -> bool:
     if not record.claimed_at:
         return True
     try:
         claimed = datetime.fromisoformat(record.claimed_at.partition("|")[0])
     except ValueError:
         return True
-    return now - claimed > CLAIM_TTL
+    return now - claimed > ttl
 
 
 UPLOAD_CHUNK = 4 * 1024 * 1024
@@ -183,7 +185,15 @@ def _record_findings(blobs: Blobs, record: RunRecord, findings: list[Finding]) -
     _store_report(blobs, name=record.blob, run_id=record.run_id, report=doc, markdown=markdown)
 
 
-def _claim(ledger: Ledger, container: str, name: str, etag: str, settings: Settings, now: datetime) -> RunRecord | None:
+def _claim(
+    ledger: Ledger,
+    container: str,
+    name: str,
+    etag: str,
+    settings: Settings,
+    now: datetime,
+    ttl: timedelta = CLAIM_TTL,
+) -> RunRecord | None:
     """The record of this blob version, claimed by this delivery (`claimed_at` = time|token, written with the
     record: the claim is fenced by the returned record's ETag); None when another delivery has it."""
     run_id = run_id_for(container, name, etag)
@@ -205,7 +215,7 @@ def _claim(ledger: Ledger, container: str, name: str, etag: str, settings: Setti
             extra={"run_id": run_id},
         )
         return None
-    if not _claim_is_stale(record, now):
+    if not _claim_is_stale(record, now, ttl):
         log.info(
             "duplicate delivery of %s/%s: run %s is being processed", container, name, run_id, extra={"run_id": run_id}
         )
@@ -245,8 +255,10 @@ def ingest_dataset(
     settings: Settings,
     now: Callable[[], datetime] = utcnow,
     token_counter: TokenCounterFactory | None = None,
+    claim_ttl: timedelta = CLAIM_TTL,
 ) -> IngestOutcome:
-    """Handle one delivery of a dataset blob. Safe to call any number of times, concurrently."""
+    """Handle one delivery of a dataset blob. Safe to call any number of times, concurrently. `claim_ttl`: how
+    long a claim binds before another delivery may take the run over (tests shorten it)."""
     if not name.endswith(".jsonl"):
         log.info("ignoring %s/%s: not a .jsonl dataset", container, name)
         return IngestOutcome("ignored", "not a .jsonl file")
@@ -263,13 +275,54 @@ def ingest_dataset(
         log.info("ignoring %s/%s: blob no longer exists", container, name)
         return IngestOutcome("ignored", "blob not found")
     etag = str(props["etag"])
-    record = _claim(ledger, container, name, etag, settings, now())
+    record = _claim(ledger, container, name, etag, settings, now(), claim_ttl)
     if record is None:
         return IngestOutcome(
             "duplicate", "this blob version was already delivered", run_id=run_id_for(container, name, etag)
         )
-    run_id, claim = record.run_id, record.claimed_at
     rollout = Rollout(ledger=ledger, backend=backend, blobs=blobs, settings=settings, now=now)
+    return _run_claimed(record, rollout, etag=etag, token_counter=token_counter)
+
+
+def resume_stale_ingest(
+    record: RunRecord,
+    rollout: Rollout,
+    *,
+    claim_ttl: timedelta = CLAIM_TTL,
+    token_counter: TokenCounterFactory | None = None,
+) -> IngestOutcome | None:
+    """Timer-side safety net, so that no run is left in `received`, `validating` or `submitting`: when the
+    delivery that claimed the run died (its claim went stale) and no redelivery came, take the claim over and
+    go on from where it stopped. A run whose blob version is gone before it passed validation ends
+    `superseded` (a newer version exists) or `error` (the blob was deleted). None when the claim still binds."""
+    now = rollout.now()
+    if record.state not in INGEST_STATES or not _claim_is_stale(record, now, claim_ttl):
+        return None
+    if record.state != RunState.SUBMITTING:  # a submitting run has its data prepared: the blob is not read again
+        props = rollout.blobs.properties(record.container, record.blob)
+        if props is None or str(props["etag"]) != record.blob_version:
+            to = RunState.SUPERSEDED if props is not None else RunState.ERROR
+            reason = (
+                f"a newer version of {record.container}/{record.blob} replaced this one before its ingest finished"
+                if props is not None
+                else f"{record.container}/{record.blob} was deleted before its ingest finished"
+            )
+            ended = end_if_alive(record.run_id, rollout, to, reason)
+            return IngestOutcome(to.value, reason, run_id=record.run_id) if ended is not None else None
+    try:
+        taken = rollout.ledger.update(record, claimed_at=f"{now.isoformat()}|{uuid.uuid4().hex[:12]}")
+    except ConflictError:
+        return None
+    log.warning("taking over run %s (state %s, stale claim)", record.run_id, record.state.value)
+    return _run_claimed(taken, rollout, etag=record.blob_version, token_counter=token_counter)
+
+
+def _run_claimed(
+    record: RunRecord, rollout: Rollout, *, etag: str, token_counter: TokenCounterFactory | None
+) -> IngestOutcome:
+    """Process a run this delivery has claimed; every write is fenced by the claimed record's ETag."""
+    ledger = rollout.ledger
+    run_id, claim = record.run_id, record.claimed_at
     try:
         return _process(record, rollout=rollout, etag=etag, token_counter=token_counter)
     except ConflictError as exc:
@@ -601,17 +654,3 @@ def _request_from_record(record: RunRecord, settings: Settings) -> FineTuneReque
         compute=dict(sidecar.compute),
         tags={RUN_TAG: record.run_id, DATASET_TAG: record.blob[:256], OWNER_TAG: settings.instance},
     )
-
-
-def resume_stale_submission(record: RunRecord, *, ledger: Ledger, backend: FineTuneBackend, now: datetime) -> bool:
-    """Timer-side safety net: a run stuck in SUBMITTING whose claim went stale (the host died
-    mid-submission and no retry came) moves on when its job exists. Returns True when it moved."""
-    if record.state != RunState.SUBMITTING or not _claim_is_stale(record, now):
-        return False
-    if backend.get_job(record.job_name) is None:
-        return False
-    try:
-        ledger.transition(record, RunState.SUBMITTED, claimed_at="")
-    except ConflictError:
-        return False
-    return True

@@ -140,18 +140,19 @@ class TickReport:
 def tick(rollout: Rollout) -> TickReport:
     """Timer entry: move every in-flight run on (resumes long steps, catches missed events). One run's
     failure, whatever it is, is logged and the tick goes on with the others."""
-    from shared.usecases.ingest import resume_stale_submission
+    from shared.usecases.ingest import INGEST_STATES, resume_stale_ingest
 
     report = TickReport()
     for record in rollout.ledger.list():
-        if record.state != RunState.SUBMITTING and record.state not in IN_FLIGHT:
+        if record.state not in INGEST_STATES and record.state not in IN_FLIGHT:
             continue
         report.attempted.append(record.run_id)
         try:
-            if record.state == RunState.SUBMITTING:
-                resume_stale_submission(record, ledger=rollout.ledger, backend=rollout.backend, now=rollout.now())
-                continue
-            moved = advance_run(record.run_id, rollout)
+            if record.state in INGEST_STATES:
+                resume_stale_ingest(record, rollout, claim_ttl=rollout.claim_ttl, token_counter=rollout.token_counter)
+                moved = rollout.ledger.get(record.run_id) or record
+            else:
+                moved = advance_run(record.run_id, rollout)
         except Exception as exc:  # isolation: the next run must not wait for this one
             report.failed[record.run_id] = f"{type(exc).__name__}: {exc}"
             transient = isinstance(exc, RETRYABLE)

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 
 from shared.domain.clock import utcnow
 from shared.domain.runs import RunState
+from shared.domain.validation import TokenCounterFactory
 from shared.ports import Blobs, FineTuneBackend, Ledger
 from shared.settings import Settings
 
@@ -15,6 +16,8 @@ LEASE_TTL = timedelta(minutes=5)
 """The shortest lease: long enough for any single backend call of a step (they start long operations and
 return; the longest ones are the smoke requests, which `lease_ttl_for` covers)."""
 LEASE_MARGIN = timedelta(seconds=60)
+DEFAULT_CLAIM_TTL = timedelta(minutes=15)
+"""How long an ingest delivery's claim on a run binds (validation of a large file takes minutes)."""
 
 IN_FLIGHT = (
     RunState.SUBMITTED,
@@ -53,8 +56,9 @@ def lease_ttl_for(settings: Settings) -> timedelta:
 
 @dataclass(frozen=True)
 class Rollout:
-    """The ports and settings one rollout step needs. `lease_ttl` overrides `lease_ttl_for(settings)`
-    (tests that make a lease expire without waiting minutes)."""
+    """The ports and settings one rollout step needs. `lease_ttl` overrides `lease_ttl_for(settings)` and
+    `claim_ttl` the ingest claim's (tests that make a lease expire without waiting minutes);
+    `token_counter` is what ingest needs to resume a validation (VALIDATION_TOKENIZER)."""
 
     ledger: Ledger
     backend: FineTuneBackend
@@ -62,6 +66,8 @@ class Rollout:
     settings: Settings
     now: Callable[[], datetime] = utcnow
     lease_ttl: timedelta | None = None
+    claim_ttl: timedelta = DEFAULT_CLAIM_TTL
+    token_counter: TokenCounterFactory | None = None
 
     @property
     def ttl(self) -> timedelta:
