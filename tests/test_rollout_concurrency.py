@@ -285,3 +285,27 @@ def test_a_smoke_step_as_long_as_its_settings_allow_keeps_its_lease(world: dict[
     assert "worker-2" not in calls, calls
     assert len(calls) == 3 and final.state == RunState.SHIFTING_TRAFFIC
     assert second and second[0].state == RunState.SMOKE_TESTING
+
+
+def test_an_undo_that_fails_is_finished_by_a_later_tick(world: dict[str, Any]) -> None:
+    """Cancel wins the move, but canceling the job fails (a transient error): the run is marked undo-pending,
+    and the next tick cancels the job and clears the mark."""
+    from shared.errors import TransientError
+    from shared.usecases.rollout.ending import UNDO_PENDING
+
+    outcome = _upload_and_ingest(world, "undo.jsonl")
+    backend = world["backend"]
+    failures = [TransientError("injected: cancel timed out")]
+
+    def flaky_cancel(job_name: str) -> None:
+        if failures:
+            raise failures.pop()
+
+    backend.hooks["cancel_job"] = flaky_cancel
+    cancel_run(world["ledger"], backend, outcome.run_id, blobs=world["blobs"], settings=world["settings"])
+    record = world["ledger"].get(outcome.run_id)
+    assert record.state == RunState.CANCELED and record.operation == UNDO_PENDING
+    assert backend.jobs[record.job_name].state == JobState.PENDING
+    tick(_rollout(world))
+    record = world["ledger"].get(outcome.run_id)
+    assert record.operation == "" and backend.jobs[record.job_name].state == JobState.CANCELED

@@ -58,7 +58,7 @@ from shared.errors import BackendError, ConfigError, ConflictError, InvalidInput
 from shared.ports import Blobs, FineTuneBackend, Ledger
 from shared.settings import PREPARED_CONTAINER, REPORTS_CONTAINER, Settings
 from shared.usecases.rollout import Rollout
-from shared.usecases.rollout.ending import end_if_alive, end_run, undo
+from shared.usecases.rollout.ending import end_if_alive, end_run, undo_or_mark
 from shared.usecases.rollout.model import DEFAULT_CLAIM_TTL
 
 log = logging.getLogger(__name__)
@@ -354,7 +354,7 @@ def _lost(record: RunRecord, rollout: Rollout, *, etag: str, claim: str, exc: Co
         # Still ours and the dataset is unchanged: a companion file changed mid-read. Read it all again.
         raise TransientError(f"run {run_id}: {exc}; retrying with the current files") from exc
     if current is not None and current.state.terminal:
-        undo(current, rollout, was=RunState.SUBMITTING)
+        undo_or_mark(current, rollout, was=RunState.SUBMITTING)
         log.info("run %s ended %s while ingest held it", run_id, current.state.value, extra={"run_id": run_id})
         return IngestOutcome(current.state.value, current.error or f"run is {current.state.value}", run_id=run_id)
     log.info("run %s: another delivery took it over (%s)", run_id, exc, extra={"run_id": run_id})

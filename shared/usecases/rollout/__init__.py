@@ -32,7 +32,7 @@ from shared.domain.events import RunEvent, parse_run_event
 from shared.domain.leases import superseded_by
 from shared.domain.runs import RunRecord, RunState
 from shared.errors import ConflictError, NotFound, TransientError
-from shared.usecases.rollout.ending import end_run, undo
+from shared.usecases.rollout.ending import UNDO_PENDING, end_run, finish_undo, undo_or_mark
 from shared.usecases.rollout.leases import acquire, give_back, still_holds
 from shared.usecases.rollout.model import (
     IN_FLIGHT,
@@ -144,6 +144,12 @@ def tick(rollout: Rollout) -> TickReport:
 
     report = TickReport()
     for record in rollout.ledger.list():
+        if record.operation == UNDO_PENDING:
+            try:
+                finish_undo(record, rollout)
+            except Exception:  # isolation, as below
+                log.warning("run %s: undo still unfinished", record.run_id, exc_info=True)
+            continue
         if record.state not in INGEST_STATES and record.state not in IN_FLIGHT:
             continue
         report.attempted.append(record.run_id)
@@ -215,7 +221,7 @@ def _one_step(record: RunRecord, rollout: Rollout) -> RunRecord | None:
         if current is not None and current.state.terminal and current.state != record.state:
             # Ended meanwhile (canceled, superseded): whatever this delivery started before it lost the run is
             # undone again, idempotently.
-            undo(current, rollout, was=record.state)
+            current = undo_or_mark(current, rollout, was=record.state)
         return current
     except RETRYABLE:
         if token:

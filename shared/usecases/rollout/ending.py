@@ -14,6 +14,9 @@ from shared.usecases.rollout.reports import write_run_report
 
 log = logging.getLogger(__name__)
 
+UNDO_PENDING = "undo-pending"
+"""`operation` of an ended run whose undo could not finish (a transient error): the tick tries it again."""
+
 JOB_STATES = frozenset({RunState.SUBMITTING, RunState.SUBMITTED, RunState.RUNNING})
 """States in which the run's job may still be queued or training."""
 DEPLOYMENT_STATES = frozenset({RunState.DEPLOYING, RunState.SMOKE_TESTING, RunState.SHIFTING_TRAFFIC})
@@ -25,9 +28,34 @@ def end_run(record: RunRecord, rollout: Rollout, to: RunState, reason: str) -> R
     report. `ConflictError` when the record changed since it was read: the caller re-reads and decides."""
     ended = rollout.ledger.transition(record, to, operation="", claimed_at="", error=reason[:4000])
     log.warning("run %s: %s: %s", record.run_id, to.value, reason, extra={"run_id": record.run_id})
-    undo(ended, rollout, was=record.state)
+    ended = undo_or_mark(ended, rollout, was=record.state)
     write_run_report(ended, rollout)
     return ended
+
+
+def undo_or_mark(ended: RunRecord, rollout: Rollout, *, was: RunState) -> RunRecord:
+    """`undo`, and when it could not finish, mark the ended run `undo-pending` for the tick to finish it."""
+    if undo(ended, rollout, was=was):
+        return ended
+    try:
+        return rollout.ledger.update(ended, operation=UNDO_PENDING)
+    except (TunegridError, OSError) as exc:  # the janitor's orphan rule still removes a 0 % deployment left
+        log.warning("run %s: undo left unfinished and not marked: %s", ended.run_id, exc)
+        return ended
+
+
+def finish_undo(record: RunRecord, rollout: Rollout) -> bool:
+    """Try again the undo of an ended run marked `undo-pending`; True when it is complete now."""
+    if record.operation != UNDO_PENDING or not record.state.terminal:
+        return True
+    was = RunState(record.timeline[-2][0]) if len(record.timeline) > 1 else record.state
+    if not undo(record, rollout, was=was):
+        return False
+    try:
+        rollout.ledger.update(record, operation="")
+    except ConflictError:
+        pass  # someone else finished it, or marked it again: the next tick looks again
+    return True
 
 
 def end_if_alive(run_id: str, rollout: Rollout, to: RunState, reason: str) -> RunRecord | None:
@@ -43,26 +71,29 @@ def end_if_alive(run_id: str, rollout: Rollout, to: RunState, reason: str) -> Ru
     raise ConflictError(f"run {run_id} kept changing while being ended")
 
 
-def undo(record: RunRecord, rollout: Rollout, *, was: RunState) -> None:
+def undo(record: RunRecord, rollout: Rollout, *, was: RunState) -> bool:
     """Undo what a run that ended in state `was` may have started: cancel its job, take its deployment out
     (removed at 0 %; with traffic, the traffic goes back to the previous deployment first and the 0 %
     deployment is left to the next roll-out on the endpoint or the janitor's orphan rule), and release the
-    endpoint lease. Best effort: whatever fails here is logged, and what it leaves is at 0 % traffic."""
+    endpoint lease. Idempotent; False when something failed (logged), so that it is tried again."""
     backend = rollout.backend
+    complete = True
     if was in JOB_STATES and record.job_name:
         try:
             backend.cancel_job(record.job_name)
             log.info("run %s: job %s canceled", record.run_id, record.job_name, extra={"run_id": record.run_id})
         except NotFound:
             pass
-        except TunegridError as exc:
+        except (TunegridError, OSError) as exc:
+            complete = False
             log.warning("run %s: could not cancel job %s: %s", record.run_id, record.job_name, exc)
     if was in DEPLOYMENT_STATES and record.endpoint and record.deployment:
         try:
             _take_out_deployment(record, rollout)
-        except TunegridError as exc:
+        except (TunegridError, OSError) as exc:
+            complete = False
             log.warning(
-                "run %s: deployment %s/%s left for the janitor: %s",
+                "run %s: deployment %s/%s not taken out yet: %s",
                 record.run_id,
                 record.endpoint,
                 record.deployment,
@@ -70,6 +101,7 @@ def undo(record: RunRecord, rollout: Rollout, *, was: RunState) -> None:
                 extra={"run_id": record.run_id},
             )
     release_endpoint(record, rollout)
+    return complete
 
 
 def _take_out_deployment(record: RunRecord, rollout: Rollout) -> None:

@@ -27,7 +27,7 @@ from shared.domain.resources import DeploymentSpec, EndpointInfo, JobState, Mode
 from shared.domain.runs import RunRecord, RunState, is_run_id
 from shared.errors import ConflictError, TransientError
 from shared.settings import Settings
-from shared.usecases.rollout.ending import undo
+from shared.usecases.rollout.ending import undo_or_mark
 from shared.usecases.rollout.leases import Held, authorise, hold_endpoint, move, release, release_endpoint, write
 from shared.usecases.rollout.model import Rollout
 from shared.usecases.rollout.reports import write_run_report
@@ -184,8 +184,7 @@ def _step_deploy(held: Held, rollout: Rollout) -> RunRecord | None:
 def _ended(held: Held, rollout: Rollout, to: RunState, reason: str, **fields: Any) -> RunRecord:
     """Win the move to an end state first; only then undo (delete the 0 % deployment, release the endpoint)."""
     ended = move(held, rollout, to, error=reason[:4000], **fields)
-    undo(ended, rollout, was=held.record.state)
-    return ended
+    return undo_or_mark(ended, rollout, was=held.record.state)
 
 
 def _smoke_conversations(record: RunRecord, rollout: Rollout, rows: int) -> list[list[dict[str, Any]]]:
