@@ -1,0 +1,465 @@
+"""The torture test: many runs meeting on Azurite and one shared fake backend, with everything going wrong
+at once, checked against the concurrency rules (shared/usecases/rollout/__init__.py).
+
+Eight workers, six threads and two processes (tests/torture.py explains how processes share the backend),
+take tasks from one queue: blob deliveries (each twice), run events (the completion event ten times and
+the running event twice per job, shuffled) and timer ticks, interleaved. Five versions of each dataset name
+are uploaded in a burst (a version is overwritten while its ingest may still be reading it; the last two are
+sometimes the same bytes); a poison dataset's deployments are refused for good, another's sidecar is
+invalid; every backend call fails transiently with p = 0.3; some calls stall past the lease TTL; one worker
+process is killed in the middle of a step and replaced. Then ticks run until every run has ended.
+
+`test_torture` (in `make test`) runs one seeded scenario of 200+ runs; `test_torture_soak` runs more seeds
+and runs and is selected with `-m soak`. Both print their figures (`-s`).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import queue
+import random
+import signal
+import statistics
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.domain.resources import JobState
+from shared.domain.runs import RunState, run_id_for
+from shared.settings import TRAINING_CONTAINER
+from tests.torture import Faults, SharedFakeBackend, WorkerConfig, process_main, run_worker
+
+pytestmark = pytest.mark.azurite
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+EVENTS = Path(__file__).resolve().parent / "data" / "events"
+LINES = (SAMPLES / "ultrachat_small.jsonl").read_bytes().splitlines()
+INGEST_STATES = {RunState.RECEIVED, RunState.VALIDATING, RunState.SUBMITTING}
+
+
+@dataclass(frozen=True)
+class Plan:
+    seed: int
+    names: int = 32
+    versions: int = 5
+    twins: int = 4
+    """Pairs of dataset names in two folders with the same file name: one model family, so one endpoint that
+    the two roll out on one after the other (the endpoint lease)."""
+    poison_names: int = 2
+    rows: int = 12
+    threads: int = 6
+    processes: int = 2
+    lease_ttl_s: float = 1.0
+    claim_ttl_s: float = 3.0
+    max_rounds: int = 40
+    time_limit_s: float = 240.0
+    faults: Faults = field(default_factory=Faults)
+
+
+@dataclass
+class Run:
+    """What the orchestrator saw while it drove one scenario."""
+
+    plan: Plan
+    ticks: list[dict[str, Any]] = field(default_factory=list)
+    crashes: list[str] = field(default_factory=list)
+    retries: int = 0
+    kills: int = 0
+    rounds: int = 0
+    stats: list[dict[str, Any]] = field(default_factory=list)
+    trained_at: float = 0.0
+    """When the backend finished training (phase C): from then on a run can only wait for ticks."""
+
+
+def _content(rng: random.Random, rows: int) -> bytes:
+    start = rng.randrange(0, len(LINES) - rows)
+    return b"\n".join(LINES[start : start + rows]) + b"\n"
+
+
+def _events(job: str, run_id: str) -> list[dict[str, Any]]:
+    out = []
+    for file, copies in (("parent_completed.json", 10), ("parent_running.json", 2)):
+        raw = (EVENTS / file).read_text().replace("{JOB}", job).replace("{RUN}", run_id)
+        for i in range(copies):
+            for event in json.loads(raw):
+                out.append({**event, "id": f"{event['id']}-{job}-{i}"})
+    return out
+
+
+class Orchestrator:
+    """Feeds the workers and watches the ledger; every wait is bounded."""
+
+    def __init__(self, plan: Plan, *, conn: str, table: str, root: Path, unique: str) -> None:
+        from azure.data.tables import TableServiceClient
+        from azure.storage.blob import BlobServiceClient
+
+        from shared.adapters.storage import BlobStore
+        from shared.adapters.tables import TableRunLedger
+
+        self.plan, self.conn, self.table, self.root, self.unique = plan, conn, table, root, unique
+        self.ledger = TableRunLedger(TableServiceClient.from_connection_string(conn).get_table_client(table))
+        self.blobs = BlobStore(BlobServiceClient.from_connection_string(conn))
+        self.backend = SharedFakeBackend.create(root / "backend")
+        self.rng = random.Random(plan.seed)
+        self.context = multiprocessing.get_context("spawn")
+        self.tasks: Any = self.context.Queue()
+        self.results: Any = self.context.Queue()
+        self.threads: list[threading.Thread] = []
+        self.processes: list[Any] = []
+        self.run = Run(plan)
+        self.deadline = time.monotonic() + plan.time_limit_s
+        self.prefix = f"tt{unique}/"
+
+    def config(self, n: int, *, victim: bool = False) -> WorkerConfig:
+        faults = replace(self.plan.faults, every_call_s=0.3) if victim else self.plan.faults
+        return WorkerConfig(
+            conn=self.conn,
+            table=self.table,
+            backend_root=str(self.root / "backend"),
+            settings_env={"TUNEGRID_INSTANCE": f"tt{self.unique}", "SMOKE_ROWS": "1"},
+            lease_ttl_s=self.plan.lease_ttl_s,
+            claim_ttl_s=self.plan.claim_ttl_s,
+            faults=faults,
+            seed=self.plan.seed * 1000 + n,
+            busy_file=str(self.root / f"busy-{n}") if victim else None,
+        )
+
+    # ---- workers ----
+
+    def start(self) -> None:
+        for n in range(self.plan.threads):
+            thread = threading.Thread(
+                target=run_worker, args=(self.config(n), self.tasks, self.results, f"thread-{n}"), name=f"torture-{n}"
+            )
+            thread.start()
+            self.threads.append(thread)
+        for n in range(self.plan.threads, self.plan.threads + self.plan.processes):
+            self.spawn(n, victim=n == self.plan.threads)
+
+    def spawn(self, n: int, *, victim: bool = False) -> Any:
+        process = self.context.Process(
+            target=process_main, args=(self.config(n, victim=victim), self.tasks, self.results, f"process-{n}")
+        )
+        process.start()
+        self.processes.append(process)
+        return process
+
+    def kill_mid_step(self) -> None:
+        """SIGKILL the victim process while it is inside a backend call (so in the middle of a step), and
+        start another process in its place: its lease expires and another worker takes the run over."""
+        victim = self.processes[0]
+        busy = self.root / f"busy-{self.plan.threads}"
+        limit = time.monotonic() + 30
+        while not busy.exists():
+            assert time.monotonic() < limit, "the victim process never entered a backend call"
+            self.pump_once(0.01)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(10)
+        self.processes.remove(victim)
+        self.run.kills += 1
+        self.spawn(self.plan.threads + self.plan.processes)
+
+    def stop(self) -> None:
+        alive = len(self.threads) + len(self.processes)
+        for _ in range(alive):
+            self.tasks.put(("stop",))
+        stopped = 0
+        limit = time.monotonic() + 120
+        while stopped < alive:
+            assert time.monotonic() < limit, f"only {stopped} of {alive} workers stopped"
+            if self.pump_once(0.5) == "stopped":
+                stopped += 1
+        for thread in self.threads:
+            thread.join(10)
+        for process in self.processes:
+            process.join(10)
+        self.tasks.close()
+        self.results.close()
+        self.tasks.join_thread()
+        self.results.join_thread()
+
+    # ---- results ----
+
+    def pump_once(self, timeout_s: float) -> str | None:
+        try:
+            result = self.results.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+        kind = result[0]
+        if kind == "retry":  # what a trigger's retry policy does with a transient failure
+            self.run.retries += 1
+            self.tasks.put(result[1])
+        elif kind == "crash":
+            self.run.crashes.append(f"{result[1]}: {result[2]}")
+        elif kind == "tick":
+            self.run.ticks.append(result[1])
+        elif kind == "stopped":
+            self.run.stats.append(result[1])
+        return str(kind)
+
+    def pump_until(self, done: Any, *, what: str, tick_every_s: float = 0.5) -> None:
+        """Consume results until `done()` holds, feeding a timer tick now and then, as the timer does."""
+        last_tick = 0.0
+        while not done():
+            assert time.monotonic() < self.deadline, f"time limit reached waiting for {what}"
+            if time.monotonic() - last_tick > tick_every_s:
+                self.tasks.put(("tick", -1))
+                last_tick = time.monotonic()
+            self.pump_once(0.05)
+
+    # ---- the scenario ----
+
+    def upload_bursts(self) -> dict[str, list[str]]:
+        """Phase A: five versions of each dataset name, each uploaded as soon as the previous one has a run."""
+        plan, rng = self.plan, self.rng
+        names = [f"{self.prefix}set-{i:03d}.jsonl" for i in range(plan.names)]
+        names += [f"{self.prefix}{side}/twin-{i}.jsonl" for i in range(plan.twins) for side in ("a", "b")]
+        names += [f"{self.prefix}poison-{i}.jsonl" for i in range(plan.poison_names)]
+        bad_sidecar = f"{self.prefix}badcfg.jsonl"
+        self.blobs.upload(
+            TRAINING_CONTAINER,
+            bad_sidecar.removesuffix(".jsonl") + ".config.json",
+            b'{"deployment": {"instance_count": 0}}',
+        )
+        names.append(bad_sidecar)
+        contents: dict[str, list[bytes]] = {}
+        for name in names:
+            count = plan.versions if name.split("/")[-1].startswith(("set-", "twin-")) else 1
+            versions = [_content(rng, plan.rows) for _ in range(count)]
+            if count > 1 and rng.random() < 0.5:
+                versions[-1] = versions[-2]  # the same bytes again: a duplicate, not a second training
+            contents[name] = versions
+        etags: dict[str, list[str]] = defaultdict(list)
+        for k in range(plan.versions):
+            wave = [name for name in names if k < len(contents[name])]
+            for name in wave:
+                self.blobs.upload(TRAINING_CONTAINER, name, contents[name][k])
+                etags[name].append(str(self.blobs.properties(TRAINING_CONTAINER, name)["etag"]))
+                for _ in range(2):  # Event Grid delivers at least once: twice here
+                    self.tasks.put(("ingest", TRAINING_CONTAINER, name))
+            self.tasks.put(("tick", -1))
+            wanted = [run_id_for(TRAINING_CONTAINER, name, etags[name][k]) for name in wave]
+            self.pump_until(lambda w=wanted: all(self.ledger.get(r) is not None for r in w), what=f"wave {k}")
+        return dict(etags)
+
+    def ingest_settles(self) -> None:
+        """Phase B: every run has passed ingest (retries and the timer's takeovers included)."""
+        self.pump_until(
+            lambda: not [r for r in self.ledger.list() if r.state in INGEST_STATES], what="ingest to settle"
+        )
+
+    def train_and_announce(self) -> None:
+        """Phase C: the backend finishes every job still queued; each completion is announced ten times (and
+        the running event twice), shuffled, with ticks in between; one worker is killed mid-step."""
+        self.run.trained_at = time.time()
+        snapshot = self.backend.snapshot()
+        open_jobs = [name for name, job in snapshot.jobs.items() if not job.state.terminal]
+        self.backend.set_jobs(dict.fromkeys(open_jobs, JobState.RUNNING))
+        self.backend.set_jobs(dict.fromkeys(open_jobs, JobState.COMPLETED))
+        by_job = {r.job_name: r.run_id for r in self.ledger.list() if r.job_name}
+        events = [e for job in open_jobs for e in _events(job, by_job.get(job, "r000000000000000"))]
+        self.rng.shuffle(events)
+        for i, event in enumerate(events):
+            self.tasks.put(("event", event))
+            if i % 6 == 5:
+                self.tasks.put(("tick", -1))
+        self.kill_mid_step()
+
+    def converge(self) -> None:
+        """Phase D: rounds of ticks (one per worker) until every run has ended and every undo is finished."""
+        workers = self.plan.threads + self.plan.processes
+        while True:
+            records = self.ledger.list()
+            if all((r.state.terminal or r.state == RunState.LIVE) and r.operation != "undo-pending" for r in records):
+                return
+            assert self.run.rounds < self.plan.max_rounds, sorted(
+                (r.run_id, r.state.value, r.operation) for r in records if not r.state.terminal
+            )
+            self.run.rounds += 1
+            seen = sum(1 for t in self.run.ticks if t["round"] == self.run.rounds)
+            for _ in range(workers):
+                self.tasks.put(("tick", self.run.rounds))
+            self.pump_until(
+                lambda seen=seen: sum(1 for t in self.run.ticks if t["round"] == self.run.rounds) - seen >= workers,
+                what=f"tick round {self.run.rounds}",
+                tick_every_s=3600,
+            )
+
+
+def torture(plan: Plan, *, conn: str, root: Path, unique: str) -> dict[str, Any]:
+    """Run one scenario, check every invariant, and return its figures."""
+    from azure.data.tables import TableServiceClient
+
+    table = f"torture{unique}"
+    tables = TableServiceClient.from_connection_string(conn)
+    tables.create_table(table)
+    orchestra = Orchestrator(plan, conn=conn, table=table, root=root, unique=unique)
+    started = time.monotonic()
+    orchestra.start()
+    try:
+        etags = orchestra.upload_bursts()
+        orchestra.ingest_settles()
+        orchestra.train_and_announce()
+        orchestra.converge()
+    finally:
+        orchestra.stop()
+    wall_s = time.monotonic() - started
+    try:
+        return check(orchestra, etags, wall_s)
+    finally:
+        tables.delete_table(table)
+
+
+def check(orchestra: Orchestrator, etags: dict[str, list[str]], wall_s: float) -> dict[str, Any]:
+    run, backend = orchestra.run, orchestra.backend
+    records = {r.run_id: r for r in orchestra.ledger.list()}
+    journal = backend.journal()
+    endpoints = _settled_endpoints(backend)
+    assert not run.crashes, run.crashes[:3]
+
+    # no transition recorded twice; every run has ended (or is live)
+    for r in records.values():
+        states = [s for s, _ in r.timeline]
+        assert len(states) == len(set(states)), (r.run_id, states)
+        assert r.state.terminal or r.state == RunState.LIVE, (r.run_id, r.state)
+
+    registered: dict[str, set[str]] = defaultdict(set)
+    for entry in journal:
+        if entry["m"] == "register_model":
+            registered[entry["name"]].add(entry["version"])
+    full_shifts: dict[str, set[str]] = defaultdict(set)
+    for entry in journal:
+        if entry["m"] == "begin_set_traffic":
+            full_shifts[entry["endpoint"]].update(d for d, pct in entry["traffic"].items() if pct == 100)
+    deletes = [e for e in journal if e["m"] == "begin_delete_deployment"]
+    assert all(e["traffic"] == 0 for e in deletes), [e for e in deletes if e["traffic"]]
+
+    twins: dict[str, list[Any]] = defaultdict(list)
+    for name, versions in etags.items():
+        runs = [r for r in records.values() if r.blob == name]
+        assert len(runs) == len(versions), (name, len(runs), len(versions))
+        newest = records[run_id_for(TRAINING_CONTAINER, name, versions[-1])]
+        live = [r for r in runs if r.state == RunState.LIVE]
+        stem = name.split("/")[-1]
+        if stem.startswith("poison-"):
+            assert live == [] and newest.state == RunState.ERROR and "quota exceeded" in newest.error, newest
+            continue
+        if stem.startswith("badcfg"):
+            assert newest.state == RunState.INVALID and "invalid_config" in newest.error, newest
+            continue
+        # exactly one model version and one deployment, from the newest version, went live
+        winner = newest.extra.get("duplicate_of") if newest.state == RunState.DUPLICATE else newest.run_id
+        if stem.startswith("twin-"):
+            twins[stem].append(records[winner])
+            continue
+        assert [r.run_id for r in live] == [winner], (name, [(r.run_id, r.state.value) for r in runs], winner)
+        champion = live[0]
+        assert registered[champion.model_name] == {champion.model_version}, (name, registered[champion.model_name])
+        assert full_shifts[champion.endpoint] == {champion.deployment}, (name, full_shifts[champion.endpoint])
+        endpoint = endpoints[champion.endpoint]
+        assert dict(endpoint.traffic) == {champion.deployment: 100}, (name, endpoint.traffic)
+        assert [d.name for d in endpoint.deployments] == [champion.deployment], (name, endpoint.deployments)
+        # the live deployment is never deleted, by a loser or anyone
+        assert not [e for e in deletes if e["deployment"] == champion.deployment]
+        for r in runs:
+            if r.run_id != champion.run_id:
+                assert r.state in (RunState.SUPERSEDED, RunState.DUPLICATE), (r.run_id, r.state, r.error)
+
+    # twins: one endpoint, two roll-outs one after the other: each shifted once, no flapping, the last one
+    # is live and the first one retired, its deployment removed
+    order = [e for e in journal if e["m"] == "begin_set_traffic"]
+    for stem, (first, second) in twins.items():
+        assert first.endpoint == second.endpoint, (stem, first.endpoint, second.endpoint)
+        shifted = [
+            next(d for d, pct in e["traffic"].items() if pct == 100) for e in order if e["endpoint"] == first.endpoint
+        ]
+        runs_of = [d for i, d in enumerate(shifted) if i == 0 or d != shifted[i - 1]]
+        assert sorted(runs_of) == sorted({first.deployment, second.deployment}), (stem, shifted)
+        last, earlier = (first, second) if runs_of[-1] == first.deployment else (second, first)
+        assert (last.state, earlier.state) == (RunState.LIVE, RunState.RETIRED), (stem, last.state, earlier.state)
+        endpoint = endpoints[last.endpoint]
+        assert dict(endpoint.traffic) == {last.deployment: 100} and len(endpoint.deployments) == 1, endpoint
+
+    snapshot = backend.snapshot()
+    assert not [j for j in snapshot.jobs.values() if not j.state.terminal], "a job was left queued or training"
+
+    # the poison runs never held up the others: no tick failed as a whole, and the only failures a tick saw
+    # in a run's step were transient ones
+    poison = {r.run_id for r in records.values() if r.blob.split("/")[-1].startswith("poison-")}
+    for tick in run.ticks:
+        for run_id, reason in tick["failed"].items():
+            assert run_id in poison or reason.startswith(("TransientError", "OSError", "ConnectionError")), reason
+
+    ticks_to_end = []  # ticks started between the moment a run could move on by itself and its end
+    for r in records.values():
+        ended = max(r.created_at, *(_at(t) for _, t in r.timeline)).timestamp()
+        ready = max(r.created_at.timestamp(), run.trained_at) if r.job_name else r.created_at.timestamp()
+        ticks_to_end.append(sum(1 for t in run.ticks if ready <= t["started"] <= ended))
+    conflicts = sum(s["conflicts"] for s in run.stats)
+    injected: Counter[str] = Counter()
+    for s in run.stats:
+        injected.update(s["injected"])
+    states = Counter(r.state.value for r in records.values())
+    figures = {
+        "seed": run.plan.seed,
+        "runs": len(records),
+        "dataset_names": len(etags),
+        "states": dict(sorted(states.items())),
+        "ticks": len(run.ticks),
+        "final_tick_rounds": run.rounds,
+        "ticks_to_end_p50": statistics.median(ticks_to_end),
+        "ticks_to_end_max": max(ticks_to_end),
+        "conflicts": conflicts,
+        "injected_transient_faults": injected["transient"],
+        "injected_stalls_over_ttl": injected["slow"],
+        "redelivered_tasks": run.retries,
+        "workers_killed": run.kills,
+        "wall_s": round(wall_s, 1),
+    }
+    print("\ntorture figures:", json.dumps(figures))
+    return figures
+
+
+def _at(stamp: str) -> Any:
+    from shared.domain.clock import parse_time
+
+    return parse_time(stamp)
+
+
+def _settled_endpoints(backend: SharedFakeBackend) -> dict[str, Any]:
+    """Every endpoint after its long operations finished (the fake settles them on the next reads)."""
+    from tests.torture import _locked
+
+    with _locked(backend._lock_path):
+        fake = backend._load()
+        for _ in range(3):
+            views = {name: fake._endpoint_view(name) for name in list(fake.endpoints)}
+        backend._save(fake)
+    return views
+
+
+def test_torture(storage: Any, storage_conn: str, tmp_path: Path, unique: str) -> None:
+    """One seeded scenario of 200+ runs (32 names and 4 twin pairs × 5 versions, three poison datasets): every invariant holds."""
+    figures = torture(Plan(seed=1), conn=storage_conn, root=tmp_path, unique=unique)
+    assert figures["runs"] >= 200
+    assert figures["final_tick_rounds"] <= 30 and figures["ticks_to_end_max"] <= 100
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("seed", [2, 3, 4])
+def test_torture_soak(
+    request: pytest.FixtureRequest, storage: Any, storage_conn: str, tmp_path: Path, unique: str, seed: int
+) -> None:
+    """More seeds and twice the dataset names, with longer stalls; selected with `-m soak`."""
+    if "soak" not in (request.config.getoption("-m") or ""):
+        pytest.skip("soak variant: run with -m soak")
+    plan = Plan(seed=seed, names=80, time_limit_s=900, faults=Faults(slow_rate=0.05, slow_s=2.0))
+    figures = torture(plan, conn=storage_conn, root=tmp_path, unique=unique)
+    assert figures["runs"] >= 400
