@@ -358,7 +358,7 @@ class BlobTriggerWatcher:
                 "Error": error,
             }
             try:
-                await asyncio.to_thread(table.upsert_entity, entity)
+                await asyncio.to_thread(self._upsert, table, entity)
             except Exception as exc:  # storage trouble: the next poll records it
                 log.warning("could not record the unlistable blob in %s: %s", POISON_TABLE, exc)
                 return
@@ -489,8 +489,17 @@ class BlobTriggerWatcher:
         tables = self._host.tables
         if error is not None:
             poison = {**entity, "Error": f"{type(error).__name__}: {error}"[:30000]}
-            await asyncio.to_thread(tables.get_table_client(POISON_TABLE).upsert_entity, poison)
-        await asyncio.to_thread(tables.get_table_client(RECEIPTS_TABLE).upsert_entity, entity)
+            await asyncio.to_thread(self._upsert, tables.get_table_client(POISON_TABLE), poison)
+        await asyncio.to_thread(self._upsert, tables.get_table_client(RECEIPTS_TABLE), entity)
+
+    def _upsert(self, table: Any, entity: dict[str, Any]) -> None:
+        """Write a receipt or poison row; a table gone since start-up (the emulator restarted empty) is
+        created again, so the delivery is settled instead of being redelivered at every poll."""
+        try:
+            table.upsert_entity(entity)
+        except ResourceNotFoundError:
+            self._ensure_tables()
+            table.upsert_entity(entity)
 
 
 def _if_not_modified() -> Any:
