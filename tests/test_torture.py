@@ -116,6 +116,16 @@ class Orchestrator:
         self.run = Run(plan)
         self.deadline = time.monotonic() + plan.time_limit_s
         self.prefix = f"tt{unique}/"
+        self.next_id = 0
+        self.outstanding: set[int] = set()
+        """Tasks put on the queue and not answered yet (a killed worker's task is dropped from it)."""
+        self.started: dict[int, str] = {}
+        self.dead: set[str] = set()
+
+    def put(self, task: tuple[Any, ...]) -> None:
+        self.next_id += 1
+        self.outstanding.add(self.next_id)
+        self.tasks.put((self.next_id, task))
 
     def config(self, n: int, *, victim: bool = False) -> WorkerConfig:
         faults = replace(self.plan.faults, every_call_s=0.3) if victim else self.plan.faults
@@ -157,19 +167,28 @@ class Orchestrator:
         victim = self.processes[0]
         busy = self.root / f"busy-{self.plan.threads}"
         limit = time.monotonic() + 30
-        while not busy.exists():
-            assert time.monotonic() < limit, "the victim process never entered a backend call"
+        inside_since = None
+        while inside_since is None or time.monotonic() - inside_since < 0.1:
+            # 0.1 s into a call: the queue's feeder thread has long sent the previous result (a process killed
+            # while writing to a multiprocessing queue would leave its lock held)
+            assert time.monotonic() < limit, "the victim process never stayed inside a backend call"
+            inside_since = (inside_since or time.monotonic()) if busy.exists() else None
             self.pump_once(0.01)
         os.kill(victim.pid, signal.SIGKILL)
         victim.join(10)
         self.processes.remove(victim)
+        name = f"process-{self.plan.threads}"
+        self.dead.add(name)
+        for task_id, worker in list(self.started.items()):
+            if worker == name:  # the task it was doing is lost, as a crashed host loses its invocation
+                self.outstanding.discard(task_id)
         self.run.kills += 1
         self.spawn(self.plan.threads + self.plan.processes)
 
     def stop(self) -> None:
         alive = len(self.threads) + len(self.processes)
         for _ in range(alive):
-            self.tasks.put(("stop",))
+            self.put(("stop",))
         stopped = 0
         limit = time.monotonic() + 120
         while stopped < alive:
@@ -189,13 +208,20 @@ class Orchestrator:
 
     def pump_once(self, timeout_s: float) -> str | None:
         try:
-            result = self.results.get(timeout=timeout_s)
+            task_id, worker, result = self.results.get(timeout=timeout_s)
         except queue.Empty:
             return None
         kind = result[0]
+        if kind == "start":
+            self.started[task_id] = worker
+            if worker in self.dead:
+                self.outstanding.discard(task_id)
+            return str(kind)
+        self.outstanding.discard(task_id)
+        self.started.pop(task_id, None)
         if kind == "retry":  # what a trigger's retry policy does with a transient failure
             self.run.retries += 1
-            self.tasks.put(result[1])
+            self.put(result[1])
         elif kind == "crash":
             self.run.crashes.append(f"{result[1]}: {result[2]}")
         elif kind == "tick":
@@ -210,7 +236,7 @@ class Orchestrator:
         while not done():
             assert time.monotonic() < self.deadline, f"time limit reached waiting for {what}"
             if time.monotonic() - last_tick > tick_every_s:
-                self.tasks.put(("tick", -1))
+                self.put(("tick", -1))
                 last_tick = time.monotonic()
             self.pump_once(0.05)
 
@@ -243,8 +269,8 @@ class Orchestrator:
                 self.blobs.upload(TRAINING_CONTAINER, name, contents[name][k])
                 etags[name].append(str(self.blobs.properties(TRAINING_CONTAINER, name)["etag"]))
                 for _ in range(2):  # Event Grid delivers at least once: twice here
-                    self.tasks.put(("ingest", TRAINING_CONTAINER, name))
-            self.tasks.put(("tick", -1))
+                    self.put(("ingest", TRAINING_CONTAINER, name))
+            self.put(("tick", -1))
             wanted = [run_id_for(TRAINING_CONTAINER, name, etags[name][k]) for name in wave]
             self.pump_until(lambda w=wanted: all(self.ledger.get(r) is not None for r in w), what=f"wave {k}")
         return dict(etags)
@@ -267,30 +293,42 @@ class Orchestrator:
         events = [e for job in open_jobs for e in _events(job, by_job.get(job, "r000000000000000"))]
         self.rng.shuffle(events)
         for i, event in enumerate(events):
-            self.tasks.put(("event", event))
+            self.put(("event", event))
             if i % 6 == 5:
-                self.tasks.put(("tick", -1))
+                self.put(("tick", -1))
         self.kill_mid_step()
 
+    def converged(self) -> bool:
+        """Every run has ended, every undo is finished, every live run has all its endpoint's traffic, and no
+        task is still queued or running (a stalled call lands before its task answers)."""
+        if self.outstanding:
+            return False
+        records = self.ledger.list()
+        if not all((r.state.terminal or r.state == RunState.LIVE) and r.operation != "undo-pending" for r in records):
+            return False
+        endpoints = _settled_endpoints(self.backend)
+        return all(
+            r.endpoint in endpoints and dict(endpoints[r.endpoint].traffic) == {r.deployment: 100}
+            for r in records
+            if r.state == RunState.LIVE
+        )
+
     def converge(self) -> None:
-        """Phase D: rounds of ticks (one per worker) until every run has ended and every undo is finished."""
+        """Phase D: rounds of ticks (one per worker) until everything has converged."""
         workers = self.plan.threads + self.plan.processes
         while True:
-            records = self.ledger.list()
-            if all((r.state.terminal or r.state == RunState.LIVE) and r.operation != "undo-pending" for r in records):
+            self.pump_until(lambda: not self.outstanding, what="the queue to drain", tick_every_s=3600)
+            if self.converged():
                 return
-            assert self.run.rounds < self.plan.max_rounds, sorted(
-                (r.run_id, r.state.value, r.operation) for r in records if not r.state.terminal
+            records = self.ledger.list()
+            endpoints = _settled_endpoints(self.backend)
+            assert self.run.rounds < self.plan.max_rounds, (
+                sorted((r.run_id, r.state.value, r.operation) for r in records if not r.state.terminal),
+                {r.endpoint: dict(endpoints[r.endpoint].traffic) for r in records if r.state == RunState.LIVE},
             )
             self.run.rounds += 1
-            seen = sum(1 for t in self.run.ticks if t["round"] == self.run.rounds)
             for _ in range(workers):
-                self.tasks.put(("tick", self.run.rounds))
-            self.pump_until(
-                lambda seen=seen: sum(1 for t in self.run.ticks if t["round"] == self.run.rounds) - seen >= workers,
-                what=f"tick round {self.run.rounds}",
-                tick_every_s=3600,
-            )
+                self.put(("tick", self.run.rounds))
 
 
 def torture(plan: Plan, *, conn: str, root: Path, unique: str) -> dict[str, Any]:
@@ -378,7 +416,9 @@ def check(orchestra: Orchestrator, etags: dict[str, list[str]], wall_s: float) -
     for stem, (first, second) in twins.items():
         assert first.endpoint == second.endpoint, (stem, first.endpoint, second.endpoint)
         shifted = [
-            next(d for d, pct in e["traffic"].items() if pct == 100) for e in order if e["endpoint"] == first.endpoint
+            next(d for d, pct in e["traffic"].items() if pct == 100)
+            for e in order
+            if e["endpoint"] == first.endpoint and not e["stalled"]  # a stalled call may land late: see guard_live
         ]
         runs_of = [d for i, d in enumerate(shifted) if i == 0 or d != shifted[i - 1]]
         assert sorted(runs_of) == sorted({first.deployment, second.deployment}), (stem, shifted)

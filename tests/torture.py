@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import pickle
-import queue
 import random
 import threading
 import time
@@ -134,7 +133,8 @@ class SharedFakeBackend:
         with (self.root / "journal.jsonl").open("a") as fh:
             fh.write(json.dumps({**entry, "pid": os.getpid(), "t": time.time()}) + "\n")
 
-    def _inject(self, method: str, args: tuple[Any, ...]) -> None:
+    def _inject(self, method: str, args: tuple[Any, ...]) -> bool:
+        """Delay, refuse or fail the call before it acts; True when it was stalled past the lease TTL."""
         with self._rng_lock:
             slow = self._rng.random() < self.faults.slow_rate
             transient = self._rng.random() < self.faults.transient_rate
@@ -148,16 +148,19 @@ class SharedFakeBackend:
         if transient:
             self.injected["transient"] += 1
             raise TransientError(f"injected transient failure in {method}")
+        return slow
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         busy = self.busy_file
         if busy is not None:
             busy.write_text(str(os.getpid()))
         try:
-            self._inject(method, args)
+            stalled = self._inject(method, args)
             with _locked(self._lock_path):
                 fake = self._load()
                 entry = self._entry(fake, method, args, kwargs)
+                if entry is not None:
+                    entry["stalled"] = stalled
                 try:
                     result = getattr(fake, method)(*args, **kwargs)
                 finally:
@@ -333,30 +336,24 @@ def run_worker(config: WorkerConfig, tasks: Any, results: Any, name: str) -> Non
 
     handlers.update(ingest=do_ingest, event=do_event, tick=do_tick)
     while True:
-        task = tasks.get()
+        task_id, task = tasks.get()
         if task[0] == "stop":
             stats.conflicts = ledger.conflicts
             stats.injected = dict(rollout.backend.injected)
-            results.put(("stopped", asdict(stats)))
+            results.put((task_id, name, ("stopped", asdict(stats))))
             return
+        results.put((task_id, name, ("start",)))
         stats.tasks += 1
         try:
-            results.put(handlers[task[0]](*task[1:]))
+            outcome = handlers[task[0]](*task[1:])
         except (TransientError, OSError) as exc:
-            results.put(("retry", task, f"{type(exc).__name__}: {exc}"))
+            outcome = ("retry", task, f"{type(exc).__name__}: {exc}")
         except Exception as exc:
-            results.put(("crash", task, "".join(traceback.format_exception(exc))))
+            outcome = ("crash", task, "".join(traceback.format_exception(exc)))
+        results.put((task_id, name, outcome))
 
 
 def process_main(config: WorkerConfig, tasks: Any, results: Any, name: str) -> None:
     """A worker process: the same loop, its log quiet (each fault is expected and counted)."""
     logging.getLogger().setLevel(logging.CRITICAL)
     run_worker(config, tasks, results, name)
-
-
-def drain(results: Any, *, timeout_s: float) -> Any:
-    """The next result, or AssertionError after `timeout_s` (a worker that hangs must fail the test)."""
-    try:
-        return results.get(timeout=timeout_s)
-    except queue.Empty:
-        raise AssertionError(f"no worker answered within {timeout_s:g} s") from None

@@ -43,7 +43,7 @@ from shared.usecases.rollout.model import (
     lease_ttl_for,
 )
 from shared.usecases.rollout.reports import run_report, run_report_markdown, write_run_report
-from shared.usecases.rollout.steps import LEASED_STEPS, OBSERVING_STEPS
+from shared.usecases.rollout.steps import LEASED_STEPS, OBSERVING_STEPS, guard_live
 
 __all__ = [
     "IN_FLIGHT",
@@ -149,6 +149,12 @@ def tick(rollout: Rollout) -> TickReport:
                 finish_undo(record, rollout)
             except Exception:  # isolation, as below
                 log.warning("run %s: undo still unfinished", record.run_id, exc_info=True)
+            continue
+        if record.state == RunState.LIVE:
+            try:
+                guard_live(record, rollout)
+            except Exception:  # isolation, as below
+                log.warning("run %s: live traffic not checked", record.run_id, exc_info=True)
             continue
         if record.state not in INGEST_STATES and record.state not in IN_FLIGHT:
             continue

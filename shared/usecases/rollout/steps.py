@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any
 
 import orjson
 
+from shared.domain.leases import RunLease
 from shared.domain.naming import (
     OWNER_TAG,
     RUN_TAG,
@@ -315,9 +317,9 @@ def _step_shift(held: Held, rollout: Rollout) -> RunRecord | None:
                 name,
                 extra={"run_id": record.run_id},
             )
+    _retire_replaced(record, rollout)  # first: an endpoint never has two live runs, not even for a moment
     live = move(held, rollout, RunState.LIVE)
     release_endpoint(live, rollout)
-    _retire_replaced(live, rollout)
     return live
 
 
@@ -344,6 +346,7 @@ def _replaced_deployments(record: RunRecord, endpoint: EndpointInfo, rollout: Ro
 
 
 def _retire_replaced(live: RunRecord, rollout: Rollout) -> None:
+    """Retire the other live runs of the endpoint (the shift has taken their traffic)."""
     for other in rollout.ledger.list():
         if other.run_id != live.run_id and other.state == RunState.LIVE and other.endpoint == live.endpoint:
             try:
@@ -351,6 +354,53 @@ def _retire_replaced(live: RunRecord, rollout: Rollout) -> None:
             except ConflictError:
                 continue
             write_run_report(retired, rollout)
+
+
+GUARD_TTLS = 3
+"""How long after going live, in lease TTLs, a run's traffic is checked (`guard_live`)."""
+
+
+def guard_live(record: RunRecord, rollout: Rollout) -> RunRecord:
+    """Keep a run that just went live at 100 % of its endpoint.
+
+    A lease cannot fence a call that is already on its way: a traffic update authorised by a run that then
+    lost its lease (its host stalled inside the call for longer than the TTL) can still land after another
+    run went live. So for `GUARD_TTLS` lease TTLs after going live, each tick reads the endpoint and, when
+    its traffic is not all on the live deployment and no other roll-out holds the endpoint lease, puts it
+    back (under the endpoint lease). A stall longer than that is outside what the lease TTL is sized for."""
+    went_live = next((at for state, at in reversed(record.timeline) if state == RunState.LIVE.value), "")
+    if not went_live or rollout.now() - datetime.fromisoformat(went_live) > rollout.ttl * GUARD_TTLS:
+        return record
+    backend = rollout.backend
+    endpoint = backend.get_endpoint(record.endpoint)
+    if endpoint is None or endpoint.provisioning_state.in_progress:
+        return record
+    if endpoint.traffic.get(record.deployment, 0) == 100 and not endpoint.mirror_traffic:
+        return record
+    if not any(d.name == record.deployment for d in endpoint.deployments):
+        return record
+    holder = Held(
+        lease=RunLease(record.run_id, "", record.etag, rollout.now() + rollout.ttl, record.state), record=record
+    )
+    if not hold_endpoint(holder, rollout):
+        return record  # another roll-out owns the endpoint now: its shift decides the traffic
+    try:
+        record = rollout.ledger.update(record)  # still live? (a newer run retires it before going live)
+    except ConflictError:
+        release_endpoint(record, rollout)
+        return record
+    traffic = {name: 0 for name in endpoint.traffic}
+    traffic[record.deployment] = 100
+    log.warning(
+        "run %s: %s had drifted from its live deployment (%s): putting it back",
+        record.run_id,
+        record.endpoint,
+        dict(endpoint.traffic),
+        extra={"run_id": record.run_id},
+    )
+    backend.begin_set_traffic(record.endpoint, traffic, mirror_traffic={})
+    release_endpoint(record, rollout)
+    return record
 
 
 OBSERVING_STEPS: Mapping[RunState, Callable[[RunRecord, Rollout], RunRecord | None]] = {
