@@ -511,8 +511,10 @@ class InMemoryBlobs:
     """The `Blobs` port (and `BlobStore.list_names`) in memory. Raises what `BlobStore` raises:
     `ConflictError` (412 ConditionNotMet) when `chunks` is pinned to an ETag the blob no longer has, or
     when the blob changes mid-stream; `NotFound` (404 BlobNotFound) when it is gone; `ConflictError`
-    (409 BlobAlreadyExists) for
-    `upload(overwrite=False)` on an existing blob. Safe to share between threads."""
+    (409 BlobAlreadyExists) for `upload(overwrite=False)` on an existing blob. One of the app's containers
+    found missing (after `drop_container`) is created again, as `BlobStore` does: reads find nothing, an
+    upload of bytes or a seekable file goes through, one from a one-shot iterator is a `TransientError`.
+    Safe to share between threads."""
 
     def __init__(
         self,

@@ -110,7 +110,6 @@ def _claim_is_stale(record: RunRecord, now: datetime, ttl: timedelta = CLAIM_TTL
     return now - claimed > ttl
 
 
-UPLOAD_CHUNK = 4 * 1024 * 1024
 
 
 def _split_stream(
