@@ -410,22 +410,24 @@ def check(orchestra: Orchestrator, etags: dict[str, list[str]], wall_s: float) -
             if r.run_id != champion.run_id:
                 assert r.state in (RunState.SUPERSEDED, RunState.DUPLICATE), (r.run_id, r.state, r.error)
 
-    # twins: one endpoint, two roll-outs one after the other: each shifted once, no flapping, the last one
-    # is live and the first one retired, its deployment removed
+    # twins: one endpoint, two roll-outs one after the other: both shifted, the traffic never flapped between
+    # them (a call stalled past its lease may land late and be put right: see guard_live), the second is
+    # live, the first retired and its deployment removed
     order = [e for e in journal if e["m"] == "begin_set_traffic"]
-    for stem, (first, second) in twins.items():
+    for stem, pair in twins.items():
+        first, second = pair
         assert first.endpoint == second.endpoint, (stem, first.endpoint, second.endpoint)
-        shifted = [
-            next(d for d, pct in e["traffic"].items() if pct == 100)
-            for e in order
-            if e["endpoint"] == first.endpoint and not e["stalled"]  # a stalled call may land late: see guard_live
-        ]
-        runs_of = [d for i, d in enumerate(shifted) if i == 0 or d != shifted[i - 1]]
-        assert sorted(runs_of) == sorted({first.deployment, second.deployment}), (stem, shifted)
-        last, earlier = (first, second) if runs_of[-1] == first.deployment else (second, first)
-        assert (last.state, earlier.state) == (RunState.LIVE, RunState.RETIRED), (stem, last.state, earlier.state)
-        endpoint = endpoints[last.endpoint]
-        assert dict(endpoint.traffic) == {last.deployment: 100} and len(endpoint.deployments) == 1, endpoint
+        on_endpoint = [e for e in order if e["endpoint"] == first.endpoint]
+        targets = [(next(d for d, pct in e["traffic"].items() if pct == 100), e["stalled"]) for e in on_endpoint]
+        assert {d for d, _ in targets} == {first.deployment, second.deployment}, (stem, targets)
+        fresh = [d for d, stalled in targets if not stalled]
+        segments = [d for i, d in enumerate(fresh) if i == 0 or d != fresh[i - 1]]
+        assert len(segments) == len(set(segments)), (stem, targets)
+        [live] = [r for r in pair if r.state == RunState.LIVE]
+        [earlier] = [r for r in pair if r is not live]
+        assert earlier.state == RunState.RETIRED, (stem, earlier.state)
+        endpoint = endpoints[live.endpoint]
+        assert dict(endpoint.traffic) == {live.deployment: 100} and len(endpoint.deployments) == 1, endpoint
 
     snapshot = backend.snapshot()
     assert not [j for j in snapshot.jobs.values() if not j.state.terminal], "a job was left queued or training"
