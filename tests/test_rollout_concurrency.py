@@ -309,3 +309,50 @@ def test_an_undo_that_fails_is_finished_by_a_later_tick(world: dict[str, Any]) -
     tick(_rollout(world))
     record = world["ledger"].get(outcome.run_id)
     assert record.operation == "" and backend.jobs[record.job_name].state == JobState.CANCELED
+
+
+def test_a_late_traffic_update_is_put_right_after_going_live(world: dict[str, Any]) -> None:
+    """A traffic update that lands after a run went live (sent by a holder that stalled past its lease) is put
+    right by the next tick, unless another run of the endpoint is rolling out (its shift decides), and only
+    for three lease TTLs after going live."""
+    from shared.domain.resources import DeploymentSpec, ModelRef
+
+    first = _upload_and_ingest(world, "a/twin.jsonl")
+    backend, clock = world["backend"], world["clock"]
+    backend.set_job(f"tunegrid-{first.run_id}", JobState.COMPLETED)
+    rollout = _rollout(world)
+    live = _to_state(world, first.run_id, RunState.LIVE)
+    stray = DeploymentSpec(live.endpoint, "d-stray", ModelRef("m", "1", "azureml:m:1"), instance_type="cpu")
+    backend.begin_create_deployment(stray)
+    backend.get_deployment(live.endpoint, "d-stray")
+
+    def late_update() -> None:
+        backend.get_endpoint(live.endpoint)  # settle whatever is in progress
+        backend.begin_set_traffic(live.endpoint, {live.deployment: 0, "d-stray": 100}, mirror_traffic={})
+        backend.get_endpoint(live.endpoint)
+
+    late_update()
+    tick(rollout)
+    backend.get_endpoint(live.endpoint)
+    assert backend.get_endpoint(live.endpoint).traffic == {live.deployment: 100, "d-stray": 0}
+
+    second = _upload_and_ingest(world, "b/twin.jsonl", offset=200)
+    backend.set_job(f"tunegrid-{second.run_id}", JobState.COMPLETED)
+    rolling = _to_state(world, second.run_id, RunState.DEPLOYING)
+    assert rolling.endpoint == live.endpoint
+    late_update()
+    tick(rollout)  # the second run's deploy step holds the endpoint now: the traffic is its shift's business
+    assert world["ledger"].get(second.run_id).state in (RunState.DEPLOYING, RunState.SMOKE_TESTING)
+    assert backend.get_endpoint(live.endpoint).traffic.get(live.deployment) == 0
+    # its endpoint lease lapses between two of its steps (its run lease is held by a stalled delivery, so this
+    # tick does not renew it): it still rolls out, so the guard still leaves the traffic alone
+    clock.advance(rollout.ttl * 2)
+    held = world["ledger"].get(second.run_id)
+    stalled = f"{held.state.value}|other|{(clock() + timedelta(hours=1)).isoformat()}"
+    world["ledger"].update(held, operation=stalled)
+    tick(rollout)
+    assert backend.get_endpoint(live.endpoint).traffic.get(live.deployment) == 0
+    cancel_run(world["ledger"], backend, second.run_id, blobs=world["blobs"], settings=world["settings"])
+    clock.at = datetime.now(UTC) + timedelta(days=1)  # the records' times are real ones
+    tick(rollout)  # long after going live: no longer guarded
+    assert backend.get_endpoint(live.endpoint).traffic.get(live.deployment) == 0

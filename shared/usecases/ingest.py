@@ -110,8 +110,6 @@ def _claim_is_stale(record: RunRecord, now: datetime, ttl: timedelta = CLAIM_TTL
     return now - claimed > ttl
 
 
-
-
 def _split_stream(
     lines: Iterable[tuple[int, bytes | None]], rows: int, percent: int, train_file: IO[bytes], test_file: IO[bytes]
 ) -> dict[str, int]:

@@ -31,7 +31,7 @@ from shared.errors import ConflictError, TransientError
 from shared.settings import Settings
 from shared.usecases.rollout.ending import undo_or_mark
 from shared.usecases.rollout.leases import Held, authorise, hold_endpoint, move, release, release_endpoint, write
-from shared.usecases.rollout.model import Rollout
+from shared.usecases.rollout.model import ENDPOINT_STATES, Rollout
 from shared.usecases.rollout.reports import write_run_report
 
 log = logging.getLogger(__name__)
@@ -367,7 +367,8 @@ def guard_live(record: RunRecord, rollout: Rollout) -> RunRecord:
     lost its lease (its host stalled inside the call for longer than the TTL) can still land after another
     run went live. So for `GUARD_TTLS` lease TTLs after going live, each tick reads the endpoint and, when
     its traffic is not all on the live deployment and no other roll-out holds the endpoint lease, puts it
-    back (under the endpoint lease). A stall longer than that is outside what the lease TTL is sized for."""
+    back (under the endpoint lease, and unless another run of the endpoint is rolling out). A stall longer
+    than that is outside what the lease TTL is sized for."""
     went_live = next((at for state, at in reversed(record.timeline) if state == RunState.LIVE.value), "")
     if not went_live or rollout.now() - datetime.fromisoformat(went_live) > rollout.ttl * GUARD_TTLS:
         return record
@@ -384,6 +385,14 @@ def guard_live(record: RunRecord, rollout: Rollout) -> RunRecord:
     )
     if not hold_endpoint(holder, rollout):
         return record  # another roll-out owns the endpoint now: its shift decides the traffic
+    rolling = [
+        r.run_id
+        for r in rollout.ledger.list()
+        if r.endpoint == record.endpoint and r.run_id != record.run_id and r.state in ENDPOINT_STATES
+    ]
+    if rolling:  # its lease lapsed between two of its steps, but it still rolls out: its shift decides
+        release_endpoint(record, rollout)
+        return record
     try:
         record = rollout.ledger.update(record)  # still live? (a newer run retires it before going live)
     except ConflictError:
