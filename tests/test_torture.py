@@ -128,7 +128,9 @@ class Orchestrator:
         self.tasks.put((self.next_id, task))
 
     def config(self, n: int, *, victim: bool = False) -> WorkerConfig:
-        faults = replace(self.plan.faults, every_call_s=0.3) if victim else self.plan.faults
+        faults = replace(self.plan.faults, late_after_s=self.plan.lease_ttl_s)
+        if victim:
+            faults = replace(faults, every_call_s=0.3)
         return WorkerConfig(
             conn=self.conn,
             table=self.table,

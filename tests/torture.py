@@ -79,6 +79,9 @@ class Faults:
     slow_s: float = 1.5
     every_call_s: float = 0.0
     """A delay on every call (the worker that gets killed mid-step spends its time inside calls)."""
+    late_after_s: float = 1.0
+    """A call that acts this long after it was made (a stall, or a queue for the backend's lock) is marked
+    `stalled` in the journal: it may act on a lease that has lapsed meanwhile (set to the lease TTL)."""
     refuse_prefix: str = "poison"
 
 
@@ -154,13 +157,14 @@ class SharedFakeBackend:
         busy = self.busy_file
         if busy is not None:
             busy.write_text(str(os.getpid()))
+        made = time.monotonic()
         try:
             stalled = self._inject(method, args)
             with _locked(self._lock_path):
                 fake = self._load()
                 entry = self._entry(fake, method, args, kwargs)
                 if entry is not None:
-                    entry["stalled"] = stalled
+                    entry["stalled"] = stalled or time.monotonic() - made > self.faults.late_after_s
                 try:
                     result = getattr(fake, method)(*args, **kwargs)
                 finally:

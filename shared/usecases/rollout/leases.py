@@ -17,7 +17,7 @@ from typing import Any
 from shared.domain.leases import EndpointLease, RunLease, lease_binds, lease_on
 from shared.domain.runs import ALIVE, RunRecord, RunState
 from shared.errors import ConflictError
-from shared.usecases.rollout.model import ENDPOINT_STATES, Rollout
+from shared.usecases.rollout.model import ENDPOINT_LEASE_TTLS, ENDPOINT_STATES, Rollout
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,9 @@ def give_back(run_id: str, token: str, rollout: Rollout) -> None:
 def hold_endpoint(held: Held, rollout: Rollout) -> bool:
     """Take or renew the endpoint lease for this run; False while another run holds it.
 
-    A lease is free when released, expired (its holder stopped renewing: every step of the holding run
-    renews it), or left behind by a run that already ended (terminal or live) or no longer exists."""
+    A lease is free when released, expired (its holder stopped renewing it for `ENDPOINT_LEASE_TTLS` TTLs:
+    every step of the holding run renews it), or left behind by a run that already ended (terminal or live)
+    or no longer exists."""
     record = held.record
     ledger, now = rollout.ledger, rollout.now()
     current = ledger.get_endpoint_lease(record.endpoint) or EndpointLease(record.endpoint)
@@ -123,7 +124,7 @@ def hold_endpoint(held: Held, rollout: Rollout) -> bool:
                 return False
         token = uuid.uuid4().hex[:12]
     try:
-        ledger.put_endpoint_lease(current.taken_by(record.run_id, token, now, rollout.ttl))
+        ledger.put_endpoint_lease(current.taken_by(record.run_id, token, now, rollout.ttl * ENDPOINT_LEASE_TTLS))
     except ConflictError:
         return False
     return True

@@ -28,6 +28,11 @@ IN_FLIGHT = (
     RunState.SMOKE_TESTING,
     RunState.SHIFTING_TRAFFIC,
 )
+ENDPOINT_LEASE_TTLS = 6
+"""An endpoint lease lasts this many run-lease TTLs without renewal (30 minutes by default). The holding run
+renews it at each of its steps (every tick, about every 5 s), so it lapses only when nothing has moved the
+holder for that long; a shorter lapse would let another run's whole roll-out slip into the middle of the
+holder's, and the traffic would shift twice."""
 ENDPOINT_STATES = frozenset({RunState.DEPLOYING, RunState.SMOKE_TESTING, RunState.SHIFTING_TRAFFIC})
 """States whose steps act on the endpoint: a run in them holds (or waits for) the endpoint lease."""
 REPORT_STATES = frozenset(
