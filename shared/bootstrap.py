@@ -213,6 +213,7 @@ def rollout_from_context(ctx: AppContext) -> Rollout:
     """The roll-out use case's ports from the process's `AppContext`."""
     from shared.usecases.rollout import Rollout
 
+    costs = deferred_costs(ctx)  # the throughput history learns from each run; a resumed ingest estimates
     return Rollout(
         ledger=ctx.ledger,
         backend=ctx.backend,
@@ -220,7 +221,9 @@ def rollout_from_context(ctx: AppContext) -> Rollout:
         settings=ctx.settings,
         upstream=ctx.upstream,
         events=ctx.run_events,
-        history=deferred_costs(ctx).history,
+        history=costs.history,
+        costs=costs,
+        token_counter=build_token_counter,
     )
 
 

@@ -23,6 +23,11 @@ class TransientError(TunegridError):
     """Worth retrying: storage hiccup, throttling, a backend that is briefly unavailable."""
 
 
+OUTAGE_RETRY_AFTER_S = 5
+"""`Retry-After` (seconds) of an HTTP 503 answered because of a `TransientError` of our own storage: the
+SDK has already retried for several seconds, so a client waits a little before asking again."""
+
+
 class ConflictError(TunegridError):
     """An ETag-conditional update lost the race; someone else moved the record first."""
 

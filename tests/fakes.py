@@ -18,6 +18,7 @@ from typing import Any
 from shared.domain.clock import utcnow
 from shared.domain.costs import PriceQuote, ThroughputSample, TrainingPlan
 from shared.domain.janitor_rules import Decision
+from shared.domain.leases import DATASETS_PARTITION, ENDPOINTS_PARTITION, DatasetHead, EndpointLease, dataset_key
 from shared.domain.resources import (
     DeploymentInfo,
     DeploymentSpec,
@@ -91,11 +92,18 @@ class FakeBackend:
     )
     """What `get_job_metrics` answers for every job."""
     lock: threading.RLock = field(default_factory=threading.RLock)
+    hooks: dict[str, Callable[..., None]] = field(default_factory=dict)
+    """Per method: called with the call's arguments before it runs (outside the lock), to stall or fail one
+    call from a test (a slow Azure call that outlives a lease; a refusal, as Azure refuses a quota or an
+    instance type it does not offer, by raising `BackendError`)."""
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
 
     def _call(self, method: str, *args: Any) -> None:
+        hook = self.hooks.get(method)
+        if hook is not None:
+            hook(*args)
         with self.lock:
             self.calls[method] += 1
             self.log.append((method, args))
@@ -142,8 +150,15 @@ class FakeBackend:
         return self.jobs.get(job_name)
 
     def cancel_job(self, job_name: str) -> Operation:
+        """As both real backends: NotFound for an unknown job; a job already over is left as it is."""
         self._call("cancel_job", job_name)
-        self.set_job(job_name, JobState.CANCELED, error="canceled by user")
+        with self.lock:
+            job = self.jobs.get(job_name)
+            if job is None:
+                raise NotFound(f"job {job_name} not found")
+            if job.state.terminal:
+                return Operation("cancel", job_name, job.raw_status, done=True)
+            self.set_job(job_name, JobState.CANCELED, error="canceled by user")
         return Operation("cancel", job_name, "Succeeded", done=True)
 
     def get_job_metrics(self, job_name: str) -> dict[str, list[MetricPoint]]:
@@ -304,22 +319,39 @@ def _next_etag(kind: str) -> str:
 class InMemoryLedger:
     """The `Ledger` port in memory. Rows are stored as the table entity (`RunRecord.to_entity`) and read
     back through `RunRecord.from_entity`, as the table adapter does; every write gets a new ETag and a
-    write with a stale one raises `ConflictError`. Safe to share between threads."""
+    write with a stale one raises `ConflictError`. Endpoint leases, dataset heads and rejections are rows of
+    their own, as in the table. After `drop_table` (the table is gone) reads find nothing and the next write
+    recreates it, as the adapter heals a missing table. Safe to share between threads."""
 
     def __init__(self, records: Iterable[RunRecord] = ()) -> None:
         self._lock = threading.RLock()
         self._rows: dict[str, tuple[dict[str, Any], str]] = {}
+        self._others: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}
+        self._table = True
+        self.transitions = 0
+        """How many moves were written (for assertions; not part of the port)."""
         for record in records:
             self.create(record)
 
+    def drop_table(self) -> None:
+        """The table is gone, rows and all (an emulator restarted empty; test helper, not part of the port)."""
+        with self._lock:
+            self._rows.clear()
+            self._others.clear()
+            self._table = False
+
+    def _heal(self) -> None:
+        self._table = True
+
     def _read(self, run_id: str) -> RunRecord | None:
-        row = self._rows.get(run_id)
+        row = self._rows.get(run_id) if self._table else None
         return None if row is None else RunRecord.from_entity(copy.deepcopy(row[0]), etag=row[1])
 
     def _replace(self, record: RunRecord) -> RunRecord:
         if not record.etag:  # azure-core refuses a conditional write without an ETag before sending it
             raise ValueError("IfNotModified must be specified with etag.")
         with self._lock:
+            self._heal()
             row = self._rows.get(record.run_id)
             if row is None:
                 raise NotFound(f"run {record.run_id} not found")
@@ -332,6 +364,7 @@ class InMemoryLedger:
     def create(self, record: RunRecord) -> tuple[RunRecord, bool]:
         """Insert the record; when it exists already return the stored one and False."""
         with self._lock:
+            self._heal()
             if record.run_id in self._rows:
                 existing = self._read(record.run_id)
                 assert existing is not None
@@ -341,16 +374,23 @@ class InMemoryLedger:
         return replace(record, etag=etag), True
 
     def get(self, run_id: str) -> RunRecord | None:
+        from shared.adapters.tables import valid_key
+
+        if not valid_key(run_id):
+            return None
         with self._lock:
             return self._read(run_id)
 
     def transition(
-        self, run_id: str, to: RunState, *, expect: Iterable[RunState] | None = None, **fields: Any
+        self, run: RunRecord | str, to: RunState, *, expect: Iterable[RunState] | None = None, **fields: Any
     ) -> RunRecord:
-        current = self.get(run_id)
+        current = run if isinstance(run, RunRecord) else self.get(run)
         if current is None:
-            raise NotFound(f"run {run_id} not found")
-        return self._replace(apply_transition(current, to, expect, fields))
+            raise NotFound(f"run {run} not found")
+        saved = self._replace(apply_transition(current, to, expect, fields))
+        with self._lock:
+            self.transitions += 1
+        return saved
 
     def update(self, record: RunRecord, **fields: Any) -> RunRecord:
         """Change fields without moving state, conditional on the record's ETag."""
@@ -368,6 +408,83 @@ class InMemoryLedger:
                 if self._rows[run_id][0].get("job_name") == job_name:
                     return self._read(run_id)
         return None
+
+    def find_by_dataset(self, container: str, blob: str) -> list[RunRecord]:
+        """The runs of one dataset name, oldest first."""
+        with self._lock:
+            out = [
+                r
+                for run_id in sorted(self._rows)
+                if self._rows[run_id][0].get("container") == container and self._rows[run_id][0].get("blob") == blob
+                for r in [self._read(run_id)]
+                if r is not None
+            ]
+        return sorted(out, key=lambda r: (r.created_at, r.run_id))
+
+    def _get_other(self, partition: str, key: str) -> tuple[dict[str, Any], str] | None:
+        from shared.adapters.tables import valid_key
+
+        if not valid_key(key):
+            return None
+        with self._lock:
+            row = self._others.get((partition, key)) if self._table else None
+            return None if row is None else (copy.deepcopy(row[0]), row[1])
+
+    def _put_other(self, partition: str, key: str, values: dict[str, Any], etag: str, what: str) -> str:
+        with self._lock:
+            self._heal()
+            row = self._others.get((partition, key))
+            if not etag and row is not None:
+                raise ConflictError(f"{what} was taken concurrently")
+            if etag and row is None:
+                raise ConflictError(f"{what} is gone")
+            if etag and row is not None and row[1] != etag:
+                raise ConflictError(f"{what} changed concurrently")
+            new = _next_etag("table")
+            self._others[(partition, key)] = (copy.deepcopy(values), new)
+            return new
+
+    def get_endpoint_lease(self, endpoint: str) -> EndpointLease | None:
+        row = self._get_other(ENDPOINTS_PARTITION, endpoint)
+        if row is None:
+            return None
+        values, etag = row
+        return EndpointLease(endpoint=endpoint, etag=etag, **values)
+
+    def put_endpoint_lease(self, lease: EndpointLease) -> EndpointLease:
+        values = {"holder": lease.holder, "token": lease.token, "expires_at": lease.expires_at}
+        etag = self._put_other(
+            ENDPOINTS_PARTITION, lease.endpoint, values, lease.etag, f"endpoint lease {lease.endpoint}"
+        )
+        return replace(lease, etag=etag)
+
+    def get_dataset_head(self, container: str, blob: str) -> DatasetHead | None:
+        row = self._get_other(DATASETS_PARTITION, dataset_key(container, blob))
+        if row is None:
+            return None
+        values, etag = row
+        return DatasetHead(container=container, blob=blob, etag=etag, **values)
+
+    def put_dataset_head(self, head: DatasetHead) -> DatasetHead:
+        values = {"run_id": head.run_id, "generation": head.generation}
+        etag = self._put_other(
+            DATASETS_PARTITION, head.key, values, head.etag, f"dataset head of {head.container}/{head.blob}"
+        )
+        return replace(head, etag=etag)
+
+    def reject(self, source: str, subject: str, reason: str) -> None:
+        from shared.adapters.tables import rejection_entity
+
+        row = rejection_entity(source, subject, reason, at=utcnow())
+        with self._lock:
+            self._heal()
+            self._others[(row["PartitionKey"], row["RowKey"])] = (row, _next_etag("table"))
+
+    def rejections(self, *, limit: int = 100) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = [v for (p, _), (v, _) in self._others.items() if p == "rejected"] if self._table else []
+        out = [{k: r[k] for k in ("source", "subject", "reason", "at")} for r in rows]
+        return sorted(out, key=lambda r: r["at"], reverse=True)[:limit]
 
 
 class InMemoryAuditLog:
@@ -409,30 +526,51 @@ class InMemoryBlobs:
     """The `Blobs` port (and `BlobStore.list_names`) in memory. Raises what `BlobStore` raises:
     `ConflictError` (412 ConditionNotMet) when `chunks` is pinned to an ETag the blob no longer has, or
     when the blob changes mid-stream; `NotFound` (404 BlobNotFound) when it is gone; `ConflictError`
-    (409 BlobAlreadyExists) for
-    `upload(overwrite=False)` on an existing blob. Safe to share between threads."""
+    (409 BlobAlreadyExists) for `upload(overwrite=False)` on an existing blob. One of the app's containers
+    found missing (after `drop_container`) is created again, as `BlobStore` does: reads find nothing, an
+    upload of bytes or a seekable file goes through, one from a one-shot iterator is a `TransientError`.
+    Safe to share between threads."""
 
     def __init__(
         self,
         *,
         containers: Iterable[str] = CONTAINERS,
+        heal: Iterable[str] = CONTAINERS,
         account_url: str = "https://inmemory.blob.core.windows.net",
         chunk_size: int = 4 * 1024 * 1024,
     ) -> None:
-        """`containers`: those that exist (the app's, as `StorageClients.ensure_resources` creates them)."""
+        """`containers`: those that exist (the app's, as `StorageClients.ensure_resources` creates them);
+        `heal`: those it creates again when it finds them missing (`BlobStore`'s `heal`)."""
         self.account_url = account_url.rstrip("/")
         self.chunk_size = chunk_size
         self._lock = threading.Lock()
         self._containers = set(containers)
+        self._heal = set(heal)
         self._blobs: dict[tuple[str, str], StoredBlob] = {}
 
     def create_container(self, container: str) -> None:
         with self._lock:
             self._containers.add(container)
 
+    def drop_container(self, container: str) -> None:
+        """The container is gone, blobs and all (an emulator restarted empty; test helper, not part of the port)."""
+        with self._lock:
+            self._containers.discard(container)
+            for key in [k for k in self._blobs if k[0] == container]:
+                del self._blobs[key]
+
     def _need_container(self, container: str) -> None:
+        """ContainerNotFound, after creating the container again when it is one of ours (call under the lock)."""
         if container not in self._containers:
+            if container in self._heal:
+                self._containers.add(container)
             raise _storage_error(NotFound, 404, "ContainerNotFound", "The specified container does not exist.")
+
+    def _healed_read(self, container: str) -> None:
+        """A read that finds the container missing creates it when it is one of ours (as `BlobStore` does)."""
+        with self._lock:
+            if container not in self._containers and container in self._heal:
+                self._containers.add(container)
 
     def url(self, container: str, name: str) -> str:
         return f"{self.account_url}/{container}/{urllib.parse.quote(name, safe='~/')}"
@@ -444,6 +582,7 @@ class InMemoryBlobs:
 
     def properties(self, container: str, name: str) -> dict[str, Any] | None:
         """`{"etag", "size", "last_modified"}` or None when the blob does not exist."""
+        self._healed_read(container)
         found = self.blob(container, name)
         if found is None:
             return None
@@ -477,6 +616,7 @@ class InMemoryBlobs:
 
     def read_bytes(self, container: str, name: str, *, limit: int = 1024 * 1024) -> bytes | None:
         """A small blob's content (a sidecar), or None when absent. Refuses blobs over `limit` bytes."""
+        self._healed_read(container)
         found = self.blob(container, name)
         if found is None:
             return None
@@ -494,6 +634,14 @@ class InMemoryBlobs:
         overwrite: bool = True,
         metadata: Mapping[str, str] | None = None,
     ) -> str:
+        with self._lock:
+            if container not in self._containers and container in self._heal:
+                self._containers.add(container)
+                if not isinstance(data, bytes | str) and not callable(getattr(data, "seek", None)):
+                    raise TransientError(
+                        f"blob upload: container {container} was missing and is created again; the data was a "
+                        "one-shot stream, so the upload must be retried"
+                    )
         content = _blob_content(data)
         with self._lock:
             self._need_container(container)
@@ -510,6 +658,7 @@ class InMemoryBlobs:
 
     def list_names(self, container: str, *, prefix: str | None = None) -> list[str]:
         """Names in lexical order, as the List Blobs operation returns them."""
+        self._healed_read(container)
         with self._lock:
             self._need_container(container)
             return sorted(n for c, n in self._blobs if c == container and n.startswith(prefix or ""))

@@ -335,6 +335,62 @@ def test_a_run_with_no_known_price_is_refused_while_a_cap_is_set(unique: str) ->
     assert "cost unknown" in record.estimate["summary"]
 
 
+def test_a_run_canceled_while_it_is_estimated_is_not_submitted(unique: str) -> None:
+    """The estimate is written under the ingest delivery's claim (conditional on the record it holds): a run
+    canceled while the backend plans it keeps its cancel, and nothing is submitted."""
+    from shared.usecases.runs import cancel_run
+
+    world = World(unique)
+    canceled: list[str] = []
+
+    def cancel_meanwhile(job_name: str) -> None:
+        run_id = job_name.removeprefix("tunegrid-")
+        canceled.append(cancel_run(world.ledger, world.backend, run_id, blobs=world.blobs, settings=world.settings))
+
+    world.backend.hooks["plan_training"] = cancel_meanwhile
+    outcome = world.ingest(CostPorts(prices=FixedPrices({("Standard_NC24ads_A100_v4", "eastus"): 3.673})))
+    record = world.ledger.get(outcome.run_id)
+    assert canceled == ["canceled"] and outcome.action == "canceled"
+    assert record.state == RunState.CANCELED and record.error == "canceled by user" and record.estimate == {}
+    assert world.backend.calls["submit_finetune"] == 0
+
+
+def test_a_resumed_ingest_estimates_with_the_rollouts_cost_ports(unique: str) -> None:
+    """A delivery that died before the estimate leaves its run submitting; the tick that takes it over makes the
+    estimate with the roll-out's prices (`Rollout.costs`) and refuses the run over the cap, as ingest would."""
+    from datetime import timedelta
+
+    class Killed(BaseException):
+        """The host died mid-delivery."""
+
+    world = World(unique, MAX_RUN_COST_USD="1")
+
+    def die(job_name: str) -> None:
+        raise Killed
+
+    world.backend.hooks["check_finetune"] = die
+    with pytest.raises(Killed):
+        world.ingest(CostPorts())
+    [left] = world.ledger.list()
+    assert left.state == RunState.SUBMITTING and left.estimate == {}
+    del world.backend.hooks["check_finetune"]
+    prices = FixedPrices({("Standard_NC24ads_A100_v4", "eastus"): 3.673})
+    rollout = Rollout(
+        ledger=world.ledger,
+        backend=world.backend,
+        blobs=world.blobs,
+        settings=world.settings,
+        costs=CostPorts(prices=prices, history=world.history),
+        claim_ttl=timedelta(0),
+    )
+    tick(rollout)
+    record = world.ledger.get(left.run_id)
+    assert record.state == RunState.ERROR and "above the cap of $1.00 (MAX_RUN_COST_USD)" in record.error
+    assert record.estimate["training_usd"] > 1 and prices.asked
+    assert world.report(left.run_id)[0]["cost_estimate"] == record.estimate
+    assert world.backend.calls["submit_finetune"] == 0
+
+
 def test_a_completed_run_teaches_the_next_estimate_its_throughput(unique: str) -> None:
     """When a job completes, its tokens/s (num_input_tokens_seen / train_runtime) is recorded for its SKU; the
     next run's estimate uses it instead of the default."""

@@ -180,6 +180,46 @@ def test_failing_blob_is_parked_in_the_poison_table_after_five_tries(setup: dict
     assert rec2.names() == []
 
 
+def test_a_name_the_listing_cannot_return_does_not_stop_the_others(setup: dict[str, Any]) -> None:
+    """A blob whose name holds a control character makes Azurite's listing page fail (HTTP 500): the watcher
+    lists past it, delivers the blobs before and after it, and parks the unlistable name in the poison table."""
+    container, service = setup["container"], setup["service"]
+    for name in ("a-first.jsonl", "b\x01bad.jsonl", "c-last.jsonl"):
+        service.get_blob_client(container, name).upload_blob(b"{}\n")
+    rec = Recorder()
+    with _host(setup, rec) as host:
+        wait_for(lambda: sorted(rec.names()) == ["a-first.jsonl", "c-last.jsonl"], what="both listable blobs")
+        poison = setup["tables"].get_table_client(POISON_TABLE)
+        parked = wait_for(
+            lambda: [e for e in poison.list_entities() if e.get("Container") == container],
+            what="the unlistable name in the poison table",
+        )
+        settled_polls(host)
+        service.get_blob_client(container, "d-later.jsonl").upload_blob(b"{}\n")
+        wait_for(lambda: "d-later.jsonl" in rec.names(), what="a blob uploaded later")
+    assert [p["BlobName"] for p in parked] == ["b"] and parked[0]["Status"] == "Unlistable"
+    assert "control character" in parked[0]["Error"]
+    assert sorted(rec.names()) == ["a-first.jsonl", "c-last.jsonl", "d-later.jsonl"]
+
+
+def test_receipts_table_lost_while_running_is_recreated(setup: dict[str, Any]) -> None:
+    """The emulator lost the receipts and poison tables while the host runs: the next delivery recreates them
+    and records its receipt, so the blob is delivered once, not at every poll."""
+    container, service = setup["container"], setup["service"]
+    rec = Recorder()
+    with _host(setup, rec) as host:
+        settled_polls(host)
+        for table in (RECEIPTS_TABLE, POISON_TABLE):
+            setup["tables"].delete_table(table)
+        service.get_blob_client(container, "after.jsonl").upload_blob(b"{}\n")
+        wait_for(lambda: rec.names(), what="the delivery")
+        settled_polls(host, 3)
+    assert rec.names() == ["after.jsonl"]
+    etag = service.get_blob_client(container, "after.jsonl").get_blob_properties().etag.strip('"')
+    table = setup["tables"].get_table_client(RECEIPTS_TABLE)
+    assert _entity(table, "on_client", receipt_key(container, "after.jsonl", etag))["Status"] == "Delivered"
+
+
 def test_missing_connection_disables_only_that_function(storage_conn: str, tmp_path: Path) -> None:
     """A blob trigger whose connection setting is absent is reported disabled; the host still starts."""
     app = func.FunctionApp()

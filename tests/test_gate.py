@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,14 @@ class World:
             ledger=self.ledger, backend=self.backend, blobs=self.blobs, settings=self.settings, upstream=self.upstream
         )
 
-    def submit(self, *, offset: int, rows: int = 80, sidecar: dict[str, Any] | None = None) -> Any:
+    def submit(
+        self, *, offset: int, rows: int = 80, sidecar: dict[str, Any] | None = None, name: str = "family.jsonl"
+    ) -> Any:
         lines = (SAMPLES / "ultrachat_small.jsonl").read_bytes().splitlines()
-        blob = self.prefix + "family.jsonl"
+        blob = self.prefix + name
         if sidecar is not None:
-            self.blobs.upload(TRAINING_CONTAINER, self.prefix + "family.config.json", json.dumps(sidecar).encode())
+            config = self.prefix + name.removesuffix(".jsonl") + ".config.json"
+            self.blobs.upload(TRAINING_CONTAINER, config, json.dumps(sidecar).encode())
         self.blobs.upload(TRAINING_CONTAINER, blob, b"\n".join(lines[offset : offset + rows]) + b"\n")
         outcome = ingest_dataset(
             container=TRAINING_CONTAINER,
@@ -314,6 +318,131 @@ def test_report_and_status_show_both_scores_and_answers(world: World) -> None:
         r"\n  gate +promoted: new ROUGE-L 1.0 vs live 0\.\d+, eval_loss 1.7000 vs 1.7000 over 4 test rows", text
     )
     assert "gate answers" in text and "  new  (1.0): " in text and "  live (" in text and "reference: " in text
+
+
+# ---- the gate under the roll-out's concurrency rules (issue 14) ------------------------------------------
+
+
+def _until(world: World, run_id: str, state: RunState) -> Any:
+    rollout = world.rollout()
+    for _ in range(30):
+        record = advance_run(run_id, rollout, max_steps=1)
+        if record.state == state:
+            return record
+    raise AssertionError(f"run {run_id} never reached {state.value}")
+
+
+def _traffic_calls(world: World) -> list[dict[str, int]]:
+    return [a[1] for m, a in world.backend.log if m == "begin_set_traffic"]
+
+
+def test_a_cancel_during_the_gate_stops_it_and_removes_the_new_deployment(world: World) -> None:
+    """Cancel while the gate is asking its rows: the run ends canceled at once, the gate stops before its next
+    row (its lease is gone), decides nothing, and the 0 % deployment is removed; the live one keeps its traffic."""
+    from shared.usecases.runs import cancel_run
+
+    first = _live_first(world)
+    second = world.submit(offset=300)
+    second = _until(world, second.run_id, RunState.EVALUATING)
+    asked: list[int] = []
+
+    def cancel_on_first_row(deployment: str, conversation: list[Any]) -> str:
+        asked.append(1)
+        if len(asked) == 1:
+            cancel_run(world.ledger, world.backend, second.run_id, blobs=world.blobs, settings=world.settings)
+        return "an answer"
+
+    world.upstream.answerers[second.deployment] = cancel_on_first_row
+    final = advance_run(second.run_id, world.rollout())
+    assert final.state == RunState.CANCELED and final.error == "canceled by user"
+    assert asked == [1], "the gate stopped before its next row"
+    assert "verdict" not in final.gate
+    assert ("begin_delete_deployment", (second.endpoint, second.deployment)) in world.backend.log
+    assert all(t.get(second.deployment, 0) == 0 for t in _traffic_calls(world))
+    assert _serving(world, first.endpoint) == {first.deployment: 100}
+    assert world.ledger.get(first.run_id).state == RunState.LIVE
+
+
+def test_a_newer_version_supersedes_a_run_in_the_gate(world: World) -> None:
+    """A newer version of the dataset arrives while a run is being evaluated: the run ends superseded in the
+    middle of the gate (its 0 % deployment removed, no verdict); the newer run is evaluated against the same
+    live model and replaces it with one traffic shift."""
+    first = _live_first(world)
+    second = _until(world, world.submit(offset=300).run_id, RunState.EVALUATING)
+    newer: list[Any] = []
+
+    def newer_version_arrives(deployment: str, conversation: list[Any]) -> str:
+        if not newer:
+            newer.append(world.submit(offset=600))
+        return "an answer"
+
+    world.upstream.answerers[second.deployment] = newer_version_arrives
+    stopped = advance_run(second.run_id, world.rollout())
+    assert stopped.state == RunState.SUPERSEDED and newer[0].run_id in stopped.error
+    assert "verdict" not in stopped.gate
+    assert ("begin_delete_deployment", (second.endpoint, second.deployment)) in world.backend.log
+    third = newer[0]
+    world.upstream.answerers[f"d-{third.run_id}"] = answers_like(world.references(third))
+    third = world.drive(third.run_id)
+    assert third.state == RunState.LIVE and third.gate["live"]["run_id"] == first.run_id
+    assert world.ledger.get(first.run_id).state == RunState.RETIRED
+    full = [t for t in _traffic_calls(world) if 100 in t.values()]
+    assert [next(d for d, p in t.items() if p == 100) for t in full] == [first.deployment, third.deployment]
+
+
+def test_the_endpoint_lease_covers_the_gate(world: World) -> None:
+    """Two dataset names of one model family share an endpoint. While the first run is in the gate (holding the
+    endpoint lease), the second waits in deploying and creates nothing; then it deploys, is evaluated against
+    the first (now live) and replaces it."""
+    a = world.submit(offset=0, name="a/fam.jsonl")
+    b = world.submit(offset=300, name="b/fam.jsonl")
+    a = _until(world, a.run_id, RunState.EVALUATING)
+    seen: list[Any] = []
+
+    def other_worker_moves_b(deployment: str, conversation: list[Any]) -> str:
+        if not seen:
+            seen.append(advance_run(b.run_id, world.rollout()))
+        return "an answer"
+
+    world.upstream.answerers[a.deployment] = other_worker_moves_b
+    a = world.drive(a.run_id)
+    assert a.state == RunState.LIVE
+    waiting = seen[0]
+    assert waiting.state == RunState.DEPLOYING and waiting.endpoint == a.endpoint
+    b = world.drive(b.run_id)
+    assert b.state == RunState.LIVE and b.gate["live"]["run_id"] == a.run_id
+    log = [(m, args) for m, args in world.backend.log if m in ("begin_create_deployment", "begin_set_traffic")]
+    b_created = [i for i, (m, args) in enumerate(log) if m == "begin_create_deployment" and b.deployment in args]
+    a_shifted = [i for i, (m, args) in enumerate(log) if m == "begin_set_traffic" and args[1].get(a.deployment) == 100]
+    assert a_shifted and b_created and a_shifted[0] < b_created[0], "b created its deployment only after a's shift"
+    assert world.ledger.get(a.run_id).state == RunState.RETIRED
+
+
+def test_a_gate_that_lost_the_endpoint_lease_stops_before_its_next_row(world: World) -> None:
+    """The endpoint lease is renewed before every row like the run lease: once another run holds the endpoint
+    (the gate's lease lapsed and was taken over), the gate asks nothing more and decides nothing."""
+    from dataclasses import replace
+
+    from shared.domain.clock import utcnow
+
+    a = _until(world, world.submit(offset=0, name="a/fam.jsonl").run_id, RunState.EVALUATING)
+    b = world.submit(offset=300, name="b/fam.jsonl")
+    asked: list[int] = []
+
+    def taken_over(deployment: str, conversation: list[Any]) -> str:
+        asked.append(1)
+        if len(asked) == 1:
+            lease = world.ledger.get_endpoint_lease(a.endpoint)
+            assert lease is not None and lease.holder == a.run_id
+            other = replace(lease, holder=b.run_id, token="theirs", expires_at=utcnow() + timedelta(hours=1))
+            world.ledger.put_endpoint_lease(other)
+        return "an answer"
+
+    world.upstream.answerers[a.deployment] = taken_over
+    stopped = advance_run(a.run_id, world.rollout())
+    assert stopped.state == RunState.EVALUATING and "verdict" not in stopped.gate
+    assert asked == [1]
+    assert not [m for m, _ in world.backend.log if m == "begin_set_traffic"]
 
 
 @pytest.mark.parametrize(

@@ -178,6 +178,8 @@ def test_user_test_file_and_sidecar_are_used(env: dict[str, Any]) -> None:
         ('{"finetune": {"num_train_epochs": "three"}}', "expected an integer"),
         ("{nope", "not valid JSON"),
         ('{"deployment": {"request_timeout_ms": 999999}}', "outside [1, 180000]"),
+        ('{"deployment": {"instance_count": 0}}', "deployment.instance_count: 0 is outside [1, "),
+        ('{"deployment": {"max_concurrent_requests_per_instance": 0}}', "is outside [1, "),
     ],
 )
 def test_bad_sidecar_makes_the_run_invalid(env: dict[str, Any], sidecar: str, needle: str) -> None:
@@ -291,16 +293,159 @@ class _OverwrittenBlobs:
         return self.inner.chunks(container, name, **kw)
 
 
-def test_blob_overwritten_during_ingest_fails_that_run_only(any_env: dict[str, Any]) -> None:
-    """A version replaced while it is read is never mixed with the new one: its run ends in error (412 from
-    storage), nothing is submitted, and the new version's delivery is a new run that is submitted."""
+def test_blob_overwritten_during_ingest_supersedes_that_run(any_env: dict[str, Any]) -> None:
+    """A version replaced while it is read is never mixed with the new one: its run ends `superseded` with a
+    clear reason (not a raw storage error), nothing is submitted, and the new version's delivery is a new run
+    that is submitted."""
     env = any_env
     name = _upload(env, "moving.jsonl", _rows("azureml_chat_train.jsonl", 30))
     moving = _OverwrittenBlobs(env["blobs"], name, _rows("azureml_chat_train.jsonl", 31))
     outcome = _ingest(env, name, blobs=moving)
-    assert outcome.action == "error"
+    assert outcome.action == "superseded", outcome
     record = env["ledger"].get(outcome.run_id)
-    assert record.state == RunState.ERROR and "ConditionNotMet" in record.error
+    assert record.state == RunState.SUPERSEDED
+    assert "newer version" in record.error and "ResourceModifiedError" not in record.error
     assert env["backend"].submissions == []
     again = _ingest(env, name)
     assert again.action == "submitted" and again.run_id != outcome.run_id
+
+
+def test_a_deeply_nested_sidecar_is_reported_not_crashed(env: dict[str, Any]) -> None:
+    """A sidecar nested 100,000 levels deep makes the run invalid with a report, not an error without one."""
+    _upload(env, "deep.config.json", b'{"finetune": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    name = _upload(env, "deep.jsonl", _rows("azureml_chat_train.jsonl", 20))
+    outcome = _ingest(env, name)
+    assert outcome.action == "invalid", outcome
+    report = json.loads(env["blobs"].read_bytes(REPORTS_CONTAINER, f"{name}/{outcome.run_id}.report.json"))
+    [problem] = [e for e in report["errors"] if e["code"] == "invalid_config"]
+    assert "nested too deeply" in problem["message"]
+
+
+def test_every_blob_name_of_a_long_dataset_fits_azure_limit(env: dict[str, Any]) -> None:
+    """A dataset name close to Azure's 1,024-character limit still gets its reports and split, every name
+    within the limit; the cost estimate lands in the same (shortened) report, which the status reads."""
+    from shared.usecases.runs import run_status
+
+    long = "d" * (1000 - len(env["prefix"]) - len(".jsonl")) + ".jsonl"
+    name = _upload(env, long, _rows("azureml_chat_train.jsonl", 20))
+    assert len(name) == 1000
+    outcome = _ingest(env, name)
+    assert outcome.action == "submitted", outcome
+    written = env["blobs"].list_names(REPORTS_CONTAINER) + env["blobs"].list_names(PREPARED_CONTAINER)
+    assert written and max(len(n) for n in written) <= 1024
+    reports = [n for n in env["blobs"].list_names(REPORTS_CONTAINER) if outcome.run_id in n]
+    assert len(reports) == 2  # the JSON and the Markdown, the estimate written into both
+    report = json.loads(env["blobs"].read_bytes(REPORTS_CONTAINER, next(n for n in reports if n.endswith(".json"))))
+    assert report["valid"] and report["cost_estimate"] == env["ledger"].get(outcome.run_id).estimate
+    status = run_status(env["ledger"], None, outcome.run_id, blobs=env["blobs"])
+    assert status["validation"]["valid"] and status["validation"]["rows"] == 20
+
+
+@pytest.mark.azurite
+def test_a_blob_name_with_dot_segments_is_recorded_and_acknowledged(azurite_env: dict[str, Any]) -> None:
+    """`a/../b.jsonl` cannot be addressed through the storage API (the URL is normalised): the delivery is
+    acknowledged with a recorded rejection instead of failing until the blob is parked in poison."""
+    env = azurite_env
+    name = env["prefix"] + "sub/../evil.jsonl"
+    outcome = _ingest(env, name)
+    assert outcome.action == "rejected" and "'..'" in outcome.reason
+    [rejection] = [r for r in env["ledger"].rejections() if r["subject"] == f"{TRAINING_CONTAINER}/{name}"]
+    assert rejection["source"] == "ingest" and "'..'" in rejection["reason"]
+    assert env["backend"].submissions == []
+
+
+@pytest.mark.parametrize("local_model", ["/etc", "../../..", "/tmp", "smollm2/../../etc"])
+def test_local_model_outside_the_allowed_roots_is_invalid(env: dict[str, Any], local_model: str) -> None:
+    """`local_model` names a built-in model or a folder under LOCAL_MODEL_ROOTS; anything else makes the run
+    invalid at ingest, with the reason in the report, and no trainer starts."""
+    _upload(env, "lm.config.json", json.dumps({"local_model": local_model}).encode())
+    name = _upload(env, "lm.jsonl", _rows("azureml_chat_train.jsonl", 20))
+    outcome = _ingest(env, name)
+    assert outcome.action == "invalid", outcome
+    report = json.loads(env["blobs"].read_bytes(REPORTS_CONTAINER, f"{name}/{outcome.run_id}.report.json"))
+    assert report["valid"] is False
+    [problem] = [e for e in report["errors"] if e["code"] == "invalid_config"]
+    assert "local_model" in problem["message"] and "LOCAL_MODEL_ROOTS" in problem["message"]
+    assert env["backend"].submissions == []
+
+
+def test_local_model_builtin_or_under_a_root_is_accepted(env: dict[str, Any], tmp_path: Path) -> None:
+    """A built-in name, or a folder under one of the LOCAL_MODEL_ROOTS, is accepted and reaches the backend."""
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    settings = Settings.from_env(
+        {"FINETUNE_BACKEND": "local", "TUNEGRID_INSTANCE": "test", "LOCAL_MODEL_ROOTS": str(tmp_path / "models")}
+    )
+    for i, local_model in enumerate(["tiny-phi3", str(tmp_path / "models" / "mine")]):
+        _upload(env, f"ok{i}.config.json", json.dumps({"local_model": local_model}).encode())
+        name = _upload(env, f"ok{i}.jsonl", _rows("azureml_chat_train.jsonl", 20))
+        outcome = _ingest(env, name, settings=settings)
+        assert outcome.action == "submitted", outcome
+        assert env["backend"].submissions[-1].local_model == local_model
+
+
+@pytest.mark.azurite
+def test_ingest_heals_after_the_storage_was_emptied(azurite_env: dict[str, Any], storage: Any) -> None:
+    """The emulator restarted empty (tables and output containers gone): the next delivery recreates what it
+    needs on first use and completes, without a host restart."""
+    from shared.settings import TABLES
+
+    env = azurite_env
+    name = _upload(env, "healed.jsonl", _rows("azureml_chat_train.jsonl", 30))
+    for table in TABLES:
+        storage.tables.delete_table(table)
+    for container in (REPORTS_CONTAINER, PREPARED_CONTAINER):
+        storage.blobs.delete_container(container)
+    outcome = _ingest(env, name)
+    assert outcome.action == "submitted", outcome
+    assert env["ledger"].get(outcome.run_id).state == RunState.SUBMITTED
+
+
+class _Killed(BaseException):
+    """The host process dying mid-delivery: nothing in the use case catches it, so its claim stays."""
+
+
+class _DyingBlobs:
+    """Wraps a blob store; the first read of the dataset kills the delivery."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.died = inner, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def chunks(self, container: str, name: str, **kw: Any) -> Any:
+        if not self.died:
+            self.died = True
+            raise _Killed
+        return self.inner.chunks(container, name, **kw)
+
+
+def test_a_run_left_by_a_dead_delivery_is_finished_by_the_timer(env: dict[str, Any]) -> None:
+    """A delivery that died mid-validation leaves its claim: once the claim is stale the timer takes the run
+    over and submits it; a run whose blob was replaced meanwhile ends superseded instead."""
+    from datetime import timedelta
+
+    from shared.usecases.rollout import Rollout, tick
+
+    names = [_upload(env, f"dead{i}.jsonl", _rows("azureml_chat_train.jsonl", 30 + i)) for i in range(2)]
+    run_ids = []
+    for name in names:
+        with pytest.raises(_Killed):
+            _ingest(env, name, blobs=_DyingBlobs(env["blobs"]))
+        etag = env["blobs"].properties(TRAINING_CONTAINER, name)["etag"]
+        run_ids.append(run_id_for(TRAINING_CONTAINER, name, etag))
+    _upload(env, "dead1.jsonl", _rows("azureml_chat_train.jsonl", 40))
+    fresh = Rollout(ledger=env["ledger"], backend=env["backend"], blobs=env["blobs"], settings=env["settings"])
+    tick(fresh)
+    assert [env["ledger"].get(r).state for r in run_ids] == [RunState.VALIDATING] * 2  # claims still bind
+    stale = Rollout(
+        ledger=env["ledger"],
+        backend=env["backend"],
+        blobs=env["blobs"],
+        settings=env["settings"],
+        claim_ttl=timedelta(0),
+    )
+    tick(stale)
+    done, replaced = (env["ledger"].get(r) for r in run_ids)
+    assert done.state == RunState.SUBMITTED and len(env["backend"].submissions) == 1
+    assert replaced.state == RunState.SUPERSEDED and "newer version" in replaced.error

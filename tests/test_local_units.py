@@ -236,3 +236,40 @@ def test_unknown_local_job_is_a_negative_verdict(tmp_path: Path, monkeypatch: py
 
     monkeypatch.setenv("LOCAL_WORKSPACE_DIR", str(tmp_path / "ws"))
     assert main(["local-jobs", "no-such-job"]) == 1
+
+
+def test_local_model_must_resolve_under_a_root(tmp_path: Path) -> None:
+    """The local backend checks the resolved folder: a symlink under LOCAL_MODEL_ROOTS that leads out of it,
+    a file, or any folder when no root is set is refused before a trainer starts; the built-ins always pass."""
+    from shared.domain.resources import DataRef, FineTuneRequest
+    from shared.domain.sidecar import LOCAL_BUILTIN_MODELS
+    from tunegrid.local.backend import LocalBackend
+    from tunegrid.local.base_models import BUILTINS
+
+    assert tuple(BUILTINS) == LOCAL_BUILTIN_MODELS
+    roots = tmp_path / "models"
+    (roots / "mine").mkdir(parents=True)
+    (roots / "escape").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    (roots / "file").write_text("not a model")
+    backend = LocalBackend(tmp_path / "ws", webhook_url=None, model_roots=(str(roots),))
+    unrooted = LocalBackend(tmp_path / "ws2", webhook_url=None)
+    data = DataRef("prepared-data", "r/train.jsonl", "file:///nowhere")
+
+    def findings(b: LocalBackend, model: str) -> list[str]:
+        request = FineTuneRequest(
+            run_id="r0",
+            job_name="tunegrid-r0",
+            dataset="d.jsonl",
+            train=data,
+            test=data,
+            base_model="x",
+            local_model=model,
+        )
+        return [f.code for f in b.check_finetune(request)]
+
+    assert findings(backend, str(roots / "mine")) == []
+    assert findings(backend, "tiny-phi3") == [] and findings(unrooted, "smollm2") == []
+    for bad in (str(roots / "escape"), str(roots / "file"), "/etc", str(roots / ".." / "elsewhere")):
+        assert findings(backend, bad) == ["invalid_local_model"], bad
+    assert findings(unrooted, str(roots / "mine")) == ["invalid_local_model"]

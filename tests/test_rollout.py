@@ -298,3 +298,44 @@ def test_deploying_run_completes_after_a_restart(azurite_world: dict[str, Any]) 
         tick(rollout2)
     assert world["ledger"].get(record.run_id).state == RunState.LIVE
     assert backend.calls["begin_create_deployment"] == 1
+
+
+@pytest.mark.parametrize(
+    "data",
+    [None, [1, 2], {"runId": "x", "runType": "azureml.PipelineRun", "runTags": {"tunegridrunid": "a/b#c?\x01"}}],
+    ids=["null", "array", "bad-tag"],
+)
+def test_bad_run_events_are_acknowledged_not_retried(azurite_world: dict[str, Any], data: Any) -> None:
+    """An event whose data is not an object, or whose run tag cannot be a table key, is acknowledged at once
+    (the function returns; Event Grid does not retry it into the dead-letter queue); a malformed one is
+    recorded with its id."""
+    import azure.functions as func
+
+    from function_app import app
+    from shared.bootstrap import AppContext, set_app_context
+    from shared.domain.events import RUN_COMPLETED
+    from tunegrid.appindex import functions_of
+
+    world = azurite_world
+    ctx = AppContext(
+        world["settings"], overrides={"ledger": world["ledger"], "blobs": world["blobs"], "backend": world["backend"]}
+    )
+    [fn] = [f.get_user_function() for f in functions_of(app) if f.get_function_name() == "job_events"]
+    event_id = f"bad-{world['prefix'].strip('/')}"
+    event = func.EventGridEvent(
+        id=event_id,
+        data=data,
+        topic="/subscriptions/x/resourceGroups/rg/providers/Microsoft.MachineLearningServices/workspaces/ws",
+        subject="experiments/e/runs/x",
+        event_type=RUN_COMPLETED,
+        event_time=None,
+        data_version="1",
+    )
+    set_app_context(ctx)
+    try:
+        fn(event)
+    finally:
+        set_app_context(None)
+    if not isinstance(data, dict):
+        [rejection] = [r for r in world["ledger"].rejections() if r["subject"] == event_id]
+        assert rejection["source"] == "job_events" and "expected an object" in rejection["reason"]

@@ -258,6 +258,150 @@ def test_a_rolled_back_run_and_a_retired_one_are_announced() -> None:
     assert "smoke test failed" in rolled["data"]["reason"]
 
 
+def _to(world: dict[str, Any], run_id: str, state: RunState) -> RunRecord:
+    rollout = _rollout(world)
+    for _ in range(20):
+        record = advance_run(run_id, rollout, max_steps=1)
+        if record.state == state:
+            return record
+    raise AssertionError(f"run {run_id} never reached {state.value}")
+
+
+def _announced(world: dict[str, Any], record: RunRecord) -> list[dict[str, Any]]:
+    """The run's published events, checked against its timeline: one per state, ids 1..n, in order."""
+    mine = [e for e in world["events"].published if e["data"]["runId"] == record.run_id]
+    assert [e["data"]["state"] for e in mine] == _timeline(record)
+    assert [e["id"] for e in mine] == [f"{record.run_id}-{n}" for n in range(1, len(mine) + 1)]
+    assert world["store"].get(record.run_id).outbox == ()
+    return mine
+
+
+def test_superseded_duplicate_and_canceled_runs_are_announced() -> None:
+    """The ends of issue 14 go through the outbox like every other move: a version superseded by a newer one
+    (and why), the same content again as a duplicate (naming the run reused), a cancel during the evaluation
+    gate whose undo had to be finished by a tick (undo-pending: no second event)."""
+    from shared.usecases.rollout.ending import UNDO_PENDING
+    from shared.usecases.runs import cancel_run
+
+    world = _world()
+    older = _upload(world, "family.jsonl", rows=40)
+    newer = _upload(world, "family.jsonl", rows=41)
+    again = _upload(world, "family.jsonl", rows=41)
+    assert (older.action, newer.action, again.action) == ("submitted", "submitted", "duplicate")
+    superseded = _announced(world, world["store"].get(older.run_id))
+    assert superseded[-1]["type"] == "Tunegrid.Run.Superseded"
+    assert superseded[-1]["data"]["previousState"] == "submitted"
+    assert superseded[-1]["data"]["reason"].startswith(f"superseded by run {newer.run_id}")
+    duplicate = _announced(world, world["store"].get(again.run_id))
+    assert [e["type"] for e in duplicate][-1] == "Tunegrid.Run.Duplicate"
+    assert newer.run_id in duplicate[-1]["data"]["reason"]
+
+    world["backend"].set_job(f"tunegrid-{newer.run_id}", JobState.COMPLETED)
+    evaluating = _to(world, newer.run_id, RunState.EVALUATING)
+    failures = [TransientError("injected: delete timed out")]
+
+    def flaky_delete(endpoint: str, name: str) -> None:
+        if failures:
+            raise failures.pop()
+
+    world["backend"].hooks["begin_delete_deployment"] = flaky_delete
+    cancel_run(world["ledger"], world["backend"], newer.run_id, blobs=world["blobs"], settings=world["settings"])
+    assert world["store"].get(newer.run_id).operation == UNDO_PENDING
+    tick(_rollout(world))
+    canceled = world["store"].get(newer.run_id)
+    assert canceled.state == RunState.CANCELED and canceled.operation == ""
+    assert ("begin_delete_deployment", (evaluating.endpoint, evaluating.deployment)) in world["backend"].log
+    announced = _announced(world, canceled)
+    assert announced[-1]["type"] == "Tunegrid.Run.Canceled"
+    assert announced[-1]["data"]["previousState"] == "evaluating" and announced[-1]["data"]["reason"]
+
+
+# ---- the fence: publishing never breaks a holder's lease or claim ---------------------------------------
+
+
+def _quiet(world: dict[str, Any]) -> None:
+    """In-line publishing fails once and then waits out its quiet period: events stay in the outboxes."""
+    world["events"].failures.append(TransientError("topic unreachable"))
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_left_over_events_of_a_leased_run_wait_for_its_holder(guarded: bool) -> None:
+    """A tick publishes left-over events while another worker's gate step holds the run lease. Guarded (as the
+    tick does it), the held record is skipped and the step finishes; its events go out with its next move.
+    Unguarded, taking the events out of the outbox would be a write under the holder's feet: its next
+    conditional write fails and the step stops (what the guard prevents)."""
+    from shared.usecases.rollout.leases import is_held
+
+    world = _world()
+    outcome = _upload(world, "held.jsonl")
+    world["backend"].set_job(f"tunegrid-{outcome.run_id}", JobState.COMPLETED)
+    _quiet(world)
+    record = _to(world, outcome.run_id, RunState.EVALUATING)
+    assert world["store"].get(record.run_id).outbox, "events waiting"
+    rollout = _rollout(world)
+    skipped: list[int] = []
+
+    def answer(deployment: str, conversation: list[Any]) -> str:
+        if not skipped:  # the other worker's tick, while this step holds the lease
+            held = (lambda r: is_held(r, rollout)) if guarded else None
+            late = utcnow() + LEFT_OVER_AFTER + timedelta(seconds=1)
+            skipped.append(publish_left_over(world["store"], world["events"], now=late, held=held).published)
+        return "an answer"
+
+    rollout.upstream.answerers[record.deployment] = answer  # type: ignore[attr-defined]
+    moved = advance_run(record.run_id, rollout, max_steps=1)
+    if guarded:
+        assert skipped == [0] and moved.state == RunState.SHIFTING_TRAFFIC
+        assert world["store"].get(record.run_id).outbox, "still waiting: the holder's move did not publish yet"
+    else:
+        assert skipped[0] > 0 and moved.state == RunState.EVALUATING, "the holder lost its fence"
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_left_over_events_of_a_run_in_ingest_wait_for_its_claim(guarded: bool) -> None:
+    """The same for an ingest delivery's claim: a tick during validation leaves the claimed record alone and the
+    delivery submits; unguarded, the delivery's next write would fail and it would have to start over."""
+    from shared.usecases.rollout.leases import is_held
+
+    class PublishingMidRead(InMemoryBlobs):
+        """A dataset read during which another worker's tick publishes left-over events."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.published: list[int] = []
+
+        def chunks(self, container: str, name: str, **kw: Any) -> Iterator[bytes]:
+            if name.endswith("claimed.jsonl") and not self.published:
+                held = (lambda r: is_held(r, _rollout(world))) if guarded else None
+                late = utcnow() + LEFT_OVER_AFTER + timedelta(seconds=1)
+                self.published.append(publish_left_over(world["store"], world["events"], now=late, held=held).published)
+            yield from super().chunks(container, name, **kw)
+
+    blobs = PublishingMidRead()
+    world = _world(blobs=blobs)
+    _quiet(world)
+    if guarded:
+        outcome = _upload(world, "claimed.jsonl")
+        assert blobs.published == [0] and outcome.action == "submitted"
+    else:
+        with pytest.raises(TransientError, match="retrying with the current files"):
+            _upload(world, "claimed.jsonl")
+        assert blobs.published[0] > 0
+
+
+def test_a_holder_goes_on_with_the_record_the_notifying_ledger_returns() -> None:
+    """After a move under a claim, NotifyingLedger has published the event and written the outbox: the record it
+    returns carries that write's ETag, so the holder's next conditional write succeeds."""
+    world = _world()
+    created, _ = world["ledger"].create(
+        new_record(run_id="rfence", container="training-data", blob="f.jsonl", blob_version="v", backend="x")
+    )
+    moved = world["ledger"].transition(created, RunState.VALIDATING)
+    assert moved.outbox == () and moved.etag == world["store"].get("rfence").etag
+    assert world["ledger"].update(moved, claimed_at="x").claimed_at == "x"
+    assert [e["id"] for e in world["events"].published] == ["rfence-1", "rfence-2"]
+
+
 # ---- at least once, never blocking ----------------------------------------------------------------
 
 

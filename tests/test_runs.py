@@ -71,11 +71,11 @@ def test_list_status_and_cancel(ctx: Any, unique: str) -> None:
     assert [t["state"] for t in status["timeline"]] == ["received", "validating", "submitting", "submitted"]
     assert status["metrics_series"]["loss"] == [[1, 2.5], [2, 1.5]]
     assert status["split"]["train_rows"] + status["split"]["test_rows"] == 30
-    cancel_run(ctx.ledger, ctx.backend, record.run_id)
+    assert cancel_run(ctx.ledger, ctx.backend, record.run_id, blobs=ctx.blobs, settings=ctx.settings) == "canceled"
     assert ctx.backend.jobs[record.job_name].state == JobState.CANCELED
-    ctx.ledger.transition(record.run_id, RunState.CANCELED, error="canceled by user")
-    with pytest.raises(InvalidInput, match="only submitted or running"):
-        cancel_run(ctx.ledger, ctx.backend, record.run_id)
+    assert ctx.ledger.get(record.run_id).state == RunState.CANCELED
+    with pytest.raises(InvalidInput, match="already canceled"):
+        cancel_run(ctx.ledger, ctx.backend, record.run_id, blobs=ctx.blobs, settings=ctx.settings)
     with pytest.raises(NotFound):
         run_status(ctx.ledger, ctx.backend, "r-nope")
 
@@ -96,7 +96,7 @@ def test_status_command_writes_the_loss_curve(
     assert main(["status", "r-missing"]) == 1
 
 
-def _get(path: str, *, query: str = "", route: dict[str, str] | None = None) -> Any:
+def _get(path: str, *, query: str = "", route: dict[str, str] | None = None, accept: str = "") -> Any:
     """The FastAPI request the worker hands an HTTP-streams function (route parameters synced in)."""
     from starlette.requests import Request
 
@@ -105,7 +105,7 @@ def _get(path: str, *, query: str = "", route: dict[str, str] | None = None) -> 
         "method": "GET",
         "path": path,
         "query_string": query.encode(),
-        "headers": [],
+        "headers": [(b"accept", accept.encode())] if accept else [],
         "path_params": dict(route or {}),
     }
     return Request(scope)
@@ -128,3 +128,42 @@ def test_http_routes_return_the_same_data(request: pytest.FixtureRequest, where:
     assert missing.status_code == 404
     bad = fns["runs_list"](_get("/api/runs", query="limit=lots"))
     assert bad.status_code == 400
+
+
+class _UnreachableLedger:
+    """The ledger while storage is down: every call fails as the table adapter reports a refused connection."""
+
+    def __getattr__(self, name: str) -> Any:
+        def down(*args: Any, **kwargs: Any) -> Any:
+            from shared.errors import TransientError
+
+            raise TransientError("run ledger list: ServiceRequestError: connection refused")
+
+        return down
+
+
+def test_storage_outage_is_a_json_503_with_retry_after(unique: str) -> None:
+    """While storage is unreachable, /api/runs and /api/runs/{id} answer a JSON 503 with Retry-After; a browser
+    gets the same 503 and Retry-After as a page that reloads itself, and neither names the cause."""
+    from function_app import app
+    from tunegrid.appindex import functions_of
+
+    settings = Settings.from_env({"TUNEGRID_INSTANCE": f"runs{unique}"})
+    for _context in _install(settings, ledger=_UnreachableLedger(), blobs=InMemoryBlobs()):
+        fns = {f.get_function_name(): f.get_user_function() for f in functions_of(app)}
+        run = {"run_id": "r0123456789abcde"}
+        for accept in ("", "application/json", "text/html,application/xhtml+xml,*/*;q=0.8"):
+            listed = fns["runs_list"](_get("/api/runs", accept=accept))
+            one = fns["run_status"](_get("/api/runs/r0123456789abcde", route=run, accept=accept))
+            for response in (listed, one):
+                assert response.status_code == 503
+                assert int(response.headers["Retry-After"]) > 0
+                assert b"connection refused" not in response.body
+                if accept.startswith("text/html"):
+                    assert response.headers["content-type"].startswith("text/html")
+                    page = response.body.decode()
+                    assert "run storage is unavailable" in page
+                    assert f'http-equiv="refresh" content="{response.headers["Retry-After"]}"' in page
+                else:
+                    body = json.loads(response.body)
+                    assert body["error"]["code"] == "storage_unavailable"

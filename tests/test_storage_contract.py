@@ -254,6 +254,86 @@ def test_find_by_job(ledger: Any) -> None:
     assert ledger.find_by_job("tg-none") is None
 
 
+def test_transition_of_a_held_record_is_fenced_by_its_etag(ledger: Any) -> None:
+    """Given a record, the move is conditional on that record's ETag: a holder whose copy is stale (someone
+    wrote since) gets ConflictError and nothing changes; a fresh copy moves."""
+    created, _ = ledger.create(record())
+    other = ledger.update(created, claimed_at="taken over")
+    with pytest.raises(ConflictError):
+        ledger.transition(created, RunState.VALIDATING)
+    assert ledger.get("r1").state is RunState.RECEIVED
+    moved = ledger.transition(other, RunState.VALIDATING, claimed_at="")
+    assert moved.state is RunState.VALIDATING and ledger.get("r1").etag == moved.etag
+
+
+@pytest.mark.parametrize("key", ["a/b", "a\\b", "a#b", "a?b", "ctl\x01", "x" * 2000, ""])
+def test_a_key_tables_refuse_names_no_row(ledger: Any, key: str) -> None:
+    """A run id (from an event tag or a URL) that cannot be a table key finds nothing, without an error."""
+    assert ledger.get(key) is None
+    assert ledger.get_endpoint_lease(key) is None
+
+
+def test_find_by_dataset(ledger: Any) -> None:
+    """The runs of one dataset name (container and blob, quotes included), oldest first."""
+    for run_id, blob, at in (("r2", "it's.jsonl", T0), ("r1", "it's.jsonl", T0 - timedelta(seconds=1))):
+        ledger.create(record(run_id, blob=blob, created_at=at, updated_at=at))
+    ledger.create(record("r3", blob="other.jsonl"))
+    assert [r.run_id for r in ledger.find_by_dataset("training-data", "it's.jsonl")] == ["r1", "r2"]
+    assert ledger.find_by_dataset("other-container", "it's.jsonl") == []
+    assert [r.run_id for r in ledger.list()] == ["r3", "r2", "r1"]
+
+
+def test_endpoint_lease_rows(ledger: Any) -> None:
+    """A lease row is inserted once (a second insert is ConflictError), replaced only with its ETag, and kept
+    apart from the runs."""
+    from shared.domain.leases import EndpointLease
+
+    assert ledger.get_endpoint_lease("ep-1") is None
+    taken = ledger.put_endpoint_lease(EndpointLease("ep-1").taken_by("r1", "tok1", T0, timedelta(minutes=5)))
+    assert taken.etag
+    got = ledger.get_endpoint_lease("ep-1")
+    assert (got.holder, got.token, got.expires_at, got.etag) == ("r1", "tok1", T0 + timedelta(minutes=5), taken.etag)
+    with pytest.raises(ConflictError):
+        ledger.put_endpoint_lease(EndpointLease("ep-1").taken_by("r2", "tok2", T0, timedelta(minutes=5)))
+    released = ledger.put_endpoint_lease(got.released())
+    assert released.etag != taken.etag and ledger.get_endpoint_lease("ep-1").holder == ""
+    with pytest.raises(ConflictError):
+        ledger.put_endpoint_lease(got.taken_by("r2", "tok2", T0, timedelta(minutes=5)))
+    assert ledger.get_endpoint_lease("ep-1").expires_at is None
+    assert ledger.list() == []
+
+
+def test_dataset_head_rows(ledger: Any) -> None:
+    """A dataset head per dataset name (any characters), advanced only with its ETag."""
+    from shared.domain.leases import DatasetHead
+
+    name = "folder/it's #1?.jsonl"
+    assert ledger.get_dataset_head("training-data", name) is None
+    first = ledger.put_dataset_head(DatasetHead("training-data", name).advanced_to("r1"))
+    assert (first.run_id, first.generation) == ("r1", 1)
+    read = ledger.get_dataset_head("training-data", name)
+    assert read == first
+    second = ledger.put_dataset_head(read.advanced_to("r2"))
+    with pytest.raises(ConflictError):
+        ledger.put_dataset_head(read.advanced_to("r3"))
+    assert ledger.get_dataset_head("training-data", name) == second and second.generation == 2
+    assert ledger.get_dataset_head("training-data", "other.jsonl") is None
+
+
+def test_rejections(ledger: Any) -> None:
+    """Rejected deliveries are kept with their source, subject and reason, newest first."""
+    assert ledger.rejections() == []
+    ledger.reject("ingest", "training-data/a/../b.jsonl", "blob name has a '..' segment")
+    ledger.reject("job_events", "event-1\x01", "data is null, expected an object")
+    got = ledger.rejections()
+    assert [(r["source"], r["subject"]) for r in got] == [
+        ("job_events", "event-1\x01"),
+        ("ingest", "training-data/a/../b.jsonl"),
+    ]
+    assert got[0]["at"] >= got[1]["at"] and "'..'" in got[1]["reason"]
+    assert ledger.list() == []
+
+
 # ---- blobs --------------------------------------------------------------------------------------
 
 
@@ -418,3 +498,90 @@ def test_audit_rows(audit: tuple[Any, Callable[[], list[dict[str, Any]]]]) -> No
     assert (first["retired_runs"], first["dry_run"], first["sweep_id"]) == ("r1,r2", False, "s1")
     assert first["last_use"] == (T0 - timedelta(hours=3)).isoformat() and first["at"] == T0
     assert (second["dry_run"], second["outcome"]) == (True, "dry-run")
+
+
+# ---- self-healing: a missing table or container is created on first use -------------------------
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def droppable_ledger(request: pytest.FixtureRequest, unique: str) -> Iterator[tuple[Any, Callable[[], None]]]:
+    """(ledger, drop): `drop()` deletes the ledger's table, as an emulator restarted empty leaves it."""
+    if request.param == "memory":
+        memory = InMemoryLedger()
+        yield memory, memory.drop_table
+        return
+    from shared.adapters.tables import TableRunLedger
+
+    tables = request.getfixturevalue("storage").tables
+    table = tables.create_table(f"heal{unique}")
+    yield TableRunLedger(table), lambda: tables.delete_table(table.table_name)
+    tables.delete_table(table.table_name)
+
+
+def test_a_dropped_table_is_recreated_on_first_use(droppable_ledger: tuple[Any, Callable[[], None]]) -> None:
+    """After the table is gone, reads find nothing and the next write recreates it, every time it happens."""
+    ledger, drop = droppable_ledger
+    ledger.create(record("r1"))
+    for attempt in range(2):
+        drop()
+        assert ledger.get("r1") is None
+        assert ledger.list() == []
+        assert ledger.find_by_job("tg-r1") is None
+        _, fresh = ledger.create(record("r1", error=f"after drop {attempt}"))
+        assert fresh is True and ledger.get("r1").error == f"after drop {attempt}"
+        moved = ledger.transition("r1", RunState.VALIDATING, expect=[RunState.RECEIVED])
+        assert moved.state is RunState.VALIDATING
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def droppable_blobs(request: pytest.FixtureRequest) -> Iterator[tuple[Any, Callable[[str], None]]]:
+    """(blob store, drop): `drop(container)` deletes one of the app's containers with its blobs."""
+    if request.param == "memory":
+        memory = InMemoryBlobs()
+        yield memory, memory.drop_container
+        return
+    from shared.adapters.storage import BlobStore
+
+    storage = request.getfixturevalue("storage")
+    yield BlobStore(storage.blobs), storage.blobs.delete_container
+    storage.ensure_resources()
+
+
+def test_a_dropped_app_container_is_recreated_on_first_use(
+    droppable_blobs: tuple[Any, Callable[[str], None]],
+) -> None:
+    """After an app container is gone, reads find nothing and an upload recreates it; a container the app does
+    not own is never created."""
+    from shared.settings import RUN_REPORTS_CONTAINER
+
+    store, drop = droppable_blobs
+    for attempt in range(2):
+        drop(RUN_REPORTS_CONTAINER)
+        assert store.properties(RUN_REPORTS_CONTAINER, "r1/report.json") is None
+        assert store.read_bytes(RUN_REPORTS_CONTAINER, "r1/report.json") is None
+        store.upload(RUN_REPORTS_CONTAINER, "r1/report.json", f"{attempt}".encode())
+        assert store.read_bytes(RUN_REPORTS_CONTAINER, "r1/report.json") == f"{attempt}".encode()
+    with pytest.raises(NotFound):
+        store.upload("not-an-app-container", "x.json", b"x")
+
+
+def test_an_upload_to_a_dropped_container_replays_a_file_not_a_stream(
+    droppable_blobs: tuple[Any, Callable[[str], None]], tmp_path: Any
+) -> None:
+    """A seekable file is sent again once the container is back; a one-shot stream cannot be: the container is
+    created and the upload fails with TransientError, so the caller's retry sends it."""
+    from shared.errors import TransientError
+    from shared.settings import PREPARED_CONTAINER
+
+    store, drop = droppable_blobs
+    drop(PREPARED_CONTAINER)
+    with (tmp_path / "train.jsonl").open("w+b") as file:
+        file.write(b"one\ntwo\n")
+        file.seek(0)
+        store.upload(PREPARED_CONTAINER, "r1/train.jsonl", file)
+    assert store.read_bytes(PREPARED_CONTAINER, "r1/train.jsonl") == b"one\ntwo\n"
+    drop(PREPARED_CONTAINER)
+    with pytest.raises(TransientError, match="retried"):
+        store.upload(PREPARED_CONTAINER, "r1/test.jsonl", (line for line in [b"a\n", b"b\n"]))
+    store.upload(PREPARED_CONTAINER, "r1/test.jsonl", (line for line in [b"a\n", b"b\n"]))
+    assert store.read_bytes(PREPARED_CONTAINER, "r1/test.jsonl") == b"a\nb\n"

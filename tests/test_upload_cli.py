@@ -230,6 +230,38 @@ def test_follow_exits_1_for_an_invalid_dataset_with_the_first_errors(
     )
 
 
+def test_follow_takes_up_the_reused_run_of_a_duplicate_and_exits_1_when_superseded(
+    ctx: AppContext, unique: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same bytes uploaded again end `duplicate`: --follow follows the run that is reused, to live (exit 0).
+    A version replaced by a newer one before it went live ends `superseded`: exit 1, with the reason."""
+    name = f"dup-{unique}.jsonl"
+    first = _ingest(ctx, name, _rows())
+    again = _ingest(ctx, name, _rows())
+    assert again != first and ctx.ledger.get(again).state == RunState.DUPLICATE
+    ctx.backend.set_job(ctx.ledger.get(first).job_name, JobState.COMPLETED)
+    rollout = Rollout(
+        ledger=ctx.ledger,
+        backend=ctx.backend,
+        blobs=ctx.blobs,
+        settings=ctx.settings,
+        upstream=FakeUpstream(ctx.backend),
+    )
+    for _ in range(20):
+        if advance_run(first, rollout).state == RunState.LIVE:
+            break
+    assert follow(ctx, again, page=f"PAGE/{again}", interval_s=0.05, timeout_s=30, dataset=name) == 0
+    out = capsys.readouterr().out
+    assert f"same content and settings as run {first}, which is reused: following it" in out
+    assert f"run {first} is live" in out and f"PAGE/{first}" in out
+
+    other = f"sup-{unique}.jsonl"
+    older = _ingest(ctx, other, _rows())
+    newer = _ingest(ctx, other, _rows(31))
+    assert follow(ctx, older, page="PAGE", interval_s=0.05, timeout_s=30, dataset=other) == 1
+    assert f"run {older} ended superseded: superseded by run {newer}" in capsys.readouterr().err
+
+
 def test_follow_gives_up_after_the_timeout_with_1(
     ctx: AppContext, unique: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

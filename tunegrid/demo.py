@@ -47,7 +47,7 @@ STAGES = (
     ("gate", ("shifting-traffic", "rolled-back")),
     ("live", ("live",)),
 )
-FAILED = ("failed", "canceled", "rolled-back", "error", "invalid")
+FAILED = ("failed", "canceled", "rolled-back", "error", "invalid", "superseded", "duplicate")
 
 
 @dataclass(frozen=True)

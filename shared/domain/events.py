@@ -13,6 +13,7 @@ from typing import Any
 
 from shared.domain.naming import RUN_TAG
 from shared.domain.resources import JobState, job_state_from_run_status
+from shared.domain.runs import is_run_id
 
 RUN_COMPLETED = "Microsoft.MachineLearningServices.RunCompleted"
 RUN_STATUS_CHANGED = "Microsoft.MachineLearningServices.RunStatusChanged"
@@ -59,9 +60,10 @@ class RunEvent:
 
     @property
     def our_run_id(self) -> str | None:
-        """Our run id from the dot-free tag, when the job is one this app submitted."""
-        value = self.run_tags.get(RUN_TAG)
-        return str(value) if value else None
+        """Our run id from the dot-free tag, when the job is one this app submitted. A tag that is not one of
+        our run ids (any text can be put in a tag) names no run of ours."""
+        value = str(self.run_tags.get(RUN_TAG) or "")
+        return value if is_run_id(value) else None
 
 
 def parse_run_event(*, event_id: str, event_type: str, subject: str, data: Any) -> RunEvent | None:

@@ -50,7 +50,10 @@ class Rule(enum.StrEnum):
 ROLLOUT_STATES = frozenset(
     {RunState.REGISTERING, RunState.DEPLOYING, RunState.SMOKE_TESTING, RunState.EVALUATING, RunState.SHIFTING_TRAFFIC}
 )
-"""A run in one of these states may be between creating a 0 % deployment and shifting traffic to it."""
+"""A run in one of these states may be between creating a 0 % deployment and shifting traffic to it (or be
+waiting for the endpoint lease to do so), so its endpoint is kept. This cannot keep an endpoint forever: every
+state before `live` can end (`canceled`, `error`, `superseded`, `rolled-back` are terminal), a step that fails
+for good ends its run in `error`, and older versions of a dataset end `superseded` instead of waiting."""
 
 
 def latest(*values: datetime | None) -> datetime | None:

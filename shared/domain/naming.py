@@ -95,6 +95,37 @@ def dataset_stem(name: str) -> str:
     return name[: -len(".jsonl")] if name.endswith(".jsonl") else name
 
 
+MAX_BLOB_NAME = 1024
+"""Azure's limit on a blob name, in characters."""
+REPORT_SUFFIXES = (".report.json", ".report.md")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def report_base(name: str, run_id: str) -> str:
+    """Where a dataset version's validation reports go: `NAME/RUN_ID` + `.report.json|.md`. When that would
+    pass Azure's 1,024-character limit, NAME is cut and a hash of the whole name keeps it unique."""
+    room = MAX_BLOB_NAME - len(run_id) - 1 - max(len(s) for s in REPORT_SUFFIXES)
+    if len(name) <= room:
+        return f"{name}/{run_id}"
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+    return f"{name[: room - len(digest) - 1]}~{digest}/{run_id}"
+
+
+def blob_name_problem(name: str) -> str | None:
+    """Why a dataset blob name cannot be ingested, or None. A `.` or `..` path segment is normalised away in
+    the request URL (the storage API then reads or signs another name, and answers 403 or 404), and a control
+    character breaks XML listings and report links: such a blob can be seen in a listing or an event but
+    never read reliably by its name."""
+    segments = name.split("/")
+    if any(segment in (".", "..") for segment in segments):
+        return "the blob name has a '.' or '..' path segment, which the storage API normalises away"
+    if _CONTROL.search(name):
+        return "the blob name holds a control character"
+    if len(name) > MAX_BLOB_NAME:
+        return f"the blob name is longer than {MAX_BLOB_NAME} characters"
+    return None
+
+
 def job_name_for(run_id: str) -> str:
     """Deterministic job name: a repeated submission finds the job instead of starting a second one."""
     return f"tunegrid-{run_id}"

@@ -46,22 +46,37 @@ FAILURE_STATES = (RunState.INVALID, RunState.FAILED, RunState.ROLLED_BACK, RunSt
 """The states a "tell me when something went wrong" subscription filters on (canceled is a user's choice)."""
 
 _REASON_STATES = frozenset(
-    {RunState.INVALID, RunState.FAILED, RunState.CANCELED, RunState.ROLLED_BACK, RunState.ERROR, RunState.RETIRED}
+    {
+        RunState.INVALID,
+        RunState.FAILED,
+        RunState.CANCELED,
+        RunState.ROLLED_BACK,
+        RunState.ERROR,
+        RunState.RETIRED,
+        RunState.SUPERSEDED,
+        RunState.DUPLICATE,
+    }
 )
+"""States whose event says why (the record's `error`: for `superseded` the newer run, for `duplicate` the run
+reused)."""
 _METRIC_STATES = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELED, RunState.LIVE})
-_SMOKE_STATES = frozenset({RunState.SHIFTING_TRAFFIC, RunState.LIVE, RunState.ROLLED_BACK})
+_SMOKE_STATES = frozenset({RunState.EVALUATING, RunState.SHIFTING_TRAFFIC, RunState.LIVE, RunState.ROLLED_BACK})
 _ROLLOUT_DRIVEN = frozenset(
     {
         RunState.SUBMITTED,
         RunState.RUNNING,
+        RunState.SUCCEEDED,
         RunState.REGISTERING,
         RunState.DEPLOYING,
         RunState.SMOKE_TESTING,
+        RunState.EVALUATING,
         RunState.SHIFTING_TRAFFIC,
     }
 )
+"""States the roll-out moves a run out of: every end it makes from them writes a run report (through
+`REPORT_STATES` after a step, or `shared.usecases.rollout.ending.end_run`, which cancel and supersession use)."""
 _RUN_REPORT_STATES = frozenset(
-    {RunState.LIVE, RunState.ROLLED_BACK, RunState.FAILED, RunState.CANCELED, RunState.ERROR}
+    {RunState.LIVE, RunState.ROLLED_BACK, RunState.FAILED, RunState.CANCELED, RunState.ERROR, RunState.SUPERSEDED}
 )
 """End states the roll-out writes a run report for (`shared.usecases.rollout.REPORT_STATES`), when it moved the run."""
 

@@ -1,9 +1,14 @@
 """Runs: the states of one dataset version, the legal moves between them, and the run record.
 
 The record is the single source of truth about a run. Every state change is an ETag-conditional
-update (the ledger adapters persist it), so two concurrent deliveries can never both move a run:
-the loser gets `ConflictError` and re-reads. The change also appends its event to the record's
-outbox (`shared.domain.run_events`), in that same write, so no state change goes unannounced.
+update (`Ledger.transition`, the one place a move is written), so two concurrent deliveries can never
+both move a run: the loser gets `ConflictError` and re-reads. The change also appends its event to the
+record's outbox (`shared.domain.run_events`), in that same write, so no state change goes unannounced.
+
+End states: `invalid`, `failed`, `canceled`, `rolled-back`, `retired`, `error`, `superseded` (a newer
+version of the same dataset name passed validation before this run went live) and `duplicate` (the same
+content and sidecar as a run that is still alive, which is reused instead). Any state before `live` can
+end in `canceled`, `error` or `superseded`, so no run can be stuck in one.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -41,6 +47,8 @@ class RunState(enum.StrEnum):
     ROLLED_BACK = "rolled-back"
     RETIRED = "retired"
     ERROR = "error"
+    SUPERSEDED = "superseded"
+    DUPLICATE = "duplicate"
 
     @property
     def terminal(self) -> bool:
@@ -48,25 +56,39 @@ class RunState(enum.StrEnum):
 
 
 TERMINAL = frozenset(
-    {RunState.INVALID, RunState.FAILED, RunState.CANCELED, RunState.ROLLED_BACK, RunState.RETIRED, RunState.ERROR}
+    {
+        RunState.INVALID,
+        RunState.FAILED,
+        RunState.CANCELED,
+        RunState.ROLLED_BACK,
+        RunState.RETIRED,
+        RunState.ERROR,
+        RunState.SUPERSEDED,
+        RunState.DUPLICATE,
+    }
 )
 
 S = RunState
+_ENDS = frozenset({S.CANCELED, S.ERROR, S.SUPERSEDED})
+"""Where every state before `live` may end: cancel, a non-transient failure, a newer version."""
 TRANSITIONS: Mapping[RunState, frozenset[RunState]] = {
-    S.RECEIVED: frozenset({S.VALIDATING}),
-    S.VALIDATING: frozenset({S.INVALID, S.SUBMITTING, S.ERROR}),
-    S.SUBMITTING: frozenset({S.SUBMITTED, S.ERROR}),
-    S.SUBMITTED: frozenset({S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELED}),
-    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELED}),
-    S.SUCCEEDED: frozenset({S.REGISTERING}),
-    S.REGISTERING: frozenset({S.DEPLOYING, S.ERROR}),
-    S.DEPLOYING: frozenset({S.SMOKE_TESTING, S.ROLLED_BACK, S.ERROR}),
-    S.SMOKE_TESTING: frozenset({S.EVALUATING, S.ROLLED_BACK, S.ERROR}),
-    S.EVALUATING: frozenset({S.SHIFTING_TRAFFIC, S.ROLLED_BACK, S.ERROR}),
-    S.SHIFTING_TRAFFIC: frozenset({S.LIVE, S.ROLLED_BACK, S.ERROR}),
+    S.RECEIVED: frozenset({S.VALIDATING}) | _ENDS,
+    S.VALIDATING: frozenset({S.INVALID, S.SUBMITTING, S.DUPLICATE}) | _ENDS,
+    S.SUBMITTING: frozenset({S.SUBMITTED}) | _ENDS,
+    S.SUBMITTED: frozenset({S.RUNNING, S.SUCCEEDED, S.FAILED}) | _ENDS,
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED}) | _ENDS,
+    S.SUCCEEDED: frozenset({S.REGISTERING}) | _ENDS,
+    S.REGISTERING: frozenset({S.DEPLOYING}) | _ENDS,
+    S.DEPLOYING: frozenset({S.SMOKE_TESTING, S.ROLLED_BACK}) | _ENDS,
+    S.SMOKE_TESTING: frozenset({S.EVALUATING, S.ROLLED_BACK}) | _ENDS,
+    S.EVALUATING: frozenset({S.SHIFTING_TRAFFIC, S.ROLLED_BACK}) | _ENDS,
+    S.SHIFTING_TRAFFIC: frozenset({S.LIVE, S.ROLLED_BACK}) | _ENDS,
     S.LIVE: frozenset({S.RETIRED}),
 }
 """Legal moves. Anything else is refused, so an out-of-order event cannot move a run backwards."""
+
+ALIVE = frozenset(set(RunState) - TERMINAL)
+"""States of a run that may still train, deploy or serve (`live` included)."""
 
 # States that only ever move forward along this order; used to ignore stale events.
 ORDER = [
@@ -84,12 +106,22 @@ ORDER = [
     S.LIVE,
     S.RETIRED,
 ]
+"""The end states other than `retired` (`TERMINAL`) leave this order: each can follow any state before `live`."""
 
 
 def run_id_for(container: str, blob: str, version: str) -> str:
     """Deterministic id of one dataset version: the same blob version always maps to the same run."""
     digest = hashlib.sha256(f"{container}/{blob}\n{version}".encode()).hexdigest()
     return "r" + digest[:15]
+
+
+_RUN_ID = re.compile(r"r[0-9a-f]{15}")
+
+
+def is_run_id(value: str) -> bool:
+    """True for an id `run_id_for` makes. Anything else (from an event tag, a URL) names no run of ours and is
+    never used as a table key: Azure Tables refuse `/`, `\\`, `#`, `?` and control characters in keys."""
+    return _RUN_ID.fullmatch(value) is not None
 
 
 _JSON_FIELDS = ("timeline", "params", "metrics", "smoke", "extra", "outbox", "gate", "estimate")
@@ -122,6 +154,9 @@ class RunRecord:
     operation: str = ""
     error: str = ""
     claimed_at: str = ""
+    generation: int = 0
+    """The dataset head's sequence number this run took when it passed validation (`DatasetHead`): a run
+    whose dataset head has moved past it was superseded by a newer version."""
     params: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
     smoke: Mapping[str, Any] = field(default_factory=dict)

@@ -14,8 +14,9 @@ Azure ML adapter), or against what the local trainer supports (the local backend
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 from shared.errors import InvalidInput
@@ -113,6 +114,20 @@ GATE_KEYS: Mapping[str, tuple[float, float, str]] = {
     ),
 }
 """The evaluation gate's thresholds a sidecar may set (`"gate": {...}`): name -> (low, high, meaning)."""
+DEPLOYMENT_RANGES: Mapping[str, tuple[int, int]] = {
+    "instance_count": (1, 1000),
+    "request_timeout_ms": (1, 180_000),
+    "liveness_initial_delay_s": (0, 3600),
+    "max_concurrent_requests_per_instance": (1, 1000),
+    "mirror_traffic_percent": (0, 50),
+}
+"""What a managed online deployment accepts, checked at ingest so that a bad value fails the run there (with
+the reason in the report) instead of failing every deployment attempt later: at least one instance and one
+concurrent request per instance, a request timeout up to 180 s, at most 50 % mirrored traffic."""
+COMPUTE_RANGES: Mapping[str, tuple[int, int]] = {"num_nodes_finetune": (1, 1000), "gpus_per_node": (1, 64)}
+
+LOCAL_BUILTIN_MODELS = ("smollm2", "tiny-phi3")
+"""The local backend's built-in base models (`tunegrid.local.base_models`)."""
 TOP_KEYS = (
     "model",
     "model_label",
@@ -190,7 +205,9 @@ def validate_finetune_params(params: Mapping[str, Any], *, where: str = "finetun
     return out
 
 
-def _section(doc: Mapping[str, Any], key: str, kinds: Mapping[str, str]) -> dict[str, Any]:
+def _section(
+    doc: Mapping[str, Any], key: str, kinds: Mapping[str, str], ranges: Mapping[str, tuple[int, int]]
+) -> dict[str, Any]:
     raw = doc.get(key, {})
     if not isinstance(raw, dict):
         raise InvalidInput(f"{key}: expected an object, got {type(raw).__name__}")
@@ -198,7 +215,7 @@ def _section(doc: Mapping[str, Any], key: str, kinds: Mapping[str, str]) -> dict
     for name, value in raw.items():
         if name not in kinds:
             raise InvalidInput(f"{key}.{name}: unknown key (known: {', '.join(sorted(kinds))})")
-        out[name] = _coerce(f"{key}.{name}", kinds[name], (0, 10_000_000), value)
+        out[name] = _coerce(f"{key}.{name}", kinds[name], ranges.get(name, (0, 10_000_000)), value)
     return out
 
 
@@ -227,6 +244,23 @@ def _gate_section(doc: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def local_model_problem(value: str, roots: Sequence[str]) -> str | None:
+    """Why `local_model` may not be used, or None. Only a built-in name, or a folder strictly under one of
+    `roots` (LOCAL_MODEL_ROOTS, absolute paths), is allowed: anyone who can write to the training container
+    must not make the app load and serve an arbitrary folder it can read. Checked on the text here (no `..`,
+    absolute, under a root); the local backend checks the resolved folder again before a trainer starts."""
+    if value.strip().lower() in LOCAL_BUILTIN_MODELS:
+        return None
+    allowed = f"a built-in model ({', '.join(LOCAL_BUILTIN_MODELS)}) or a folder under LOCAL_MODEL_ROOTS"
+    where = ", ".join(roots) if roots else "none set"
+    path = PurePath(value)
+    if ".." in value.replace("\\", "/").split("/") or not path.is_absolute():
+        return f"local_model: {value!r} is not allowed: use {allowed} ({where})"
+    if any(path != PurePath(root) and path.is_relative_to(root) for root in roots):
+        return None
+    return f"local_model: {value!r} is not allowed: use {allowed} ({where})"
+
+
 def parse_sidecar(text: str | bytes | None) -> Sidecar:
     """Parse and validate a sidecar document; `None` (no sidecar) gives all defaults."""
     if text is None:
@@ -235,6 +269,8 @@ def parse_sidecar(text: str | bytes | None) -> Sidecar:
         doc = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"sidecar is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise InvalidInput("sidecar is nested too deeply to be a settings document") from None
     if not isinstance(doc, dict):
         raise InvalidInput("sidecar must be a JSON object")
     unknown = sorted(set(doc) - set(TOP_KEYS))
@@ -249,13 +285,7 @@ def parse_sidecar(text: str | bytes | None) -> Sidecar:
     finetune = doc.get("finetune", {})
     if not isinstance(finetune, dict):
         raise InvalidInput(f"finetune: expected an object, got {type(finetune).__name__}")
-    deployment = _section(doc, "deployment", DEPLOYMENT_KEYS)
-    timeout = deployment.get("request_timeout_ms")
-    if timeout is not None and not 1 <= timeout <= 180_000:
-        raise InvalidInput(f"deployment.request_timeout_ms: {timeout} is outside [1, 180000]")
-    mirror = deployment.get("mirror_traffic_percent")
-    if mirror is not None and not 0 <= mirror <= 50:
-        raise InvalidInput(f"deployment.mirror_traffic_percent: {mirror} is outside [0, 50]")
+    deployment = _section(doc, "deployment", DEPLOYMENT_KEYS, DEPLOYMENT_RANGES)
     gate = _gate_section(doc)
     cap = doc.get("max_cost_usd")
     max_cost = None if cap is None else _number("max_cost_usd", cap, 0.0, 1e9, low_open=True)
@@ -264,7 +294,7 @@ def parse_sidecar(text: str | bytes | None) -> Sidecar:
         model_label=doc.get("model_label"),
         model_version=doc.get("model_version"),
         local_model=doc.get("local_model"),
-        compute=_section(doc, "compute", COMPUTE_KEYS),
+        compute=_section(doc, "compute", COMPUTE_KEYS, COMPUTE_RANGES),
         finetune=validate_finetune_params(finetune),
         deployment=deployment,
         test_split_percent=split,

@@ -25,6 +25,7 @@ from shared.domain.costs import (
     throughput_sample,
     training_tokens,
 )
+from shared.domain.naming import report_base
 from shared.domain.resources import FineTuneRequest
 from shared.domain.runs import RunRecord
 from shared.errors import BackendError, ConfigError, InvalidInput, TransientError, TunegridError
@@ -95,11 +96,15 @@ def estimate_before_submission(
     ledger: Ledger,
     settings: Settings,
     costs: CostPorts,
-) -> str | None:
-    """Estimate the run, record the estimate (validation report, run record); the reason to refuse it, or None.
+) -> tuple[RunRecord, str | None]:
+    """Estimate the run, record the estimate (validation report, run record); the record as written and the
+    reason to refuse the run, or None.
 
-    A backend that cannot plan the run gives no estimate (the report says why); with a cap set that is a refusal,
-    since the run could not be checked against it. Transient errors propagate (ingest retries the delivery)."""
+    The record is the one the ingest delivery holds: the estimate is written conditional on its ETag, so a
+    delivery that lost its claim meanwhile gets `ConflictError` here and submits nothing; the returned record
+    carries the new ETag for the delivery's next write. A backend that cannot plan the run gives no estimate
+    (the report says why); with a cap set that is a refusal, since the run could not be checked against it.
+    Transient errors propagate (ingest retries the delivery)."""
     try:
         plan = backend.plan_training(request)
     except TransientError:
@@ -115,10 +120,9 @@ def estimate_before_submission(
         doc = estimate_for(record, plan, settings=settings, costs=costs)
         refusal = doc.get("refusal")
     _record_in_report(blobs, record, doc)
-    current = ledger.get(record.run_id) or record
-    ledger.update(current, estimate=doc)
+    written = ledger.update(record, estimate=doc)
     log.info("run %s: %s", record.run_id, doc.get("summary") or doc.get("error"), extra={"run_id": record.run_id})
-    return str(refusal) if refusal else None
+    return written, (str(refusal) if refusal else None)
 
 
 def estimate_markdown(doc: dict[str, Any]) -> str:
@@ -153,7 +157,7 @@ def estimate_markdown(doc: dict[str, Any]) -> str:
 def _record_in_report(blobs: Blobs, record: RunRecord, doc: dict[str, Any]) -> None:
     """The estimate goes into the stored validation report (JSON `cost_estimate`, a Markdown section), replacing
     any earlier one, so a repeated delivery writes the same report."""
-    base = f"{record.blob}/{record.run_id}"
+    base = report_base(record.blob, record.run_id)
     raw = blobs.read_bytes(REPORTS_CONTAINER, f"{base}.report.json", limit=REPORT_READ_LIMIT)
     markdown = (blobs.read_bytes(REPORTS_CONTAINER, f"{base}.report.md", limit=REPORT_READ_LIMIT) or b"").decode()
     report = orjson.loads(raw) if raw else {}

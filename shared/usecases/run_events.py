@@ -11,12 +11,21 @@ that write and is best effort: a failure is logged and never fails or blocks the
   behind (a crash between the transition and the publish, a topic that was down): only events older than
   `LEFT_OVER_AFTER`, so it does not race an in-line publish in progress.
 
+The fence: taking published events out of the outbox is a write, and a write changes the record's ETag,
+which would break the fence of whoever holds the record (a roll-out step's run lease, an ingest claim: their
+next conditional write would fail and they would stop as if they had lost it). So the outbox is only ever
+written by the writer of the state change itself, conditional on the ETag that change produced (in line,
+`NotifyingLedger`: the record it returns carries the new ETag, which a holder continues with), or by
+`publish_left_over` on records nobody holds (`held`); a held record's events go out with its holder's next
+state change, or with the first tick after the lease or claim is given back or expires.
+
 An event may be published twice (a crash after the publish, before the outbox write); it always carries
 the same id (`<run_id>-<sequence>`), on which subscribers de-duplicate.
 """
 
 from __future__ import annotations
 
+import builtins
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,6 +34,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from shared.domain.clock import parse_time
+from shared.domain.leases import DatasetHead, EndpointLease
 from shared.domain.runs import RunRecord, RunState, without_events
 from shared.errors import ConfigError, ConflictError, InvalidInput, PermissionDenied
 from shared.ports import Ledger, RunEvents
@@ -87,9 +97,17 @@ def _send(run_id: str, pending: Sequence[Mapping[str, Any]], events: RunEvents) 
     return True
 
 
-def _ack(record: RunRecord, event_ids: Iterable[str], ledger: Ledger, *, tries: int) -> RunRecord:
+def _ack(
+    record: RunRecord,
+    event_ids: Iterable[str],
+    ledger: Ledger,
+    *,
+    tries: int,
+    held: Callable[[RunRecord], bool] | None = None,
+) -> RunRecord:
     """Take published events out of the outbox (conditional on the ETag); the stored record, or `record`
-    when the write could not be made (the events stay and are published again, with the same ids)."""
+    when the write could not be made (the events stay and are published again, with the same ids). A record
+    read again after a lost race is left alone when `held` says someone holds it (see the module doc)."""
     ids = set(event_ids)
     current = record
     try:
@@ -101,7 +119,7 @@ def _ack(record: RunRecord, event_ids: Iterable[str], ledger: Ledger, *, tries: 
                 return ledger.update(current, outbox=remaining.outbox)
             except ConflictError:
                 fresh = ledger.get(record.run_id) if attempt < tries else None
-                if fresh is None:
+                if fresh is None or (held is not None and held(fresh)):
                     break
                 current = fresh
     except Exception as exc:  # the events were published; at worst they are published again
@@ -118,8 +136,11 @@ def _ack(record: RunRecord, event_ids: Iterable[str], ledger: Ledger, *, tries: 
 class NotifyingLedger:
     """A `Ledger` that publishes a run's pending events right after the write that recorded them.
 
-    Reads and plain updates pass through. The record returned by `create` and `transition` is the one
-    stored after the outbox write, so its ETag is current for the caller's next conditional write."""
+    Reads, plain updates and the rows beside the records (endpoint leases, dataset heads, rejections) pass
+    through. The record returned by `create` and `transition` is the one stored after the outbox write, so
+    its ETag is current for the caller's next conditional write: a fenced holder (a run lease, an ingest
+    claim) goes on with it. The outbox write is conditional on the ETag the state change produced, so it
+    never overwrites anyone else's write; when it loses, the events stay for `publish_left_over`."""
 
     def __init__(
         self,
@@ -156,9 +177,9 @@ class NotifyingLedger:
         return self._inner.get(run_id)
 
     def transition(
-        self, run_id: str, to: RunState, *, expect: Iterable[RunState] | None = None, **fields: Any
+        self, run: RunRecord | str, to: RunState, *, expect: Iterable[RunState] | None = None, **fields: Any
     ) -> RunRecord:
-        return self._announce(self._inner.transition(run_id, to, expect=expect, **fields))
+        return self._announce(self._inner.transition(run, to, expect=expect, **fields))
 
     def update(self, record: RunRecord, **fields: Any) -> RunRecord:
         return self._inner.update(record, **fields)
@@ -168,6 +189,27 @@ class NotifyingLedger:
 
     def find_by_job(self, job_name: str) -> RunRecord | None:
         return self._inner.find_by_job(job_name)
+
+    def find_by_dataset(self, container: str, blob: str) -> builtins.list[RunRecord]:
+        return self._inner.find_by_dataset(container, blob)
+
+    def get_endpoint_lease(self, endpoint: str) -> EndpointLease | None:
+        return self._inner.get_endpoint_lease(endpoint)
+
+    def put_endpoint_lease(self, lease: EndpointLease) -> EndpointLease:
+        return self._inner.put_endpoint_lease(lease)
+
+    def get_dataset_head(self, container: str, blob: str) -> DatasetHead | None:
+        return self._inner.get_dataset_head(container, blob)
+
+    def put_dataset_head(self, head: DatasetHead) -> DatasetHead:
+        return self._inner.put_dataset_head(head)
+
+    def reject(self, source: str, subject: str, reason: str) -> None:
+        self._inner.reject(source, subject, reason)
+
+    def rejections(self, *, limit: int = 100) -> builtins.list[dict[str, Any]]:
+        return self._inner.rejections(limit=limit)
 
     def __getattr__(self, name: str) -> Any:
         """Any other ledger method passes through (its events, if it writes some, go out with the next tick)."""
@@ -192,10 +234,14 @@ def publish_left_over(
     now: datetime,
     min_age: timedelta = LEFT_OVER_AFTER,
     ttl: timedelta = EVENT_TTL,
+    held: Callable[[RunRecord], bool] | None = None,
 ) -> LeftOver:
     """Publish the events earlier writes left in the outboxes (older than `min_age`), run by run, oldest
     first; drop those older than `ttl`. Stops at the first failed publish (the topic is unreachable: the
-    next tick tries again). Never raises."""
+    next tick tries again). Never raises.
+
+    `held`: whether someone holds a record now (a run lease, an ingest claim). A held record is skipped,
+    events and all: the outbox write would break its holder's fence (see the module doc)."""
     if not events.enabled:
         return LeftOver()
     published = expired = 0
@@ -205,7 +251,7 @@ def publish_left_over(
         log.warning("run events: could not list runs: %s", exc)
         return LeftOver(failed=True)
     for record in records:
-        if not record.outbox:
+        if not record.outbox or (held is not None and held(record)):
             continue
         stamped = [(event, parse_time(event.get("time")) or now) for event in record.outbox]
         if now - min(at for _, at in stamped) < min_age:
@@ -223,7 +269,7 @@ def publish_left_over(
             )
         if fresh and not _send(record.run_id, fresh, events):
             return LeftOver(published=published, expired=expired, failed=True)
-        _ack(record, (e["id"] for e in stale + fresh), ledger, tries=ACK_TRIES)
+        _ack(record, (e["id"] for e in stale + fresh), ledger, tries=ACK_TRIES, held=held)
         published += len(fresh)
         expired += len(stale)
     return LeftOver(published=published, expired=expired)

@@ -7,14 +7,14 @@ from typing import Any
 
 import orjson
 
-from shared.domain.runs import RunRecord, RunState
-from shared.errors import InvalidInput, NotFound
+from shared.domain.naming import report_base
+from shared.domain.runs import RunRecord, RunState, is_run_id
+from shared.errors import ConflictError, InvalidInput, NotFound
 from shared.ports import Blobs, FineTuneBackend, Ledger
-from shared.settings import REPORTS_CONTAINER
+from shared.settings import REPORTS_CONTAINER, Settings
 
 log = logging.getLogger(__name__)
 
-CANCELABLE = (RunState.SUBMITTED, RunState.RUNNING)
 ROLLOUT_STATES = (
     RunState.DEPLOYING,
     RunState.SMOKE_TESTING,
@@ -59,8 +59,9 @@ def list_runs(ledger: Ledger, *, limit: int = 100) -> list[dict[str, Any]]:
 
 
 def validation_report_blob(record: RunRecord) -> str:
-    """Where ingest stored the run's validation report in `validation-reports` (`NAME/RUN_ID.report.json`)."""
-    return f"{record.blob}/{record.run_id}.report.json"
+    """Where ingest stored the run's validation report in `validation-reports` (`NAME/RUN_ID.report.json`,
+    NAME cut and hashed when the whole would pass Azure's 1,024-character limit: `report_base`)."""
+    return f"{report_base(record.blob, record.run_id)}.report.json"
 
 
 def validation_summary(blobs: Blobs, record: RunRecord) -> dict[str, Any]:
@@ -111,6 +112,8 @@ def run_status(
     doc = record.public()
     doc.pop("extra", None)
     doc["split"] = record.extra.get("split", {})
+    if record.extra.get("duplicate_of"):
+        doc["duplicate_of"] = record.extra["duplicate_of"]  # the run reused instead of training this one again
     doc["metrics_series"] = {}
     if (
         with_series
@@ -137,12 +140,28 @@ def run_status(
     return doc
 
 
-def cancel_run(ledger: Ledger, backend: FineTuneBackend, run_id: str) -> str:
-    record = ledger.get(run_id)
-    if record is None:
-        raise NotFound(f"run {run_id} not found")
-    if record.state not in CANCELABLE:
-        raise InvalidInput(f"run {run_id} is {record.state.value}; only submitted or running runs can be canceled")
-    op = backend.cancel_job(record.job_name)
-    log.info("cancel requested for run %s (job %s)", run_id, record.job_name, extra={"run_id": run_id})
-    return op.status
+def cancel_run(ledger: Ledger, backend: FineTuneBackend, run_id: str, *, blobs: Blobs, settings: Settings) -> str:
+    """Cancel a run in any state before `live`: it ends `canceled` at once (the move is won first, so a step
+    in progress stops at its next write), then what it started is undone: its job is canceled, its 0 %
+    deployment removed, its endpoint lease released (`shared.usecases.rollout.ending`). Returns the new state."""
+    from shared.usecases.rollout import Rollout
+    from shared.usecases.rollout.ending import end_run
+
+    rollout = Rollout(ledger=ledger, backend=backend, blobs=blobs, settings=settings)
+    for _ in range(8):
+        record = ledger.get(run_id) if is_run_id(run_id) else None
+        if record is None:
+            raise NotFound(f"run {run_id} not found")
+        if record.state.terminal:
+            raise InvalidInput(f"run {run_id} is already {record.state.value}; there is nothing to cancel")
+        if record.state == RunState.LIVE:
+            raise InvalidInput(
+                f"run {run_id} is live; a live run is replaced by a newer run or removed by the janitor, not canceled"
+            )
+        try:
+            ended = end_run(record, rollout, RunState.CANCELED, "canceled by user")
+        except ConflictError:
+            continue  # a step moved it meanwhile: look again
+        log.info("run %s canceled (was %s)", run_id, record.state.value, extra={"run_id": run_id})
+        return ended.state.value
+    raise ConflictError(f"run {run_id} kept changing; try again")

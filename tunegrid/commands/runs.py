@@ -41,7 +41,7 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2, default=str))
         return 0
     print(render_status(doc))
-    return 0 if doc["state"] not in ("failed", "error", "rolled-back", "invalid", "canceled") else 1
+    return 0 if doc["state"] not in ("failed", "error", "rolled-back", "invalid", "canceled", "superseded") else 1
 
 
 STATUS_FIELDS = (
@@ -84,8 +84,8 @@ def _cancel(args: argparse.Namespace) -> int:
     from shared.usecases.runs import cancel_run
 
     ctx = app_context()
-    status = cancel_run(ctx.ledger, ctx.backend, args.run_id)
-    print(f"cancel requested for {args.run_id}: {status}")
+    status = cancel_run(ctx.ledger, ctx.backend, args.run_id, blobs=ctx.blobs, settings=ctx.settings)
+    print(f"run {args.run_id}: {status}")
     return 0
 
 
@@ -99,6 +99,6 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot-dir", default=".tunegrid/reports", help="where the loss-curve PNG goes ('' to skip)")
     p.set_defaults(func=_status)
-    p = sub.add_parser("cancel", help="cancel a submitted or running fine-tune")
+    p = sub.add_parser("cancel", help="cancel a run in any state before live (its job, its 0 % deployment)")
     p.add_argument("run_id")
     p.set_defaults(func=_cancel)

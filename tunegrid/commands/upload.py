@@ -38,7 +38,8 @@ BLOCK = 4 * 1024 * 1024
 """Upload block size: the progress bar moves once per block."""
 PROGRESS_FROM = 1024 * 1024
 """Files at least this big get a progress bar (on a terminal)."""
-FAILED_STATES = ("invalid", "failed", "canceled", "rolled-back", "error")
+FAILED_STATES = ("invalid", "failed", "canceled", "rolled-back", "error", "superseded")
+"""Ends of a run that will never go live (`superseded`: a newer version of the dataset took its place)."""
 DONE_STATES = ("live", "retired")
 """A run seen retired went live first and was then replaced by a newer one: it did go live."""
 SHOWN_ISSUES = 10
@@ -376,6 +377,12 @@ def follow(ctx: Any, run_id: str, *, page: str, interval_s: float, timeout_s: fl
             for line in follower.lines(doc):
                 print(line, flush=True)
             state = str(doc.get("state"))
+            if state == "duplicate" and doc.get("duplicate_of"):
+                # The same content and settings are trained once: what this upload asked for is that run.
+                reused = str(doc["duplicate_of"])
+                print(f"  same content and settings as run {reused}, which is reused: following it", flush=True)
+                page, run_id, doc, follower = page.replace(run_id, reused), reused, None, Follower()
+                continue
             if state in DONE_STATES:
                 print(_live_summary(doc, page))
                 return 0
@@ -434,8 +441,9 @@ def register(subparsers: Any) -> None:
             "Upload FILE to the training-data container of the configured storage (DataStorage from "
             "local.settings.json, or --account-url with your Azure sign-in): the sidecar and test split first, the "
             "dataset last (its arrival starts the run). --follow prints the stages as they happen and ends with "
-            "the endpoint, the model name and the run page. Exit codes: 0 live (or uploaded, without --follow), "
-            "1 invalid, failed, rolled back or error, 2 usage errors."
+            "the endpoint, the model name and the run page; an upload identical to a run still alive follows that "
+            "run. Exit codes: 0 live (or uploaded, without --follow), 1 invalid, failed, rolled back, error, "
+            "canceled or superseded, 2 usage errors."
         ),
     )
     parser.add_argument("file", type=Path, help="chat JSONL dataset (one conversation per line)")

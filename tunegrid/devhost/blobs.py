@@ -6,6 +6,11 @@ host keeps them in the `devhostreceipts` table of `AzureWebJobsStorage` (Azurite
 function + blob + ETag. A delivery that fails is retried with backoff `maxDequeueCount` times (host.json,
 default 5), then parked in the `webjobsblobtriggerpoison` table with the error, as the host parks it
 in the `webjobs-blobtrigger-poison` queue.
+
+A blob whose name holds a character XML cannot carry (a control character) makes Azurite fail every
+listing page that contains it (HTTP 500; Azure itself sends such names percent-encoded). The watcher
+lists past it (`list_past_unlistable`) and parks the name's listable beginning in the poison table, so one
+bad name never stops the ingest of the others.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import azure.functions as func
-from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
+from azure.core.exceptions import HttpResponseError, ResourceModifiedError, ResourceNotFoundError
 
 from shared.adapters.storage import StorageClients
 from shared.errors import ConfigError
@@ -79,6 +84,95 @@ class BlobItem:
 
 def receipt_key(container: str, name: str, etag: str) -> str:
     return hashlib.sha256(f"{container}/{name}\n{etag}".encode()).hexdigest()
+
+
+LIST_PAGE = 1000
+UNLISTABLE = "unlistable"
+_MARKER_CHARS = ((0x20, 0xD7FF), (0xE000, 0xFFFD))
+"""What a listing marker may hold: characters XML can carry (Azurite echoes the marker in its answer) and a
+URL can send: the BMP from the space on, without surrogates, U+FFFE and U+FFFF."""
+_MARKER_SPAN = sum(high - low + 1 for low, high in _MARKER_CHARS)
+
+
+def _marker_char(index: int) -> str:
+    for low, high in _MARKER_CHARS:
+        if index <= high - low:
+            return chr(low + index)
+        index -= high - low + 1
+    raise IndexError(index)
+
+
+def list_past_unlistable(
+    container: Any, prefix: str | None, *, skips: dict[str, tuple[str, str]] | None = None, page_size: int = LIST_PAGE
+) -> tuple[list[Any], list[str]]:
+    """Every blob `container.list_blobs(name_starts_with=prefix)` would list, and the beginnings of the names it
+    had to skip because the emulator cannot list them.
+
+    Why: Azurite fails (HTTP 500) every page holding a name with a control character, and echoes markers and
+    prefixes into its XML, so such a name can neither be listed nor named in a request. A page that fails is
+    halved until the failure is pinned to the next name after the last good one; that name is then found
+    character by character from which markers Azurite can list after (its markers are names, compared as
+    strings), up to its first control character, and the listing resumes just past it. `skips` (last good
+    name -> (skipped beginning, marker)) spares the search on later polls. Requests are not retried here
+    (the SDK's default retries a 500 for over a minute); an error that is not a bad name propagates."""
+    skips = {} if skips is None else skips
+    items: list[Any] = []
+    unlistable: list[str] = []
+    marker: str | None = None
+    size = page_size
+    while True:
+        pages = container.list_blobs(name_starts_with=prefix, results_per_page=size, retry_total=0).by_page(
+            continuation_token=marker
+        )
+        try:
+            page = list(next(pages, []))
+        except HttpResponseError as exc:
+            if exc.status_code != 500:
+                raise
+            if size > 1:
+                size = max(1, size // 2)
+                continue
+            after = marker or ""
+            if after not in skips:
+                skips[after] = _find_unlistable(container, prefix or "", after, exc)
+            skipped, marker = skips[after]
+            unlistable.append(skipped)
+            size = page_size
+            continue
+        items.extend(page)
+        marker = pages.continuation_token
+        if not marker:
+            return items, unlistable
+        size = min(page_size, size * 2)
+
+
+def _find_unlistable(container: Any, prefix: str, after: str, error: HttpResponseError) -> tuple[str, str]:
+    """(the listable beginning of the first name after `after`, a marker just past that name)."""
+
+    def before_it(marker: str) -> bool:
+        """True when `marker` sorts before the unlistable name (its page still fails, or lists a name <= after)."""
+        pages = container.list_blobs(name_starts_with=prefix or None, results_per_page=1, retry_total=0)
+        try:
+            page = list(next(pages.by_page(continuation_token=marker), []))
+        except HttpResponseError:
+            return True
+        return bool(page) and str(page[0].name) <= after
+
+    if before_it(prefix + chr(0xFFFD) * 4):
+        raise error  # every page fails: the service is down, not one name bad
+    known = prefix
+    for _ in range(1024):
+        if not before_it(known + " "):
+            return known, known + " "  # the next character sorts before a space: the control character
+        low, high = 0, _MARKER_SPAN - 1  # the largest character c with known + c before the name is its next one
+        while low < high:
+            middle = (low + high + 1) // 2
+            if before_it(known + _marker_char(middle)):
+                low = middle
+            else:
+                high = middle - 1
+        known += _marker_char(low)
+    raise error
 
 
 def _parameter_kind(spec: FunctionSpec) -> str:
@@ -141,6 +235,8 @@ class BlobTriggerWatcher:
         self._pending: set[tuple[str, str, str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._missing_containers: set[str] = set()
+        self._skips: dict[str, dict[str, tuple[str, str]]] = {}
+        self._parked_unlistable: set[tuple[str, str]] = set()
         self.polls = 0
         """Complete polls so far: every watched container listed, a delivery started for each new match."""
 
@@ -190,7 +286,7 @@ class BlobTriggerWatcher:
         listed_all = True
         for watches in by_container.values():
             try:
-                items = await asyncio.to_thread(self._list, watches)
+                items, unlistable = await asyncio.to_thread(self._list, watches)
             except Exception as exc:
                 listed_all = False
                 container = watches[0].path.container
@@ -199,6 +295,8 @@ class BlobTriggerWatcher:
                     log.warning("cannot list container %s for blob triggers (will keep polling): %s", container, exc)
                 continue
             self._missing_containers.discard(watches[0].path.container)
+            for beginning in unlistable:
+                await self._park_unlistable(watches, beginning)
             for item in items:
                 for watch in watches:
                     key = (watch.spec.name, item.container, item.name, item.etag)
@@ -211,12 +309,15 @@ class BlobTriggerWatcher:
         if listed_all:
             self.polls += 1
 
-    def _list(self, watches: list[_Watch]) -> list[BlobItem]:
+    def _list(self, watches: list[_Watch]) -> tuple[list[BlobItem], list[str]]:
         container = watches[0].path.container
         prefixes = {w.path.prefix for w in watches}
         prefix = min(prefixes, key=len) if all(p.startswith(min(prefixes, key=len)) for p in prefixes) else ""
         client = watches[0].clients.blobs.get_container_client(container)
-        return [
+        blobs, unlistable = list_past_unlistable(
+            client, prefix or None, skips=self._skips.setdefault(f"{id(watches[0].clients)}/{container}", {})
+        )
+        items = [
             BlobItem(
                 container=container,
                 name=b.name,
@@ -225,8 +326,43 @@ class BlobTriggerWatcher:
                 last_modified=b.last_modified,
                 content_type=b.content_settings.content_type if b.content_settings else None,
             )
-            for b in client.list_blobs(name_starts_with=prefix or None)
+            for b in blobs
         ]
+        return items, unlistable
+
+    async def _park_unlistable(self, watches: list[_Watch], beginning: str) -> None:
+        """Record a name the emulator cannot list in the poison table, once per process (its full name is
+        unknown: only its beginning, up to the character that breaks the listing, can be learnt)."""
+        container = watches[0].path.container
+        if (container, beginning) in self._parked_unlistable or self._host is None:
+            return
+        error = (
+            f"a blob in {container} whose name starts with {beginning!r} and then holds a control character "
+            "cannot be listed by the storage emulator; it is skipped (rename or delete it)"
+        )
+        log.error("blob trigger: %s", error)
+        table = self._host.tables.get_table_client(POISON_TABLE)
+        for watch in watches:
+            if not (beginning.startswith(watch.path.prefix) or watch.path.prefix.startswith(beginning)):
+                continue  # this function's trigger path cannot match the name
+            entity = {
+                "PartitionKey": watch.spec.name,
+                "RowKey": receipt_key(container, beginning, UNLISTABLE),
+                "Container": container,
+                "BlobName": beginning,
+                "ETag": "",
+                "Status": "Unlistable",
+                "Attempts": 0,
+                "InvocationIds": "[]",
+                "CompletedAt": dt.datetime.now(dt.UTC).isoformat(),
+                "Error": error,
+            }
+            try:
+                await asyncio.to_thread(self._upsert, table, entity)
+            except Exception as exc:  # storage trouble: the next poll records it
+                log.warning("could not record the unlistable blob in %s: %s", POISON_TABLE, exc)
+                return
+        self._parked_unlistable.add((container, beginning))
 
     async def drain(self, timeout_s: float) -> None:
         """Wait (bounded) for the deliveries in progress."""
@@ -353,8 +489,17 @@ class BlobTriggerWatcher:
         tables = self._host.tables
         if error is not None:
             poison = {**entity, "Error": f"{type(error).__name__}: {error}"[:30000]}
-            await asyncio.to_thread(tables.get_table_client(POISON_TABLE).upsert_entity, poison)
-        await asyncio.to_thread(tables.get_table_client(RECEIPTS_TABLE).upsert_entity, entity)
+            await asyncio.to_thread(self._upsert, tables.get_table_client(POISON_TABLE), poison)
+        await asyncio.to_thread(self._upsert, tables.get_table_client(RECEIPTS_TABLE), entity)
+
+    def _upsert(self, table: Any, entity: dict[str, Any]) -> None:
+        """Write a receipt or poison row; a table gone since start-up (the emulator restarted empty) is
+        created again, so the delivery is settled instead of being redelivered at every poll."""
+        try:
+            table.upsert_entity(entity)
+        except ResourceNotFoundError:
+            self._ensure_tables()
+            table.upsert_entity(entity)
 
 
 def _if_not_modified() -> Any:

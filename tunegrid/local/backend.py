@@ -48,6 +48,7 @@ from shared.domain.resources import (
     Operation,
     job_state_from_run_status,
 )
+from shared.domain.sidecar import LOCAL_BUILTIN_MODELS, local_model_problem
 from shared.errors import BackendError, ConfigError, ConflictError, InvalidInput, NotFound, TransientError
 from tunegrid.local.base_models import SMOLLM2, cache_root
 from tunegrid.local.endpoints import LocalEndpoints
@@ -137,8 +138,11 @@ class LocalBackend:
         model_cache_dir: Path | str | None = None,
         max_eval_rows: int = 8,
         redeliver_for_s: float = 300.0,
+        model_roots: tuple[str, ...] = (),
     ) -> None:
         self.workspace = Path(workspace).expanduser().resolve()
+        self.model_roots = model_roots
+        """LOCAL_MODEL_ROOTS: the folders a request's `local_model` may name a folder under."""
         self.base_model = base_model
         self.instance = instance
         self.experiment_name = experiment_name
@@ -170,6 +174,7 @@ class LocalBackend:
             or "tunegrid-local",
             model_cache_dir=settings.local_model_cache_dir or None,
             max_eval_rows=settings.local_max_eval_rows,
+            model_roots=settings.local_model_roots,
         )
 
     def __repr__(self) -> str:
@@ -213,12 +218,34 @@ class LocalBackend:
         return self._job(job_name).dir
 
     def check_finetune(self, request: FineTuneRequest) -> list[Finding]:
-        """The local trainer's own check of the parameters (its choices, not a component's)."""
+        """The local trainer's own check of the parameters (its choices, not a component's), and of the base
+        model folder the request names."""
+        findings = []
         try:
             resolve_train_config(request.params)
         except InvalidInput as exc:
-            return [Finding(FindingLevel.ERROR, "invalid_parameter", str(exc))]
-        return []
+            findings.append(Finding(FindingLevel.ERROR, "invalid_parameter", str(exc)))
+        refused = self._local_model_problem(request.local_model)
+        if refused is not None:
+            findings.append(Finding(FindingLevel.ERROR, "invalid_local_model", refused))
+        return findings
+
+    def _local_model_problem(self, local_model: str | None) -> str | None:
+        """Ingest checked the text (`shared.domain.sidecar.local_model_problem`); here the folder itself is
+        checked once symlinks are resolved, so a link under a root cannot lead out of it."""
+        if not local_model:
+            return None
+        refused = local_model_problem(local_model, self.model_roots)
+        if refused is not None or local_model.strip().lower() in LOCAL_BUILTIN_MODELS:
+            return refused
+        real = Path(local_model).resolve()
+        if not any(
+            real.is_relative_to(Path(root).resolve()) and real != Path(root).resolve() for root in self.model_roots
+        ):
+            return f"local_model: {local_model!r} resolves to {str(real)!r}, outside LOCAL_MODEL_ROOTS"
+        if not real.is_dir():
+            return f"local_model: {local_model!r} is not a folder"
+        return None
 
     def plan_training(self, request: FineTuneRequest) -> TrainingPlan:
         """This machine and the local trainer's resolved parameters: the estimate is a time, not money."""
@@ -238,6 +265,9 @@ class LocalBackend:
         self._kick_outbox()
         files = self._job(request.job_name)
         resolve_train_config(request.params)  # bad parameters fail here, before anything starts
+        refused = self._local_model_problem(request.local_model)
+        if refused is not None:
+            raise InvalidInput(refused)
         model = request.local_model or self.base_model
         with file_lock(self.workspace / "jobs" / f".{request.job_name}.submit.lock"):
             if files.state() is not None:

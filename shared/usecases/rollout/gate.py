@@ -12,6 +12,11 @@ Promoted: on to `shifting-traffic`. Not promoted: `rolled-back`, reason `gate: .
 keeps its traffic (mirrored traffic to the new one is removed first) and the new deployment is deleted.
 A call that fails (the live deployment unreachable, throttled, erroring) is retried on the next tick, up to
 `ATTEMPTS` evaluations; then the run is rolled back with a reason naming the deployment and the error.
+
+Like every endpoint step, the gate runs under the run lease and the endpoint lease (`leases.Held`), renewed
+before each row and before each side effect; the deletion of a rolled-back deployment follows the won move to
+`rolled-back`. A run canceled or superseded while it is evaluating ends at once, and its 0 % deployment is
+removed by the undo (`ending.py`), as in the other roll-out states.
 """
 
 from __future__ import annotations
@@ -29,16 +34,18 @@ from shared.domain.clock import utcnow
 from shared.domain.gate import GateThresholds, Scores, decide
 from shared.domain.runs import RunRecord, RunState
 from shared.errors import TransientError, TunegridError, UpstreamError
-from shared.usecases.rollout.leases import leased, move, release
-from shared.usecases.rollout.model import Rollout
+from shared.usecases.rollout.ending import end_held
+from shared.usecases.rollout.leases import Held, authorise, hold_endpoint, move, release, release_endpoint, write
+from shared.usecases.rollout.model import GATE_CALL_TRIES, GATE_MAX_RETRY_AFTER_S, Rollout
 
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 5
 """Evaluations tried (one per tick or event) before a deployment that cannot be scored ends the run."""
-CALL_TRIES = 2
-"""Tries of one call within an evaluation when it is throttled (429, 503) or fails transiently."""
-MAX_RETRY_AFTER_S = 5.0
+CALL_TRIES = GATE_CALL_TRIES
+"""Tries of one call within an evaluation when it is throttled (429, 503) or fails transiently (the lease TTL
+covers them: `shared.usecases.rollout.model.lease_ttl_for`)."""
+MAX_RETRY_AFTER_S = GATE_MAX_RETRY_AFTER_S
 SAMPLES_SHOWN = 3
 SAMPLE_CHARS = 300
 METRIC = "ROUGE-L F1 (rouge-score, Porter stemming) of the answer against the row's reference assistant turn"
@@ -131,20 +138,26 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 class _Unscored(Exception):
-    """A deployment could not be asked (unreachable, throttled, erroring): the evaluation is retried."""
+    """A deployment could not be asked (unreachable, throttled, erroring): the evaluation is retried. `held`:
+    the lease as last renewed, for the step's next write."""
 
-    def __init__(self, deployment: str, role: str, cause: Exception) -> None:
+    def __init__(self, deployment: str, role: str, cause: Exception, held: Held) -> None:
         super().__init__(f"the {role} deployment {deployment} could not be scored: {cause}")
         self.deployment = deployment
         self.role = role
+        self.held = held
 
 
-def _answers(record: RunRecord, rollout: Rollout, rows: list[GateRow], live: str) -> tuple[list[str], list[str]]:
-    """The new and the live deployment's answers to every row (both asked at once, row after row)."""
+def _answers(held: Held, rollout: Rollout, rows: list[GateRow], live: str) -> tuple[list[str], list[str], Held]:
+    """The new and the live deployment's answers to every row (both asked at once, row after row), and the lease
+    as renewed before each row: a row is the longest stretch the lease has to cover (`lease_ttl_for`). A lost
+    lease raises `ConflictError` before the next row is asked."""
+    record = held.record
     targets = [("new", record.deployment)] + ([("live", live)] if live else [])
     answers: dict[str, list[str]] = {role: [] for role, _ in targets}
     with ThreadPoolExecutor(max_workers=len(targets), thread_name_prefix="tunegrid-gate") as pool:
         for i, row in enumerate(rows):
+            held = authorise(held, rollout)
             futures = [
                 (role, name, pool.submit(_ask, record, rollout, name, row.conversation, i)) for role, name in targets
             ]
@@ -154,8 +167,8 @@ def _answers(record: RunRecord, rollout: Rollout, rows: list[GateRow], live: str
                 except (TunegridError, OSError) as exc:
                     for _, _, other in futures:
                         other.cancel()
-                    raise _Unscored(name, role, exc) from exc
-    return answers["new"], answers.get("live", [])
+                    raise _Unscored(name, role, exc, held) from exc
+    return answers["new"], answers.get("live", []), held
 
 
 def _live_run(record: RunRecord, rollout: Rollout, live: str) -> RunRecord | None:
@@ -179,11 +192,15 @@ def _short(text: str) -> str:
     return text if len(text) <= SAMPLE_CHARS else text[: SAMPLE_CHARS - 1] + "…"
 
 
-@leased
-def step_evaluate(record: RunRecord, rollout: Rollout) -> RunRecord | None:
+def step_evaluate(held: Held, rollout: Rollout) -> RunRecord | None:
+    """The gate's step, under the run lease and the endpoint lease (like the other endpoint steps: the live
+    deployment it compares with cannot change under it, and no other roll-out shifts the traffic meanwhile)."""
+    record = held.record
+    if not hold_endpoint(held, rollout):
+        return release(held, rollout)
     gate = dict(record.gate or {})
     if gate.get("verdict") == "rolled-back":  # decided on an earlier tick; the removal is under way
-        return _roll_back(record, rollout, gate)
+        return _roll_back(held, rollout, gate)
     settings = rollout.settings
     sidecar = record.extra.get("sidecar") or {}
     thresholds = GateThresholds.of(setting_regression=settings.gate_max_regression, sidecar=sidecar.get("gate"))
@@ -195,10 +212,12 @@ def step_evaluate(record: RunRecord, rollout: Rollout) -> RunRecord | None:
     rows = gate_rows(record, rollout, settings.gate_rows)
     attempts = int(gate.get("attempts") or 0) + 1
     try:
-        new_answers, live_answers = _answers(record, rollout, rows, live)
+        new_answers, live_answers, held = _answers(held, rollout, rows, live)
     except _Unscored as exc:
+        held = exc.held
         if attempts < ATTEMPTS:
-            rollout.ledger.update(record, gate={**gate, "attempts": attempts, "last_error": str(exc)})
+            # The count is written under the lease; the roll-out gives the lease back on the TransientError.
+            write(held, rollout, gate={**gate, "attempts": attempts, "last_error": str(exc)})
             raise TransientError(f"gate: {exc} (attempt {attempts} of {ATTEMPTS}; the next tick retries)") from exc
         log.warning("run %s: gate gave up: %s", record.run_id, exc, extra={"run_id": record.run_id})
         reason = f"gate: {exc}, {attempts} attempts; the new deployment was removed, the live one keeps its traffic"
@@ -210,7 +229,7 @@ def step_evaluate(record: RunRecord, rollout: Rollout) -> RunRecord | None:
             "reasons": [str(exc)],
             "reason": reason,
         }
-        return _roll_back(record, rollout, doc)
+        return _roll_back(held, rollout, doc)
     references = [r.reference for r in rows]
     new_scores = rouge_l(references, new_answers)
     live_scores = rouge_l(references, live_answers) if live else []
@@ -260,29 +279,34 @@ def step_evaluate(record: RunRecord, rollout: Rollout) -> RunRecord | None:
         extra={"run_id": record.run_id},
     )
     if verdict.promote:
-        return move(record, rollout, RunState.SHIFTING_TRAFFIC, gate=doc)
+        return move(held, rollout, RunState.SHIFTING_TRAFFIC, gate=doc)
     doc["reason"] = f"gate: {verdict.sentence()}; the new deployment was removed, the live one keeps its traffic"
-    return _roll_back(record, rollout, doc)
+    return _roll_back(held, rollout, doc)
 
 
-def _roll_back(record: RunRecord, rollout: Rollout, doc: dict[str, Any]) -> RunRecord | None:
-    """Take the new deployment out: its mirrored traffic first (a long operation: wait for it), then delete it."""
+def _roll_back(held: Held, rollout: Rollout, doc: dict[str, Any]) -> RunRecord | None:
+    """Take the new deployment out: its mirrored traffic first (a long operation: wait for it, the verdict kept
+    on the record), then win the move to `rolled-back` and only then delete it (`end_held`: the undo)."""
+    record = held.record
     backend = rollout.backend
     endpoint = backend.get_endpoint(record.endpoint)
     reason = str(doc.get("reason") or "gate: not promoted")
     if endpoint is not None:
         if endpoint.provisioning_state.in_progress:
-            return release(record, rollout, gate=doc)
+            return release(held, rollout, gate=doc)
         if endpoint.traffic.get(record.deployment, 0) > 0:
-            return move(
-                record,
+            ended = move(
+                held,
                 rollout,
                 RunState.ERROR,
                 gate=doc,
                 error=f"{reason}; but {record.deployment} takes live traffic now, so it was not removed",
             )
+            release_endpoint(ended, rollout)
+            return ended
         if endpoint.mirror_traffic.get(record.deployment, 0) > 0:
             mirror = {k: v for k, v in endpoint.mirror_traffic.items() if k != record.deployment}
+            held = authorise(held, rollout)
             backend.begin_set_traffic(record.endpoint, dict(endpoint.traffic), mirror_traffic=mirror)
             log.info(
                 "run %s: gate failed; removing the traffic mirrored to %s before deleting it",
@@ -290,7 +314,5 @@ def _roll_back(record: RunRecord, rollout: Rollout, doc: dict[str, Any]) -> RunR
                 record.deployment,
                 extra={"run_id": record.run_id},
             )
-            return release(record, rollout, gate=doc)
-        if backend.get_deployment(record.endpoint, record.deployment) is not None:
-            backend.begin_delete_deployment(record.endpoint, record.deployment)
-    return move(record, rollout, RunState.ROLLED_BACK, gate=doc, error=reason)
+            return release(held, rollout, gate=doc)
+    return end_held(held, rollout, RunState.ROLLED_BACK, reason, gate=doc)

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from shared.domain.runs import RunRecord
+from shared.domain.runs import RunRecord, RunState
 from shared.settings import RUN_REPORTS_CONTAINER
 from shared.usecases.rollout.model import Rollout
 
@@ -99,7 +99,8 @@ def write_run_report(record: RunRecord, rollout: Rollout) -> str:
     """Store the run report (JSON + Markdown) and remember where; never fails the rollout."""
     try:
         metrics: dict[str, Any] = {}
-        if record.job_name:
+        submitted = any(state == RunState.SUBMITTED.value for state, _ in record.timeline)
+        if record.job_name and submitted:  # a job that was never submitted has no metrics to read
             try:
                 metrics = {
                     k: [[p.step, p.value] for p in v]

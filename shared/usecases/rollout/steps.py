@@ -1,15 +1,22 @@
 """The roll-out steps, one per state: each re-reads the backend's truth, checks before it acts, and
-either moves the run on or gives its lease back to wait for a long operation."""
+either moves the run on or gives its lease back to wait for a long operation.
+
+Steps that act (register, deploy, smoke-test, evaluate, shift) run under a run lease (`Held`) and call
+`authorise` right before each side effect; the endpoint steps (all but register) also hold the endpoint lease. A side effect that undoes
+(deleting a failed deployment) comes after the move that decides it is won. Every side effect is idempotent
+by name (model version, endpoint and deployment names derive from the run)."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any
 
 import orjson
 
+from shared.domain.leases import RunLease
 from shared.domain.naming import (
     OWNER_TAG,
     RUN_TAG,
@@ -18,14 +25,16 @@ from shared.domain.naming import (
     model_name_for,
     model_version_for,
 )
-from shared.domain.resources import DeploymentSpec, JobState, ModelRef, ProvisioningState
-from shared.domain.runs import RunRecord, RunState
+from shared.domain.resources import DeploymentSpec, EndpointInfo, JobState, ModelRef, ProvisioningState
+from shared.domain.runs import RunRecord, RunState, is_run_id
 from shared.errors import ConflictError, TransientError, UpstreamError
 from shared.settings import Settings
 from shared.usecases.estimate import record_throughput
+from shared.usecases.rollout.ending import end_held
 from shared.usecases.rollout.gate import step_evaluate
-from shared.usecases.rollout.leases import leased, move, release
-from shared.usecases.rollout.model import Rollout
+from shared.usecases.rollout.leases import Held, authorise, hold_endpoint, move, release, release_endpoint, write
+from shared.usecases.rollout.model import ENDPOINT_STATES, Rollout
+from shared.usecases.rollout.reports import write_run_report
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +46,14 @@ def _step_job(record: RunRecord, rollout: Rollout) -> RunRecord | None:
             "run %s: job %s not found at the backend", record.run_id, record.job_name, extra={"run_id": record.run_id}
         )
         return None
+    ledger = rollout.ledger
     if status.state == JobState.RUNNING and record.state == RunState.SUBMITTED:
-        return move(record, rollout, RunState.RUNNING)
+        return ledger.transition(record, RunState.RUNNING)
     if status.state == JobState.COMPLETED:
         metrics = _final_metrics(record, rollout)
-        return move(record, rollout, RunState.SUCCEEDED, metrics=metrics, job_url=status.studio_url or record.job_url)
+        return ledger.transition(
+            record, RunState.SUCCEEDED, metrics=metrics, job_url=status.studio_url or record.job_url
+        )
     if status.state in (JobState.FAILED, JobState.CANCELED):
         to = RunState.FAILED if status.state == JobState.FAILED else RunState.CANCELED
         reason = status.error or f"job {status.raw_status.lower()} (no reason given by the backend)"
@@ -53,7 +65,7 @@ def _step_job(record: RunRecord, rollout: Rollout) -> RunRecord | None:
             reason,
             extra={"run_id": record.run_id},
         )
-        return move(record, rollout, to, error=reason[:4000], metrics=_final_metrics(record, rollout))
+        return ledger.transition(record, to, error=reason[:4000], metrics=_final_metrics(record, rollout))
     return None
 
 
@@ -76,15 +88,18 @@ def _final_metrics(record: RunRecord, rollout: Rollout) -> dict[str, Any]:
 
 
 def _step_succeeded(record: RunRecord, rollout: Rollout) -> RunRecord | None:
-    record_throughput(record, rollout.history)  # how fast it trained on its SKU: later cost estimates learn it
-    return move(record, rollout, RunState.REGISTERING)
+    # How fast it trained on its SKU, so later cost estimates learn it: one row per run (an upsert), so a
+    # second delivery racing this observing step writes the same row again.
+    record_throughput(record, rollout.history)
+    return rollout.ledger.transition(record, RunState.REGISTERING)
 
 
-@leased
-def _step_register(record: RunRecord, rollout: Rollout) -> RunRecord | None:
+def _step_register(held: Held, rollout: Rollout) -> RunRecord | None:
+    record = held.record
     name, version = model_name_for(record), model_version_for(record)
     model = rollout.backend.get_model(name, version)
     if model is None:
+        held = authorise(held, rollout)
         model = rollout.backend.register_model(
             job_name=record.job_name,
             name=name,
@@ -99,7 +114,7 @@ def _step_register(record: RunRecord, rollout: Rollout) -> RunRecord | None:
         )
     endpoint = endpoint_name_for(record, model.name, rollout.settings)
     return move(
-        record,
+        held,
         rollout,
         RunState.DEPLOYING,
         model_name=model.name,
@@ -127,30 +142,34 @@ def _deployment_spec(record: RunRecord, settings: Settings) -> DeploymentSpec:
     )
 
 
-@leased
-def _step_deploy(record: RunRecord, rollout: Rollout) -> RunRecord | None:
+def _step_deploy(held: Held, rollout: Rollout) -> RunRecord | None:
     backend = rollout.backend
+    record = held.record
+    if not hold_endpoint(held, rollout):
+        return release(held, rollout)
     endpoint = backend.get_endpoint(record.endpoint)
     if endpoint is None:
+        held = authorise(held, rollout)
         backend.begin_create_endpoint(
             record.endpoint,
             tags={OWNER_TAG: rollout.settings.instance, "tunegridmodel": record.model_name},
             description=f"Tunegrid endpoint for {record.model_name}",
         )
         log.info("run %s: creating endpoint %s", record.run_id, record.endpoint, extra={"run_id": record.run_id})
-        return release(record, rollout)
+        return release(held, rollout)
     if endpoint.provisioning_state.in_progress:
-        return release(record, rollout)
+        return release(held, rollout)
     if endpoint.provisioning_state == ProvisioningState.FAILED:
-        return move(record, rollout, RunState.ERROR, error=f"endpoint {record.endpoint} failed to provision")
-    previous = record.previous_deployment
-    if not previous:
+        return _ended(held, rollout, RunState.ERROR, f"endpoint {record.endpoint} failed to provision")
+    if not record.previous_deployment:
         holders = [name for name, pct in endpoint.traffic.items() if pct > 0 and name != record.deployment]
         previous = max(holders, key=lambda n: endpoint.traffic[n]) if holders else ""
         if previous:
-            record = rollout.ledger.update(record, previous_deployment=previous)
+            held = write(held, rollout, previous_deployment=previous)
+            record = held.record
     deployment = backend.get_deployment(record.endpoint, record.deployment)
     if deployment is None:
+        held = authorise(held, rollout)
         backend.begin_create_deployment(_deployment_spec(record, rollout.settings))
         log.info(
             "run %s: creating deployment %s/%s at 0 %% traffic",
@@ -159,14 +178,18 @@ def _step_deploy(record: RunRecord, rollout: Rollout) -> RunRecord | None:
             record.deployment,
             extra={"run_id": record.run_id},
         )
-        return release(record, rollout)
+        return release(held, rollout)
     if deployment.provisioning_state.in_progress:
-        return release(record, rollout)
+        return release(held, rollout)
     if deployment.provisioning_state != ProvisioningState.SUCCEEDED:
-        reason = f"deployment {record.deployment} {deployment.provisioning_state.value.lower()}: {deployment.error or 'no reason given'}"
-        backend.begin_delete_deployment(record.endpoint, record.deployment)
-        return move(record, rollout, RunState.ROLLED_BACK, error=reason)
-    return move(record, rollout, RunState.SMOKE_TESTING)
+        state = deployment.provisioning_state.value.lower()
+        reason = f"deployment {record.deployment} {state}: {deployment.error or 'no reason given'}"
+        return _ended(held, rollout, RunState.ROLLED_BACK, reason)
+    return move(held, rollout, RunState.SMOKE_TESTING)
+
+
+_ended = end_held
+"""Win the move to an end state first; only then undo (delete the 0 % deployment, release the endpoint)."""
 
 
 def _smoke_conversations(record: RunRecord, rollout: Rollout, rows: int) -> list[list[dict[str, Any]]]:
@@ -221,9 +244,11 @@ def _smoke_call(record: RunRecord, rollout: Rollout, body: dict[str, Any], *, ro
         raise UpstreamError(f"deployment {record.deployment} answered with invalid JSON") from None
 
 
-@leased
-def _step_smoke(record: RunRecord, rollout: Rollout) -> RunRecord | None:
+def _step_smoke(held: Held, rollout: Rollout) -> RunRecord | None:
     settings = rollout.settings
+    record = held.record
+    if not hold_endpoint(held, rollout):
+        return release(held, rollout)
     conversations = _smoke_conversations(record, rollout, settings.smoke_rows)
     results: list[dict[str, Any]] = []
     failure = "" if conversations else "no test rows to smoke-test with"
@@ -236,6 +261,7 @@ def _step_smoke(record: RunRecord, rollout: Rollout) -> RunRecord | None:
             },
             "params": {},
         }
+        held = authorise(held, rollout)  # renewed before each row: a lease lasts one smoke request
         started = time.perf_counter()
         try:
             answer = _smoke_call(record, rollout, body, row=i)
@@ -259,13 +285,8 @@ def _step_smoke(record: RunRecord, rollout: Rollout) -> RunRecord | None:
         log.warning(
             "run %s: smoke test failed (%s): rolling back", record.run_id, failure, extra={"run_id": record.run_id}
         )
-        rollout.backend.begin_delete_deployment(record.endpoint, record.deployment)
-        return move(
-            record,
-            rollout,
-            RunState.ROLLED_BACK,
-            smoke=smoke,
-            error=f"smoke test failed: {failure}; previous traffic kept",
+        return _ended(
+            held, rollout, RunState.ROLLED_BACK, f"smoke test failed: {failure}; previous traffic kept", smoke=smoke
         )
     mirror = (
         (record.extra.get("sidecar") or {})
@@ -275,25 +296,28 @@ def _step_smoke(record: RunRecord, rollout: Rollout) -> RunRecord | None:
     if mirror and record.previous_deployment:
         endpoint = rollout.backend.get_endpoint(record.endpoint)
         if endpoint is not None:
+            held = authorise(held, rollout)
             rollout.backend.begin_set_traffic(
                 record.endpoint, dict(endpoint.traffic), mirror_traffic={record.deployment: int(mirror)}
             )
-    return move(record, rollout, RunState.EVALUATING, smoke=smoke)
+    return move(held, rollout, RunState.EVALUATING, smoke=smoke)
 
 
-@leased
-def _step_shift(record: RunRecord, rollout: Rollout) -> RunRecord | None:
+def _step_shift(held: Held, rollout: Rollout) -> RunRecord | None:
     backend = rollout.backend
+    record = held.record
+    if not hold_endpoint(held, rollout):
+        return release(held, rollout)
     endpoint = backend.get_endpoint(record.endpoint)
     if endpoint is None:
-        return move(
-            record, rollout, RunState.ERROR, error=f"endpoint {record.endpoint} disappeared during the traffic shift"
-        )
+        reason = f"endpoint {record.endpoint} disappeared during the traffic shift"
+        return _ended(held, rollout, RunState.ERROR, reason)
     if endpoint.provisioning_state.in_progress:
-        return release(record, rollout)
+        return release(held, rollout)
     if endpoint.traffic.get(record.deployment, 0) != 100 or endpoint.mirror_traffic:
         traffic = {name: 0 for name in endpoint.traffic}
         traffic[record.deployment] = 100
+        held = authorise(held, rollout)
         backend.begin_set_traffic(record.endpoint, traffic, mirror_traffic={})
         log.info(
             "run %s: shifting 100 %% of %s to %s",
@@ -302,44 +326,125 @@ def _step_shift(record: RunRecord, rollout: Rollout) -> RunRecord | None:
             record.deployment,
             extra={"run_id": record.run_id},
         )
-        return release(record, rollout)
-    previous = record.previous_deployment
-    if (
-        previous
-        and previous != record.deployment
-        and endpoint.traffic.get(previous, 0) == 0
-        and backend.get_deployment(record.endpoint, previous) is not None
-    ):
-        backend.begin_delete_deployment(record.endpoint, previous)
-        log.info(
-            "run %s: deleting previous deployment %s (0 %% traffic)",
-            record.run_id,
-            previous,
-            extra={"run_id": record.run_id},
-        )
-    live = move(record, rollout, RunState.LIVE)
-    _retire_replaced(live, rollout)
+        return release(held, rollout)
+    replaced = _replaced_deployments(record, endpoint, rollout)
+    if replaced:
+        held = authorise(held, rollout)
+        for name in replaced:
+            backend.begin_delete_deployment(record.endpoint, name)
+            log.info(
+                "run %s: deleting deployment %s (0 %% traffic, replaced)",
+                record.run_id,
+                name,
+                extra={"run_id": record.run_id},
+            )
+    _retire_replaced(record, rollout)  # first: an endpoint never has two live runs, not even for a moment
+    live = move(held, rollout, RunState.LIVE)
+    release_endpoint(live, rollout)
     return live
 
 
+def _replaced_deployments(record: RunRecord, endpoint: EndpointInfo, rollout: Rollout) -> list[str]:
+    """The deployments this shift replaces, once all traffic is on the new one: the previous one, and any 0 %
+    deployment of a run of ours that has ended (left by an undo that could not finish). A 0 % deployment of
+    a run still in flight, or one the ledger does not know, is left alone."""
+    out = []
+    for deployment in endpoint.deployments:
+        name = deployment.name
+        if name == record.deployment or deployment.provisioning_state.in_progress:
+            continue
+        if endpoint.traffic.get(name, 0) or endpoint.mirror_traffic.get(name, 0):
+            continue
+        if name == record.previous_deployment:
+            out.append(name)
+            continue
+        owner_id = name.removeprefix("d-")
+        owner = rollout.ledger.get(owner_id) if is_run_id(owner_id) else None
+        ended = owner is not None and (owner.state.terminal or owner.state == RunState.LIVE)
+        if ended and owner is not None and owner.deployment == name:
+            out.append(name)
+    return out
+
+
 def _retire_replaced(live: RunRecord, rollout: Rollout) -> None:
+    """Retire the other live runs of the endpoint (the shift has taken their traffic)."""
     for other in rollout.ledger.list():
         if other.run_id != live.run_id and other.state == RunState.LIVE and other.endpoint == live.endpoint:
             try:
-                rollout.ledger.transition(
-                    other.run_id, RunState.RETIRED, expect=[RunState.LIVE], error=f"replaced by run {live.run_id}"
-                )
+                retired = rollout.ledger.transition(other, RunState.RETIRED, error=f"replaced by run {live.run_id}")
             except ConflictError:
                 continue
+            write_run_report(retired, rollout)
 
 
-STEPS: Mapping[RunState, Callable[[RunRecord, Rollout], RunRecord | None]] = {
+GUARD_TTLS = 3
+"""How long after going live, in lease TTLs, a run's traffic is checked (`guard_live`)."""
+
+
+def guard_live(record: RunRecord, rollout: Rollout) -> RunRecord:
+    """Keep a run that just went live at 100 % of its endpoint.
+
+    A lease cannot fence a call that is already on its way: a traffic update authorised by a run that then
+    lost its lease (its host stalled inside the call for longer than the TTL) can still land after another
+    run went live. So for `GUARD_TTLS` lease TTLs after going live, each tick reads the endpoint and, when
+    its traffic is not all on the live deployment and no other roll-out holds the endpoint lease, puts it
+    back (under the endpoint lease, and unless another run of the endpoint is rolling out). A stall longer
+    than that is outside what the lease TTL is sized for."""
+    went_live = next((at for state, at in reversed(record.timeline) if state == RunState.LIVE.value), "")
+    if not went_live or rollout.now() - datetime.fromisoformat(went_live) > rollout.ttl * GUARD_TTLS:
+        return record
+    backend = rollout.backend
+    endpoint = backend.get_endpoint(record.endpoint)
+    if endpoint is None or endpoint.provisioning_state.in_progress:
+        return record
+    if endpoint.traffic.get(record.deployment, 0) == 100 and not endpoint.mirror_traffic:
+        return record
+    if not any(d.name == record.deployment for d in endpoint.deployments):
+        return record
+    holder = Held(
+        lease=RunLease(record.run_id, "", record.etag, rollout.now() + rollout.ttl, record.state), record=record
+    )
+    if not hold_endpoint(holder, rollout):
+        return record  # another roll-out owns the endpoint now: its shift decides the traffic
+    rolling = [
+        r.run_id
+        for r in rollout.ledger.list()
+        if r.endpoint == record.endpoint and r.run_id != record.run_id and r.state in ENDPOINT_STATES
+    ]
+    if rolling:  # its lease lapsed between two of its steps, but it still rolls out: its shift decides
+        release_endpoint(record, rollout)
+        return record
+    try:
+        record = rollout.ledger.update(record)  # still live? (a newer run retires it before going live)
+    except ConflictError:
+        release_endpoint(record, rollout)
+        return record
+    traffic = {name: 0 for name in endpoint.traffic}
+    traffic[record.deployment] = 100
+    log.warning(
+        "run %s: %s had drifted from its live deployment (%s): putting it back",
+        record.run_id,
+        record.endpoint,
+        dict(endpoint.traffic),
+        extra={"run_id": record.run_id},
+    )
+    backend.begin_set_traffic(record.endpoint, traffic, mirror_traffic={})
+    release_endpoint(record, rollout)
+    return record
+
+
+OBSERVING_STEPS: Mapping[RunState, Callable[[RunRecord, Rollout], RunRecord | None]] = {
     RunState.SUBMITTED: _step_job,
     RunState.RUNNING: _step_job,
     RunState.SUCCEEDED: _step_succeeded,
+}
+"""Steps that only read the backend and move the run, conditional on the record they read: no lease."""
+
+LEASED_STEPS: Mapping[RunState, Callable[[Held, Rollout], RunRecord | None]] = {
     RunState.REGISTERING: _step_register,
     RunState.DEPLOYING: _step_deploy,
     RunState.SMOKE_TESTING: _step_smoke,
     RunState.EVALUATING: step_evaluate,  # the evaluation gate: shared/usecases/rollout/gate.py
     RunState.SHIFTING_TRAFFIC: _step_shift,
 }
+"""Steps with side effects: each runs under a run lease."""

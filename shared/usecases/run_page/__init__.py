@@ -36,7 +36,7 @@ from shared.usecases.run_page.view import (
     when,
 )
 
-__all__ = ["CONTENT_SECURITY_POLICY", "render_not_found", "render_run_list", "render_run_page"]
+__all__ = ["CONTENT_SECURITY_POLICY", "render_not_found", "render_run_list", "render_run_page", "render_unavailable"]
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 _CSS = (TEMPLATES / "page.css").read_text(encoding="utf-8")
@@ -137,4 +137,14 @@ def render_not_found(message: str, *, api_path: str, now: datetime | None = None
         _environment()
         .get_template("missing.html")
         .render(message=message, api_path=api_path, refresh_s=None, now=now or utcnow())
+    )
+
+
+def render_unavailable(message: str, *, api_path: str, retry_after_s: int, now: datetime | None = None) -> str:
+    """A 503 for a browser (run storage unreachable): the message and a reload after `retry_after_s` seconds,
+    the page's counterpart of the `Retry-After` header."""
+    return (
+        _environment()
+        .get_template("unavailable.html")
+        .render(message=message, api_path=api_path, refresh_s=retry_after_s, now=now or utcnow())
     )

@@ -38,6 +38,8 @@ STAGE_LABELS: Mapping[str, str] = {
     "rolled-back": "Rolled back",
     "retired": "Retired (replaced by a newer run)",
     "error": "Error",
+    "superseded": "Superseded (a newer version of the dataset came)",
+    "duplicate": "Duplicate (an identical run is reused)",
 }
 
 
