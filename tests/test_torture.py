@@ -581,6 +581,7 @@ def test_torture(storage: Any, storage_conn: str, tmp_path: Path, unique: str) -
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(1200)  # past the plan's own 900 s limit, so that a slow soak fails on its own message
 @pytest.mark.parametrize("seed", [2, 3, 4])
 def test_torture_soak(
     request: pytest.FixtureRequest, storage: Any, storage_conn: str, tmp_path: Path, unique: str, seed: int

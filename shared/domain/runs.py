@@ -90,6 +90,9 @@ TRANSITIONS: Mapping[RunState, frozenset[RunState]] = {
 ALIVE = frozenset(set(RunState) - TERMINAL)
 """States of a run that may still train, deploy or serve (`live` included)."""
 
+NEVER_LIVE = TERMINAL - {RunState.RETIRED, RunState.DUPLICATE}
+"""Ends of a run that never went live (`retired` went live first; a `duplicate` reuses a run that may)."""
+
 # States that only ever move forward along this order; used to ignore stale events.
 ORDER = [
     S.RECEIVED,

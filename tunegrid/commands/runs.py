@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.bootstrap import app_context
+from shared.domain.runs import NEVER_LIVE
 from tunegrid.render import gate_line, gate_samples, table
 
 
@@ -41,7 +42,7 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2, default=str))
         return 0
     print(render_status(doc))
-    return 0 if doc["state"] not in ("failed", "error", "rolled-back", "invalid", "canceled", "superseded") else 1
+    return 1 if doc["state"] in {s.value for s in NEVER_LIVE} else 0
 
 
 STATUS_FIELDS = (

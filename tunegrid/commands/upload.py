@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.domain.runs import run_id_for
+from shared.domain.runs import NEVER_LIVE, run_id_for
 from shared.domain.sidecar import parse_sidecar
 from shared.errors import ConfigError, InvalidInput, TransientError, UsageError
 from shared.settings import TRAINING_CONTAINER, Settings
@@ -38,7 +38,7 @@ BLOCK = 4 * 1024 * 1024
 """Upload block size: the progress bar moves once per block."""
 PROGRESS_FROM = 1024 * 1024
 """Files at least this big get a progress bar (on a terminal)."""
-FAILED_STATES = ("invalid", "failed", "canceled", "rolled-back", "error", "superseded")
+FAILED_STATES = frozenset(s.value for s in NEVER_LIVE)
 """Ends of a run that will never go live (`superseded`: a newer version of the dataset took its place)."""
 DONE_STATES = ("live", "retired")
 """A run seen retired went live first and was then replaced by a newer one: it did go live."""
