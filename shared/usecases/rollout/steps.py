@@ -379,6 +379,8 @@ def _retire_replaced(live: RunRecord, rollout: Rollout) -> None:
 
 GUARD_TTLS = 3
 """How long after going live, in lease TTLs, a run's traffic is checked (`guard_live`)."""
+GUARDED = "traffic_guarded"
+"""Set in `extra` by the first conclusive check of a live run's traffic after its guard window closed."""
 
 
 def guard_live(record: RunRecord, rollout: Rollout) -> RunRecord:
@@ -389,18 +391,26 @@ def guard_live(record: RunRecord, rollout: Rollout) -> RunRecord:
     run went live. So for `GUARD_TTLS` lease TTLs after going live, each tick reads the endpoint and, when
     its traffic is not all on the live deployment and no other roll-out holds the endpoint lease, puts it
     back (under the endpoint lease, and unless another run of the endpoint is rolling out). A stall longer
-    than that is outside what the lease TTL is sized for."""
+    than that is outside what the lease TTL is sized for.
+
+    The window is a time, and the timer may be late (a host restart, a queue of ticks): so the first tick
+    after the window closes checks once more, and only a conclusive check (the traffic is right, put right, or
+    the endpoint or deployment is gone) marks the run `traffic_guarded` and ends the guard. A call that landed
+    inside the window is therefore put right even when no tick ran between its landing and the window's end."""
     went_live = next((at for state, at in reversed(record.timeline) if state == RunState.LIVE.value), "")
-    if not went_live or rollout.now() - datetime.fromisoformat(went_live) > rollout.ttl * GUARD_TTLS:
+    if not went_live or record.extra.get(GUARDED):
         return record
+    closed = rollout.now() - datetime.fromisoformat(went_live) > rollout.ttl * GUARD_TTLS
     backend = rollout.backend
     endpoint = backend.get_endpoint(record.endpoint)
-    if endpoint is None or endpoint.provisioning_state.in_progress:
+    if endpoint is not None and endpoint.provisioning_state.in_progress:
         return record
-    if endpoint.traffic.get(record.deployment, 0) == 100 and not endpoint.mirror_traffic:
-        return record
-    if not any(d.name == record.deployment for d in endpoint.deployments):
-        return record
+    if (
+        endpoint is None
+        or (endpoint.traffic.get(record.deployment, 0) == 100 and not endpoint.mirror_traffic)
+        or not any(d.name == record.deployment for d in endpoint.deployments)
+    ):
+        return _guarded(record, rollout) if closed else record
     holder = Held(
         lease=RunLease(record.run_id, "", record.etag, rollout.now() + rollout.ttl, record.state), record=record
     )
@@ -430,7 +440,15 @@ def guard_live(record: RunRecord, rollout: Rollout) -> RunRecord:
     )
     backend.begin_set_traffic(record.endpoint, traffic, mirror_traffic={})
     release_endpoint(record, rollout)
-    return record
+    return _guarded(record, rollout) if closed else record
+
+
+def _guarded(record: RunRecord, rollout: Rollout) -> RunRecord:
+    """Mark the guard done (conditional on the record: a run retired meanwhile is left as it is)."""
+    try:
+        return rollout.ledger.update(record, extra={**record.extra, GUARDED: True})
+    except ConflictError:
+        return record
 
 
 OBSERVING_STEPS: Mapping[RunState, Callable[[RunRecord, Rollout], RunRecord | None]] = {
