@@ -1,1 +1,1 @@
-"""CLI commands: every module here defines `register(subparsers)`; `shared.cli` discovers them."""
+"""CLI commands: every module here defines `register(subparsers)`; `tunegrid.cli` discovers them."""
