@@ -419,8 +419,8 @@ def test_the_endpoint_lease_covers_the_gate(world: World) -> None:
 
 
 def test_a_gate_that_lost_the_endpoint_lease_stops_before_its_next_row(world: World) -> None:
-    """The endpoint lease is renewed before every row like the run lease: once another run holds the endpoint
-    (the gate's lease lapsed and was taken over), the gate asks nothing more and decides nothing."""
+    """The endpoint lease is renewed before every row like the run lease: once another run that rolls out holds
+    the endpoint (the row was written over by hand here), the gate asks nothing more and decides nothing."""
     from dataclasses import replace
 
     from shared.domain.clock import utcnow
@@ -436,6 +436,8 @@ def test_a_gate_that_lost_the_endpoint_lease_stops_before_its_next_row(world: Wo
             assert lease is not None and lease.holder == a.run_id
             other = replace(lease, holder=b.run_id, token="theirs", expires_at=utcnow() + timedelta(hours=1))
             world.ledger.put_endpoint_lease(other)
+            rolling = world.ledger.get(b.run_id)
+            world.ledger.update(rolling, state=RunState.DEPLOYING, endpoint=a.endpoint)
         return "an answer"
 
     world.upstream.answerers[a.deployment] = taken_over

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from shared.domain.leases import EndpointLease, RunLease, claim_binds, lease_binds, lease_on
-from shared.domain.runs import ALIVE, RunRecord, RunState
+from shared.domain.runs import RunRecord, RunState
 from shared.errors import ConflictError
 from shared.usecases.rollout.model import ENDPOINT_LEASE_TTLS, ENDPOINT_STATES, Rollout
 
@@ -108,27 +108,29 @@ def give_back(run_id: str, token: str, rollout: Rollout) -> None:
 def hold_endpoint(held: Held, rollout: Rollout) -> bool:
     """Take or renew the endpoint lease for this run; False while another run holds it.
 
-    A lease is free when released, expired (its holder stopped renewing it for `ENDPOINT_LEASE_TTLS` TTLs:
-    every step of the holding run renews it), or left behind by a run that already ended (terminal or live)
-    or no longer exists."""
+    A lease is free when released, or left behind by a run that is no longer rolling out (live, ended, or gone).
+    It does not pass to another run while its holder is still in a roll-out state, even past its expiry: a
+    holder whose step stalled is resumed by another delivery of the same run (its run lease expires), and a
+    second roll-out slipping into the middle of the first would shift the traffic twice (found by the soak run,
+    where a holder's shift step outlasted its endpoint lease). The expiry (`ENDPOINT_LEASE_TTLS` run-lease TTLs)
+    is kept on the row for the undo's check (`ending._take_out_deployment`)."""
     record = held.record
     ledger, now = rollout.ledger, rollout.now()
     current = ledger.get_endpoint_lease(record.endpoint) or EndpointLease(record.endpoint)
     if current.held_by(record.run_id):
         token = current.token
     else:
-        if not current.free_at(now):
-            holder = ledger.get(current.holder)
-            if holder is not None and holder.state in ALIVE and holder.state != RunState.LIVE:
-                log.info(
-                    "run %s: waiting for endpoint %s (run %s is %s)",
-                    record.run_id,
-                    record.endpoint,
-                    current.holder,
-                    holder.state.value,
-                    extra={"run_id": record.run_id, "endpoint": record.endpoint},
-                )
-                return False
+        holder = ledger.get(current.holder) if current.holder else None
+        if holder is not None and holder.state in ENDPOINT_STATES and holder.endpoint == record.endpoint:
+            log.info(
+                "run %s: waiting for endpoint %s (run %s is %s)",
+                record.run_id,
+                record.endpoint,
+                current.holder,
+                holder.state.value,
+                extra={"run_id": record.run_id, "endpoint": record.endpoint},
+            )
+            return False
         token = uuid.uuid4().hex[:12]
     try:
         ledger.put_endpoint_lease(current.taken_by(record.run_id, token, now, rollout.ttl * ENDPOINT_LEASE_TTLS))

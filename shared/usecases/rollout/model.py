@@ -38,10 +38,10 @@ IN_FLIGHT = (
     RunState.SHIFTING_TRAFFIC,
 )
 ENDPOINT_LEASE_TTLS = 6
-"""An endpoint lease lasts this many run-lease TTLs without renewal (30 minutes by default). The holding run
-renews it at each of its steps (every tick, about every 5 s), so it lapses only when nothing has moved the
-holder for that long; a shorter lapse would let another run's whole roll-out slip into the middle of the
-holder's, and the traffic would shift twice."""
+"""The expiry written on an endpoint lease, in run-lease TTLs (30 minutes by default), renewed at each step of
+the holding run. Another run never takes the lease over while its holder is still in a roll-out state, expired
+or not (`leases.hold_endpoint`); the expiry tells the undo whether another run is rolling out now
+(`ending._take_out_deployment`)."""
 ENDPOINT_STATES = frozenset(
     {RunState.DEPLOYING, RunState.SMOKE_TESTING, RunState.EVALUATING, RunState.SHIFTING_TRAFFIC}
 )
