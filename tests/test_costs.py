@@ -32,7 +32,6 @@ from shared.domain.resources import DataRef, FineTuneRequest, JobState, MetricPo
 from shared.domain.runs import RunState
 from shared.settings import REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
 from shared.usecases.estimate import CostPorts, estimate_for
-from shared.usecases.ingest import ingest_dataset
 from shared.usecases.rollout import Rollout, tick
 from tests.fakes import (
     FakeBackend,
@@ -42,6 +41,7 @@ from tests.fakes import (
     InMemoryLedger,
     InMemoryThroughputHistory,
 )
+from tests.support import upload_and_ingest
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 DOCS_ITEMS = json.loads((Path(__file__).parent / "data" / "retail-prices" / "docs-sample-items.json").read_text())
@@ -220,16 +220,7 @@ class World:
         blob = self.prefix + "budget.jsonl"
         if sidecar is not None:
             self.blobs.upload(TRAINING_CONTAINER, self.prefix + "budget.config.json", json.dumps(sidecar).encode())
-        self.blobs.upload(TRAINING_CONTAINER, blob, b"\n".join(lines[offset : offset + rows]) + b"\n")
-        return ingest_dataset(
-            container=TRAINING_CONTAINER,
-            name=blob,
-            blobs=self.blobs,
-            ledger=self.ledger,
-            backend=self.backend,
-            settings=self.settings,
-            costs=costs,
-        )
+        return upload_and_ingest(self, blob, b"\n".join(lines[offset : offset + rows]) + b"\n", costs=costs)
 
     def report(self, run_id: str) -> tuple[dict[str, Any], str]:
         record = self.ledger.get(run_id)

@@ -17,10 +17,10 @@ from shared.domain.gate import GateThresholds, Scores, decide
 from shared.domain.resources import JobState, MetricPoint
 from shared.domain.runs import RunState
 from shared.settings import PREPARED_CONTAINER, RUN_REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
-from shared.usecases.ingest import ingest_dataset
 from shared.usecases.rollout import Rollout, advance_run, run_report_markdown, tick
 from shared.usecases.rollout.gate import ATTEMPTS, rouge_l
 from tests.fakes import FakeBackend, FakeUpstream, InMemoryBlobs, InMemoryLedger
+from tests.support import upload_and_ingest
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -51,15 +51,7 @@ class World:
         if sidecar is not None:
             config = self.prefix + name.removesuffix(".jsonl") + ".config.json"
             self.blobs.upload(TRAINING_CONTAINER, config, json.dumps(sidecar).encode())
-        self.blobs.upload(TRAINING_CONTAINER, blob, b"\n".join(lines[offset : offset + rows]) + b"\n")
-        outcome = ingest_dataset(
-            container=TRAINING_CONTAINER,
-            name=blob,
-            blobs=self.blobs,
-            ledger=self.ledger,
-            backend=self.backend,
-            settings=self.settings,
-        )
+        outcome = upload_and_ingest(self, blob, b"\n".join(lines[offset : offset + rows]) + b"\n")
         assert outcome.action == "submitted", outcome
         record = self.ledger.get(outcome.run_id)
         self.backend.set_job(record.job_name, JobState.COMPLETED)

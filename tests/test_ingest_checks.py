@@ -17,12 +17,12 @@ from shared.adapters.storage import BlobStore
 from shared.adapters.tables import TableRunLedger
 from shared.domain.resources import Finding, FindingLevel
 from shared.domain.runs import RunState
-from shared.settings import LEDGER_TABLE, REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
-from shared.usecases.ingest import ingest_dataset
+from shared.settings import LEDGER_TABLE, REPORTS_CONTAINER, Settings
 from tests import azure_reference as ref
 from tests import azureml_rig as rig_module
 from tests.azureml_rig import AzureMLRig
 from tests.fakes import FakeBackend
+from tests.support import upload_and_ingest
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 loopback_only = rig_module.loopback_only  # fixture: Azurite on 127.0.0.1, nothing else
@@ -41,15 +41,7 @@ def env(storage: Any, storage_conn: str, unique: str) -> dict[str, Any]:
 def _ingest(env: dict[str, Any], backend: Any, settings: Settings) -> tuple[Any, dict[str, Any], str]:
     rows = (SAMPLES / "ultrachat_small.jsonl").read_bytes().splitlines()[:30]
     name = env["prefix"] + "chat.jsonl"
-    env["blobs"].upload(TRAINING_CONTAINER, name, b"\n".join(rows) + b"\n")
-    outcome = ingest_dataset(
-        container=TRAINING_CONTAINER,
-        name=name,
-        blobs=env["blobs"],
-        ledger=env["ledger"],
-        backend=backend,
-        settings=settings,
-    )
+    outcome = upload_and_ingest(env, name, b"\n".join(rows) + b"\n", backend=backend, settings=settings)
     base = f"{name}/{outcome.run_id}"
     report = json.loads(env["blobs"].read_bytes(REPORTS_CONTAINER, f"{base}.report.json"))
     markdown = (env["blobs"].read_bytes(REPORTS_CONTAINER, f"{base}.report.md") or b"").decode()

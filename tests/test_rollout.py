@@ -14,10 +14,10 @@ import pytest
 from shared.domain.events import parse_run_event
 from shared.domain.resources import JobState
 from shared.domain.runs import RunState
-from shared.settings import LEDGER_TABLE, RUN_REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
-from shared.usecases.ingest import ingest_dataset
+from shared.settings import LEDGER_TABLE, RUN_REPORTS_CONTAINER, Settings
 from shared.usecases.rollout import Rollout, advance_run, handle_run_event, tick
 from tests.fakes import FakeBackend, FakeUpstream, InMemoryBlobs, InMemoryLedger
+from tests.support import upload_and_ingest
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 EVENTS = Path(__file__).resolve().parent / "data" / "events"
@@ -70,15 +70,8 @@ def _submit(world: dict[str, Any], name: str = "family.jsonl", rows: int = 40, b
     lines = (SAMPLES / "ultrachat_small.jsonl").read_bytes().splitlines()
     offset = random.Random(name + world["prefix"]).randrange(0, 900)
     blob = world["prefix"] + name
-    world["blobs"].upload(TRAINING_CONTAINER, blob, b"\n".join(lines[offset : offset + rows]) + b"\n")
-    outcome = ingest_dataset(
-        container=TRAINING_CONTAINER,
-        name=blob,
-        blobs=world["blobs"],
-        ledger=world["ledger"],
-        backend=backend or world["backend"],
-        settings=world["settings"],
-    )
+    data = b"\n".join(lines[offset : offset + rows]) + b"\n"
+    outcome = upload_and_ingest(world, blob, data, backend=backend or world["backend"])
     assert outcome.action == "submitted", outcome
     return world["ledger"].get(outcome.run_id)
 

@@ -15,13 +15,13 @@ import pytest
 
 from shared.domain.janitor_rules import ROLLOUT_STATES
 from shared.domain.resources import JobState
-from shared.domain.runs import RunState
+from shared.domain.runs import IN_FLIGHT, RunState
 from shared.errors import BackendError, InvalidInput
-from shared.settings import RUN_REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
-from shared.usecases.ingest import ingest_dataset
+from shared.settings import RUN_REPORTS_CONTAINER, Settings
 from shared.usecases.rollout import Rollout, advance_run, tick
 from shared.usecases.runs import cancel_run
 from tests.fakes import FakeBackend, FakeUpstream, InMemoryBlobs, InMemoryLedger
+from tests.support import upload_and_ingest
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 LINES = (SAMPLES / "ultrachat_small.jsonl").read_bytes().splitlines()
@@ -71,16 +71,7 @@ def _rollout(world: dict[str, Any], **settings: str) -> Rollout:
 
 
 def _upload_and_ingest(world: dict[str, Any], name: str, *, offset: int = 0, rows: int = 24) -> Any:
-    blob = world["prefix"] + name
-    world["blobs"].upload(TRAINING_CONTAINER, blob, b"\n".join(LINES[offset : offset + rows]) + b"\n")
-    return ingest_dataset(
-        container=TRAINING_CONTAINER,
-        name=blob,
-        blobs=world["blobs"],
-        ledger=world["ledger"],
-        backend=world["backend"],
-        settings=world["settings"],
-    )
+    return upload_and_ingest(world, world["prefix"] + name, b"\n".join(LINES[offset : offset + rows]) + b"\n")
 
 
 def _complete_live_jobs(backend: FakeBackend) -> None:
@@ -94,21 +85,10 @@ def _tick_until_quiet(rollout: Rollout, *, limit: int = 40) -> int:
     """Ticks until no run is in flight; returns how many it took (fails past `limit`)."""
     for n in range(1, limit + 1):
         tick(rollout)
-        if not [r for r in rollout.ledger.list() if r.state in _IN_FLIGHT]:
+        if not [r for r in rollout.ledger.list() if r.state in IN_FLIGHT]:
             return n
     states = sorted((r.run_id, r.state.value) for r in rollout.ledger.list())
     raise AssertionError(f"runs still in flight after {limit} ticks: {states}")
-
-
-_IN_FLIGHT = {
-    RunState.SUBMITTED,
-    RunState.RUNNING,
-    RunState.SUCCEEDED,
-    RunState.REGISTERING,
-    RunState.DEPLOYING,
-    RunState.SMOKE_TESTING,
-    RunState.SHIFTING_TRAFFIC,
-}
 
 
 def _full_shifts(backend: FakeBackend) -> list[dict[str, int]]:

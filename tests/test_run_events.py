@@ -24,10 +24,10 @@ from shared.domain.run_events import EVENT_TYPES, FAILURE_STATES, event_source, 
 from shared.domain.runs import RunRecord, RunState, apply_transition, new_record
 from shared.errors import ConfigError, InvalidInput, TransientError
 from shared.settings import RUN_REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
-from shared.usecases.ingest import ingest_dataset
 from shared.usecases.rollout import Rollout, advance_run, tick
 from shared.usecases.run_events import LEFT_OVER_AFTER, NotifyingLedger, publish_left_over
 from tests.fakes import FakeBackend, FakeUpstream, InMemoryBlobs, InMemoryLedger, RecordingRunEvents
+from tests.support import upload_and_ingest
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 SECRETS = {
@@ -83,15 +83,7 @@ def _upload(world: dict[str, Any], name: str = "events.jsonl", rows: int = 40, d
         lines = (SAMPLES / "ultrachat_small.jsonl").read_bytes().splitlines()
         offset = random.Random(name).randrange(0, 900)
         data = b"\n".join(lines[offset : offset + rows]) + b"\n"
-    world["blobs"].upload(TRAINING_CONTAINER, name, data)
-    return ingest_dataset(
-        container=TRAINING_CONTAINER,
-        name=name,
-        blobs=world["blobs"],
-        ledger=world["ledger"],
-        backend=world["backend"],
-        settings=world["settings"],
-    )
+    return upload_and_ingest(world, name, data)
 
 
 def _drive(world: dict[str, Any], run_id: str, **kw: Any) -> RunRecord:

@@ -20,14 +20,14 @@ from shared.adapters.tables import TableRunLedger
 from shared.bootstrap import AppContext, set_app_context
 from shared.domain.resources import JobState
 from shared.domain.runs import RunState
-from shared.settings import LEDGER_TABLE, TRAINING_CONTAINER, Settings
-from shared.usecases.ingest import ingest_dataset
+from shared.settings import LEDGER_TABLE, Settings
 from shared.usecases.rollout import Rollout, advance_run
 from shared.usecases.run_page import CONTENT_SECURITY_POLICY, render_run_list, render_run_page
 from shared.usecases.run_page.chart import MAX_POINTS, loss_chart, nice_ticks
 from shared.usecases.run_page.view import duration, stages, web_link
 from shared.usecases.runs import run_status
 from tests.fakes import FakeBackend, FakeUpstream
+from tests.support import upload_and_ingest
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 PROXY_KEY = "proxy-key-that-must-never-show-1234567890"
@@ -59,16 +59,7 @@ def ctx(storage: Any, storage_conn: str, unique: str) -> Any:
 
 
 def _ingest(ctx: Any, name: str, data: bytes) -> Any:
-    ctx.blobs.upload(TRAINING_CONTAINER, name, data)
-    outcome = ingest_dataset(
-        container=TRAINING_CONTAINER,
-        name=name,
-        blobs=ctx.blobs,
-        ledger=ctx.ledger,
-        backend=ctx.backend,
-        settings=ctx.settings,
-    )
-    return ctx.ledger.get(outcome.run_id)
+    return ctx.ledger.get(upload_and_ingest(ctx, name, data).run_id)
 
 
 def _rows(count: int = 30) -> list[bytes]:

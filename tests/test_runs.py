@@ -14,10 +14,10 @@ from shared.bootstrap import AppContext, set_app_context
 from shared.domain.resources import JobState
 from shared.domain.runs import RunState
 from shared.errors import InvalidInput, NotFound
-from shared.settings import LEDGER_TABLE, RUN_REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
-from shared.usecases.ingest import ingest_dataset
+from shared.settings import LEDGER_TABLE, RUN_REPORTS_CONTAINER, Settings
 from shared.usecases.runs import cancel_run, list_runs, run_status
 from tests.fakes import FakeBackend, InMemoryBlobs, InMemoryLedger
+from tests.support import upload_and_ingest
 from tunegrid.cli import main
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -51,16 +51,7 @@ def azurite_ctx(storage: Any, storage_conn: str, unique: str) -> Iterator[AppCon
 def _run(ctx: Any, unique: str) -> Any:
     rows = (SAMPLES / "azureml_chat_train.jsonl").read_bytes().splitlines()[:30]
     name = f"runs-{unique}.jsonl"
-    ctx.blobs.upload(TRAINING_CONTAINER, name, b"\n".join(rows) + b"\n")
-    outcome = ingest_dataset(
-        container=TRAINING_CONTAINER,
-        name=name,
-        blobs=ctx.blobs,
-        ledger=ctx.ledger,
-        backend=ctx.backend,
-        settings=ctx.settings,
-    )
-    return ctx.ledger.get(outcome.run_id)
+    return ctx.ledger.get(upload_and_ingest(ctx, name, b"\n".join(rows) + b"\n").run_id)
 
 
 def test_list_status_and_cancel(ctx: Any, unique: str) -> None:

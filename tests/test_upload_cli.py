@@ -17,9 +17,9 @@ from shared.bootstrap import AppContext
 from shared.domain.resources import JobState
 from shared.domain.runs import RunState, run_id_for
 from shared.settings import LEDGER_TABLE, TRAINING_CONTAINER, Settings
-from shared.usecases.ingest import ingest_dataset
 from shared.usecases.rollout import Rollout, advance_run
 from tests.fakes import FakeBackend, FakeUpstream
+from tests.support import upload_and_ingest
 from tunegrid.cli import main
 from tunegrid.commands.upload import Follower, follow, plan_uploads, run_page_url
 
@@ -151,15 +151,7 @@ def ctx(env: Any, storage_conn: str, unique: str) -> AppContext:
 
 
 def _ingest(ctx: AppContext, name: str, data: bytes) -> str:
-    ctx.blobs.upload(TRAINING_CONTAINER, name, data)
-    outcome = ingest_dataset(
-        container=TRAINING_CONTAINER,
-        name=name,
-        blobs=ctx.blobs,
-        ledger=ctx.ledger,
-        backend=ctx.backend,
-        settings=ctx.settings,
-    )
+    outcome = upload_and_ingest(ctx, name, data)
     assert outcome.run_id
     return outcome.run_id
 

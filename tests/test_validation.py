@@ -28,9 +28,9 @@ from shared.domain.validation import (
     validate_chunks,
 )
 from shared.errors import ConfigError
-from shared.settings import LEDGER_TABLE, REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
-from shared.usecases.ingest import ingest_dataset
+from shared.settings import LEDGER_TABLE, REPORTS_CONTAINER, Settings
 from tests.fakes import FakeBackend
+from tests.support import upload_and_ingest
 from tunegrid.tokenizer import TransformersTokenCounter
 from tunegrid.validate_files import validate_path
 
@@ -557,16 +557,8 @@ def test_ingest_counts_with_the_counter_the_composition_root_wires(
         settings = Settings.from_env(
             {"DataStorage": storage_conn, "FINETUNE_BACKEND": "local", "VALIDATION_TOKENIZER": tokenizer}
         )
-        blobs.upload(TRAINING_CONTAINER, f"t{unique}/{name}", data)
-        return ingest_dataset(
-            container=TRAINING_CONTAINER,
-            name=f"t{unique}/{name}",
-            blobs=blobs,
-            ledger=ledger,
-            backend=FakeBackend(),
-            settings=settings,
-            **kwargs,
-        )
+        ports = {"blobs": blobs, "ledger": ledger, "backend": FakeBackend(), "settings": settings}
+        return upload_and_ingest(ports, f"t{unique}/{name}", data, **kwargs)
 
     outcome = ingest(str(file), "wired.jsonl", token_counter=build_token_counter)
     assert outcome.action == "submitted", outcome

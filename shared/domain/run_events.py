@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from shared.domain.clock import iso
-from shared.domain.runs import RunRecord, RunState
+from shared.domain.runs import IN_FLIGHT, RunRecord, RunState
 from shared.settings import REPORTS_CONTAINER, RUN_REPORTS_CONTAINER
 
 TYPE_PREFIX = "Tunegrid.Run."
@@ -61,18 +61,6 @@ _REASON_STATES = frozenset(
 reused)."""
 _METRIC_STATES = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELED, RunState.LIVE})
 _SMOKE_STATES = frozenset({RunState.EVALUATING, RunState.SHIFTING_TRAFFIC, RunState.LIVE, RunState.ROLLED_BACK})
-_ROLLOUT_DRIVEN = frozenset(
-    {
-        RunState.SUBMITTED,
-        RunState.RUNNING,
-        RunState.SUCCEEDED,
-        RunState.REGISTERING,
-        RunState.DEPLOYING,
-        RunState.SMOKE_TESTING,
-        RunState.EVALUATING,
-        RunState.SHIFTING_TRAFFIC,
-    }
-)
 """States the roll-out moves a run out of: every end it makes from them writes a run report (through
 `REPORT_STATES` after a step, or `shared.usecases.rollout.ending.end_run`, which cancel and supersession use)."""
 _RUN_REPORT_STATES = frozenset(
@@ -124,7 +112,7 @@ def run_report_url(record: RunRecord, previous: RunState | None) -> str | None:
     It lives in the data account next to the validation report, as `run-reports/<run_id>/report.json`."""
     if record.run_report_url:
         return scrub_url(record.run_report_url)
-    if record.state not in _RUN_REPORT_STATES or previous not in _ROLLOUT_DRIVEN:
+    if record.state not in _RUN_REPORT_STATES or previous not in IN_FLIGHT:
         return None
     marker = f"/{REPORTS_CONTAINER}/"
     if marker not in record.report_url:

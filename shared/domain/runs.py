@@ -111,6 +111,9 @@ ORDER = [
 ]
 """The end states other than `retired` (`TERMINAL`) leave this order: each can follow any state before `live`."""
 
+IN_FLIGHT = frozenset(ORDER[ORDER.index(S.SUBMITTED) : ORDER.index(S.LIVE)])
+"""States the roll-out drives, from the submitted job to the traffic shift: events and ticks move them on."""
+
 
 def run_id_for(container: str, blob: str, version: str) -> str:
     """Deterministic id of one dataset version: the same blob version always maps to the same run."""

@@ -238,23 +238,11 @@ class _Sweep:
 
     def delete_endpoint(self, decision: Decision, runs: Sequence[RunRef]) -> None:
         live = [r.run_id for r in runs if r.endpoint == decision.endpoint and r.state is RunState.LIVE]
-        decision = replace(decision, retired_runs=tuple(live), outcome="dry-run" if self.dry_run else "deleting")
-        if self.dry_run:
-            self.audit_and_finish(decision)
-            return
-        failed = self.audit_before_delete(decision)
-        if failed is not None:
-            self.finish(failed)
-            return
-        try:
-            self.backend.begin_delete_endpoint(decision.endpoint)
-        except NotFound:
-            decision = replace(decision, outcome="gone")
-        except TunegridError as exc:
-            self.audit_and_finish(replace(decision, retired_runs=(), outcome=f"failed: {type(exc).__name__}: {exc}"))
-            return
-        retired = tuple(run_id for run_id in live if self.retire(run_id, decision))
-        self.finish(replace(decision, retired_runs=retired))
+        decision = replace(decision, retired_runs=tuple(live))
+        done = self.carry_out(decision, lambda: self.backend.begin_delete_endpoint(decision.endpoint))
+        if done is not None:
+            retired = tuple(run_id for run_id in live if self.retire(run_id, done))
+            self.finish(replace(done, retired_runs=retired))
 
     def delete_deployment(self, decision: Decision, runs: Sequence[RunRef]) -> None:
         deployment = decision.deployment
@@ -275,22 +263,30 @@ class _Sweep:
             if rechecked is not None:
                 self.finish(rechecked)
             return
-        decision = replace(decision, outcome="dry-run" if self.dry_run else "deleting")
+        done = self.carry_out(decision, lambda: self.backend.begin_delete_deployment(decision.endpoint, deployment))
+        if done is not None:
+            self.finish(done)
+
+    def carry_out(self, decision: Decision, delete: Callable[[], object]) -> Decision | None:
+        """A delete decision's last steps: a dry run is audited and finished; otherwise the audit row is written
+        first (no row, no delete), then `delete` runs. Returns the decision to finish when the resource is
+        being deleted or already gone; None when it was finished here (dry run, no audit row, delete refused)."""
         if self.dry_run:
-            self.audit_and_finish(decision)
-            return
+            self.audit_and_finish(replace(decision, outcome="dry-run"))
+            return None
+        decision = replace(decision, outcome="deleting")
         failed = self.audit_before_delete(decision)
         if failed is not None:
             self.finish(failed)
-            return
+            return None
         try:
-            self.backend.begin_delete_deployment(decision.endpoint, deployment)
+            delete()
         except NotFound:
-            decision = replace(decision, outcome="gone")
+            return replace(decision, outcome="gone")
         except TunegridError as exc:
-            self.audit_and_finish(replace(decision, outcome=f"failed: {type(exc).__name__}: {exc}"))
-            return
-        self.finish(decision)
+            self.audit_and_finish(replace(decision, retired_runs=(), outcome=f"failed: {type(exc).__name__}: {exc}"))
+            return None
+        return decision
 
     def audit_and_finish(self, decision: Decision) -> None:
         """Audit a delete decision (a dry run, or a second row for a refused delete), best effort, then log it."""

@@ -35,12 +35,11 @@ from typing import Any
 
 from shared.domain.events import RunEvent, parse_run_event
 from shared.domain.leases import superseded_by
-from shared.domain.runs import RunRecord, RunState
+from shared.domain.runs import IN_FLIGHT, RunRecord, RunState
 from shared.errors import ConflictError, NotFound, TransientError
 from shared.usecases.rollout.ending import UNDO_PENDING, end_run, finish_undo, undo_or_mark
 from shared.usecases.rollout.leases import acquire, give_back, is_held, still_holds
 from shared.usecases.rollout.model import (
-    IN_FLIGHT,
     LEASE_TTL,
     REPORT_STATES,
     EventOutcome,
@@ -51,7 +50,6 @@ from shared.usecases.rollout.reports import run_report, run_report_markdown, wri
 from shared.usecases.rollout.steps import LEASED_STEPS, OBSERVING_STEPS, guard_live
 
 __all__ = [
-    "IN_FLIGHT",
     "LEASE_TTL",
     "REPORT_STATES",
     "EventOutcome",

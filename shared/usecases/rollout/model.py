@@ -27,16 +27,6 @@ LEASE_MARGIN = timedelta(seconds=60)
 DEFAULT_CLAIM_TTL = timedelta(minutes=15)
 """How long an ingest delivery's claim on a run binds (validation of a large file takes minutes)."""
 
-IN_FLIGHT = (
-    RunState.SUBMITTED,
-    RunState.RUNNING,
-    RunState.SUCCEEDED,
-    RunState.REGISTERING,
-    RunState.DEPLOYING,
-    RunState.SMOKE_TESTING,
-    RunState.EVALUATING,
-    RunState.SHIFTING_TRAFFIC,
-)
 ENDPOINT_LEASE_TTLS = 6
 """The expiry written on an endpoint lease, in run-lease TTLs (30 minutes by default), renewed at each step of
 the holding run. Another run never takes the lease over while its holder is still in a roll-out state, expired
