@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from shared.domain.naming import job_name_for
+from shared.domain.resources import JobState
 from shared.domain.runs import RunState, run_id_for
 from shared.errors import ComputeError, TransientError
 from shared.settings import LEDGER_TABLE, PREPARED_CONTAINER, REPORTS_CONTAINER, TRAINING_CONTAINER, Settings
@@ -308,6 +309,50 @@ def test_blob_overwritten_during_ingest_supersedes_that_run(any_env: dict[str, A
     assert env["backend"].submissions == []
     again = _ingest(env, name)
     assert again.action == "submitted" and again.run_id != outcome.run_id
+
+
+class _CopiedAndTakenOver(FakeBackend):
+    """A backend that, at its first `check_finetune` (the run has passed validation and is `submitting`),
+    lets the same bytes be uploaded again and delivered, and then lets the timer take the run over, as if the
+    delivery calling it had stalled past its claim (the torture test's sequence, seed 1, under load)."""
+
+    def __init__(self, env: dict[str, Any], name: str, data: bytes) -> None:
+        super().__init__()
+        self.env, self.name, self.data = env, name, data
+        self.copy: Any = None
+        self.takeover: Any = None
+
+    def check_finetune(self, request: Any) -> Any:
+        if self.copy is None:
+            from datetime import timedelta
+
+            from shared.usecases.ingest import resume_stale_ingest
+            from shared.usecases.rollout import Rollout
+
+            self.copy = _ingest(self.env, _upload(self.env, self.name.removeprefix(self.env["prefix"]), self.data))
+            ports = {k: self.env[k] for k in ("ledger", "blobs", "settings")}
+            stalled = self.env["ledger"].get(request.run_id)
+            self.takeover = resume_stale_ingest(stalled, Rollout(backend=self, **ports), claim_ttl=timedelta(0))
+        return super().check_finetune(request)
+
+
+def test_a_copy_that_reuses_a_run_never_supersedes_it(any_env: dict[str, Any]) -> None:
+    """A version past validation holds its dataset's head. The same bytes uploaded again end `duplicate` and
+    reuse it; when its first delivery, stalled, finds that the timer took the run over, that delivery steps
+    aside. It must not end the run `superseded` because the blob has a newer version: that version is the
+    copy that reuses this run, so nothing would ever train the data."""
+    env = any_env
+    data = _rows("azureml_chat_train.jsonl", 30)
+    name = _upload(env, "copied.jsonl", data)
+    backend = _CopiedAndTakenOver(env, name, data)
+    stalled = _ingest(env, name, backend=backend)
+    assert backend.copy.action == "duplicate" and backend.copy.duplicate_of == stalled.run_id, backend.copy
+    assert backend.takeover.action == "submitted", backend.takeover
+    assert stalled.action == "duplicate" and "another delivery" in stalled.reason, stalled
+    run = env["ledger"].get(stalled.run_id)
+    assert run.state == RunState.SUBMITTED, (run.state, run.error)
+    assert [r.job_name for r in backend.submissions] == [run.job_name]
+    assert backend.jobs[run.job_name].state == JobState.PENDING  # not canceled by the stalled delivery
 
 
 def test_a_deeply_nested_sidecar_is_reported_not_crashed(env: dict[str, Any]) -> None:

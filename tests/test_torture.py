@@ -469,7 +469,7 @@ def check(orchestra: Orchestrator, etags: dict[str, list[str]], wall_s: float, *
     order = [e for e in journal if e["m"] == "begin_set_traffic"]
     for stem, pair in twins.items():
         first, second = pair
-        assert first.endpoint == second.endpoint, (stem, first.endpoint, second.endpoint)
+        assert first.endpoint == second.endpoint, (stem, [(r.run_id, r.state.value, r.endpoint, r.error) for r in pair])
         on_endpoint = [e for e in order if e["endpoint"] == first.endpoint]
         targets = [(next(d for d, pct in e["traffic"].items() if pct == 100), e["stalled"]) for e in on_endpoint]
         assert {d for d, _ in targets} == {first.deployment, second.deployment}, (stem, targets)

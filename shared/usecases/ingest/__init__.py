@@ -212,17 +212,23 @@ def _run_claimed(
 def _lost(record: RunRecord, rollout: Rollout, *, etag: str, claim: str, exc: ConflictError) -> IngestOutcome:
     """A conditional read or write failed. Either the blob changed under the read (a newer version was
     uploaded: this run is superseded), or the run changed under this delivery's claim (another delivery took
-    it over, or it was canceled or superseded: undo what this delivery may have submitted)."""
+    it over, or it was canceled or superseded: undo what this delivery may have submitted).
+
+    The blob counts only while the run is still being read (`received`, `validating`). A run past validation
+    holds its dataset's head, and its data is prepared; a newer version decides for itself through the head:
+    it supersedes this run, or it is a copy that reuses it. Ending the run here on the blob's newer ETag would
+    leave such a copy pointing at a superseded run, with nothing to train the data."""
     run_id, ledger = record.run_id, rollout.ledger
-    props = rollout.blobs.properties(record.container, record.blob)
-    if props is None or str(props["etag"]) != etag:
-        reason = f"a newer version of {record.container}/{record.blob} was uploaded while this one was being read"
-        ended = end_if_alive(run_id, rollout, RunState.SUPERSEDED, reason)
-        current = ended or ledger.get(run_id)
-        if current is not None and current.state != RunState.SUPERSEDED:
-            reason = current.error or f"run is {current.state.value}"
-        return IngestOutcome(current.state.value if current is not None else "ignored", reason, run_id=run_id)
     current = ledger.get(run_id)
+    if current is None or current.state in (RunState.RECEIVED, RunState.VALIDATING):
+        props = rollout.blobs.properties(record.container, record.blob)
+        if props is None or str(props["etag"]) != etag:
+            reason = f"a newer version of {record.container}/{record.blob} was uploaded while this one was being read"
+            ended = end_if_alive(run_id, rollout, RunState.SUPERSEDED, reason)
+            current = ended or ledger.get(run_id)
+            if current is not None and current.state != RunState.SUPERSEDED:
+                reason = current.error or f"run is {current.state.value}"
+            return IngestOutcome(current.state.value if current is not None else "ignored", reason, run_id=run_id)
     if current is not None and current.claimed_at == claim and not current.state.terminal:
         # Still ours and the dataset is unchanged: a companion file changed mid-read. Read it all again.
         raise TransientError(f"run {run_id}: {exc}; retrying with the current files") from exc
