@@ -132,6 +132,8 @@ class Orchestrator:
         """Tasks put on the queue and not answered yet (a killed worker's task is dropped from it)."""
         self.started: dict[int, str] = {}
         self.dead: set[str] = set()
+        self.stopping = False
+        """Set by `stop`: a task that failed transiently is no longer put back."""
 
     def put(self, task: tuple[Any, ...]) -> None:
         self.next_id += 1
@@ -160,7 +162,10 @@ class Orchestrator:
     def start(self) -> None:
         for n in range(self.plan.threads):
             thread = threading.Thread(
-                target=run_worker, args=(self.config(n), self.tasks, self.results, f"thread-{n}"), name=f"torture-{n}"
+                target=run_worker,
+                args=(self.config(n), self.tasks, self.results, f"thread-{n}"),
+                name=f"torture-{n}",
+                daemon=True,  # only for a failed run whose workers never got their stop: pytest can still exit
             )
             thread.start()
             self.threads.append(thread)
@@ -200,13 +205,26 @@ class Orchestrator:
         self.spawn(self.plan.threads + self.plan.processes)
 
     def stop(self) -> None:
+        """Stop every worker. After a failure the queue may hold a backlog (a round of ticks, retries): tasks no
+        worker has taken are dropped first, so the stops come next; a process that still does not stop is
+        terminated."""
+        self.stopping = True
+        while True:
+            try:
+                task_id, _ = self.tasks.get_nowait()
+            except queue.Empty:
+                break
+            self.outstanding.discard(task_id)
         alive = len(self.threads) + len(self.processes)
         for _ in range(alive):
             self.put(("stop",))
         stopped = 0
         limit = time.monotonic() + 120
         while stopped < alive:
-            assert time.monotonic() < limit, f"only {stopped} of {alive} workers stopped"
+            if time.monotonic() >= limit:
+                for process in self.processes:
+                    process.terminate()
+                raise AssertionError(f"only {stopped} of {alive} workers stopped within 120 s")
             if self.pump_once(0.5) == "stopped":
                 stopped += 1
         for thread in self.threads:
@@ -233,7 +251,7 @@ class Orchestrator:
             return str(kind)
         self.outstanding.discard(task_id)
         self.started.pop(task_id, None)
-        if kind == "retry":  # what a trigger's retry policy does with a transient failure
+        if kind == "retry" and not self.stopping:  # what a trigger's retry policy does with a transient failure
             self.run.retries += 1
             self.put(result[1])
         elif kind == "crash":
@@ -248,7 +266,7 @@ class Orchestrator:
         """Consume results until `done()` holds, feeding a timer tick now and then, as the timer does."""
         last_tick = 0.0
         while not done():
-            assert time.monotonic() < self.deadline, f"time limit reached waiting for {what}"
+            assert time.monotonic() < self.deadline, f"time limit reached waiting for {what}: {self.progress()}"
             if time.monotonic() - last_tick > tick_every_s:
                 self.put(("tick", -1))
                 last_tick = time.monotonic()
@@ -333,6 +351,19 @@ class Orchestrator:
             for r in records
             if r.state == RunState.LIVE
         )
+
+    def progress(self) -> dict[str, Any]:
+        """Where the scenario stands, for a failure message: queue, rounds, ticks, and the runs not ended."""
+        records = self.ledger.list()
+        moving = [r for r in records if not r.state.terminal and r.state != RunState.LIVE]
+        return {
+            "outstanding_tasks": len(self.outstanding),
+            "final_tick_rounds": self.run.rounds,
+            "ticks": len(self.run.ticks),
+            "runs": len(records),
+            "not_ended": len(moving),
+            "first_not_ended": sorted((r.run_id, r.state.value, r.operation, r.endpoint, r.error) for r in moving)[:10],
+        }
 
     def converge(self) -> None:
         """Phase D: rounds of ticks (one per worker) until everything has converged.
