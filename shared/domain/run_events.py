@@ -61,8 +61,6 @@ _REASON_STATES = frozenset(
 reused)."""
 _METRIC_STATES = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELED, RunState.LIVE})
 _SMOKE_STATES = frozenset({RunState.EVALUATING, RunState.SHIFTING_TRAFFIC, RunState.LIVE, RunState.ROLLED_BACK})
-"""States the roll-out moves a run out of: every end it makes from them writes a run report (through
-`REPORT_STATES` after a step, or `shared.usecases.rollout.ending.end_run`, which cancel and supersession use)."""
 _RUN_REPORT_STATES = frozenset(
     {RunState.LIVE, RunState.ROLLED_BACK, RunState.FAILED, RunState.CANCELED, RunState.ERROR, RunState.SUPERSEDED}
 )
@@ -112,6 +110,8 @@ def run_report_url(record: RunRecord, previous: RunState | None) -> str | None:
     It lives in the data account next to the validation report, as `run-reports/<run_id>/report.json`."""
     if record.run_report_url:
         return scrub_url(record.run_report_url)
+    # every end the roll-out makes from a state it drives (`IN_FLIGHT`) writes a run report: through
+    # `REPORT_STATES` after a step, or `shared.usecases.rollout.ending.end_run`, which cancel and supersession use
     if record.state not in _RUN_REPORT_STATES or previous not in IN_FLIGHT:
         return None
     marker = f"/{REPORTS_CONTAINER}/"
