@@ -91,16 +91,22 @@ def stack(azurite: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
         }
     finally:
         host.stop()
-        _stop_endpoints(env)
+        _stop_local_work(env)
         reset_app_context()
 
 
-def _stop_endpoints(env: dict[str, str]) -> None:
-    """Leave no endpoint process behind (the local backend serves each endpoint in its own process)."""
+def _stop_local_work(env: dict[str, str]) -> None:
+    """Leave no trainer or endpoint process behind (the local backend runs each job and serves each endpoint
+    in its own process): a job still training when the tests end would go on using a core under later
+    modules. A canceled job's supervisor only sleeps, retrying its last events, until its redelivery window
+    ends."""
     from shared.bootstrap import AppContext
     from shared.settings import Settings
 
     backend = AppContext(Settings.from_env(env)).backend
+    for job in backend.list_jobs():
+        if not job.state.terminal:
+            backend.cancel_job(job.name)
     for endpoint in backend.list_endpoints():
         backend.begin_delete_endpoint(endpoint.name)
 
