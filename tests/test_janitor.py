@@ -20,6 +20,7 @@ from shared.domain.resources import DeploymentInfo, EndpointActivity, EndpointIn
 from shared.domain.runs import RunRecord, RunState, new_record
 from shared.errors import BackendError, ConflictError, MetricsUnavailable, TransientError
 from shared.usecases.janitor import sweep_idle_endpoints
+from shared.usecases.runs import RETIRE_ATTEMPTS
 from tests.fakes import InMemoryAuditLog, InMemoryLedger
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -374,16 +375,20 @@ class FakeBackend:
 
 
 class ConflictingLedger(InMemoryLedger):
-    """A ledger where someone else always moves these runs first."""
+    """A ledger where someone else writes these runs between each read and write (`times` times, or always):
+    the record is still live when read again."""
 
-    def __init__(self, records: Iterable[RunRecord], *, conflict_on: Iterable[str]) -> None:
+    def __init__(self, records: Iterable[RunRecord], *, conflict_on: Iterable[str], times: int | None = None) -> None:
         super().__init__(records)
         self.conflict_on = set(conflict_on)
+        self.times = times
+        self.conflicts = 0
 
     def transition(
         self, run_id: str, to: RunState, *, expect: Iterable[RunState] | None = None, **fields: Any
     ) -> RunRecord:
-        if run_id in self.conflict_on:
+        if run_id in self.conflict_on and (self.times is None or self.conflicts < self.times):
+            self.conflicts += 1
             raise ConflictError(f"run {run_id} changed concurrently")
         return super().transition(run_id, to, expect=expect, **fields)
 
@@ -642,12 +647,43 @@ def test_refused_delete_is_recorded_and_the_sweep_goes_on(audit: InMemoryAuditLo
 
 
 def test_retire_conflict_is_tolerated(audit: InMemoryAuditLog) -> None:
-    """A run moved by someone else meanwhile (ConflictError) does not fail the delete."""
+    """A live run that keeps changing under the retire (ConflictError each time) does not fail the delete."""
     backend = FakeBackend([endpoint("ep")])
     ledger = ConflictingLedger([run_record("r1", RunState.LIVE, endpoint="ep")], conflict_on=["r1"])
     report = sweep(backend, ledger, audit)
     assert backend.deleted_endpoints == ["ep"]
     assert report.decisions[0].retired_runs == () and report.decisions[0].outcome == "deleting"
+    assert ledger.conflicts == RETIRE_ATTEMPTS
+
+
+def test_a_live_run_changed_meanwhile_is_retired_on_a_second_read(audit: InMemoryAuditLog) -> None:
+    """A live record has no lease: another writer (the run-event publisher) may change it between the retire's
+    read and write. The retire reads it again, so the run does not stay live with its endpoint deleted."""
+    backend = FakeBackend([endpoint("ep")])
+    ledger = ConflictingLedger([run_record("r1", RunState.LIVE, endpoint="ep")], conflict_on=["r1"], times=2)
+    report = sweep(backend, ledger, audit)
+    assert report.decisions[0].retired_runs == ("r1",)
+    retired = ledger.get("r1")
+    assert retired is not None and retired.state == RunState.RETIRED and "deleted by the janitor" in retired.error
+
+
+def test_a_run_ended_meanwhile_is_not_retired(audit: InMemoryAuditLog) -> None:
+    """A run someone else moved out of `live` meanwhile is left as it is (not retired over its new state)."""
+    backend = FakeBackend([endpoint("ep")])
+    ledger = InMemoryLedger([run_record("r1", RunState.LIVE, endpoint="ep")])
+    write = ledger.transition
+
+    def ended_first(run_id: str, to: RunState, **kwargs: Any) -> RunRecord:
+        record = ledger.get(run_id)
+        if record is not None and record.state == RunState.LIVE:
+            write(run_id, RunState.RETIRED, error="replaced by run r2")
+        return write(run_id, to, **kwargs)
+
+    ledger.transition = ended_first  # type: ignore[method-assign]
+    report = sweep(backend, ledger, audit)
+    assert report.decisions[0].retired_runs == ()
+    retired = ledger.get("r1")
+    assert retired is not None and retired.error == "replaced by run r2"
 
 
 @pytest.mark.parametrize(

@@ -375,3 +375,50 @@ def test_a_late_traffic_update_is_put_right_when_no_tick_ran_inside_the_guard_wi
     calls = len(backend.log)
     tick(_rollout(world))  # guarded: the next ticks do not even read the endpoint for it
     assert not [m for m, _ in backend.log[calls:] if m in ("get_endpoint", "begin_set_traffic")]
+
+
+def test_a_live_run_that_changes_while_being_replaced_is_still_retired(
+    world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shift retires the endpoint's live run before its own run goes live. A live record has no lease, and
+    the run-event publisher may empty its outbox between the shift's read and its write: the retire re-reads
+    and tries again instead of leaving two live runs on the endpoint for good (torture seed 1 ended so in CI).
+    A record that keeps changing fails the step transiently; the next tick finishes it."""
+    from shared.usecases.runs import RETIRE_ATTEMPTS
+
+    ledger, backend = world["ledger"], world["backend"]
+    first = _upload_and_ingest(world, "a/swap.jsonl")
+    backend.set_job(f"tunegrid-{first.run_id}", JobState.COMPLETED)
+    _to_state(world, first.run_id, RunState.LIVE)
+    second = _upload_and_ingest(world, "b/swap.jsonl", offset=200)
+    backend.set_job(f"tunegrid-{second.run_id}", JobState.COMPLETED)
+    assert _to_state(world, second.run_id, RunState.SHIFTING_TRAFFIC).endpoint == ledger.get(first.run_id).endpoint
+
+    write = ledger._replace
+    writes = {"left": 0}
+
+    def publisher_first(record: Any) -> Any:
+        """Another writer changes the live record between the retire's read and its write (as
+        `publish_left_over` may: it empties the outbox of a record nobody holds)."""
+        if record.run_id == first.run_id and record.state == RunState.RETIRED and writes["left"]:
+            writes["left"] -= 1
+            ledger.update(ledger.get(first.run_id), outbox=())
+        return write(record)
+
+    monkeypatch.setattr(ledger, "_replace", publisher_first)
+    writes["left"] = RETIRE_ATTEMPTS  # changes under every attempt: this tick gives up, transiently
+    rollout = _rollout(world)
+    for _ in range(6):
+        tick(rollout)
+        assert [r.state for r in (ledger.get(first.run_id), ledger.get(second.run_id))].count(RunState.LIVE) == 1
+        if writes["left"] == 0:
+            break
+    assert ledger.get(first.run_id).state == RunState.LIVE
+    assert ledger.get(second.run_id).state == RunState.SHIFTING_TRAFFIC
+    writes["left"] = 2  # changes twice more, then lets the retire land: the next tick finishes the swap
+    _tick_until_quiet(rollout)
+    retired, live = ledger.get(first.run_id), ledger.get(second.run_id)
+    assert retired.state == RunState.RETIRED and retired.error == f"replaced by run {second.run_id}"
+    assert live.state == RunState.LIVE and writes["left"] == 0
+    backend.get_endpoint(live.endpoint)
+    assert backend.get_endpoint(live.endpoint).traffic == {live.deployment: 100}

@@ -340,17 +340,32 @@ class Orchestrator:
     def converged(self) -> bool:
         """Every run has ended, every undo is finished, every live run has all its endpoint's traffic, and no
         task is still queued or running (a stalled call lands before its task answers)."""
-        if self.outstanding:
-            return False
-        records = self.ledger.list()
-        if not all((r.state.terminal or r.state == RunState.LIVE) and r.operation != "undo-pending" for r in records):
-            return False
+        return not self.outstanding and not self.unsettled()
+
+    def unsettled(self) -> list[dict[str, Any]]:
+        """The runs that keep the scenario from converging, with their endpoint's traffic and lease: a run not
+        ended, an undo not finished, or a live run without all its endpoint's traffic."""
         endpoints = _settled_endpoints(self.backend)
-        return all(
-            r.endpoint in endpoints and dict(endpoints[r.endpoint].traffic) == {r.deployment: 100}
-            for r in records
-            if r.state == RunState.LIVE
-        )
+        out = []
+        for r in self.ledger.list():
+            traffic = dict(endpoints[r.endpoint].traffic) if r.endpoint in endpoints else None
+            moving = not (r.state.terminal or r.state == RunState.LIVE) or r.operation == "undo-pending"
+            if moving or (r.state == RunState.LIVE and traffic != {r.deployment: 100}):
+                lease = self.ledger.get_endpoint_lease(r.endpoint) if r.endpoint else None
+                out.append(
+                    {
+                        "run": r.run_id,
+                        "dataset": r.blob,
+                        "state": r.state.value,
+                        "operation": r.operation,
+                        "endpoint": r.endpoint,
+                        "deployment": r.deployment,
+                        "traffic": traffic,
+                        "lease_holder": lease.holder if lease else None,
+                        "error": r.error,
+                    }
+                )
+        return out
 
     def progress(self) -> dict[str, Any]:
         """Where the scenario stands, for a failure message: queue, rounds, ticks, and the runs not ended."""
@@ -378,18 +393,14 @@ class Orchestrator:
             self.pump_until(lambda: not self.outstanding, what="the queue to drain", tick_every_s=3600)
             if self.converged():
                 return
-            records = self.ledger.list()
-            endpoints = _settled_endpoints(self.backend)
-            assert self.run.rounds < self.plan.max_rounds, (
-                sorted(
-                    (r.run_id, r.state.value, r.operation, r.endpoint, r.error) for r in records if not r.state.terminal
-                ),
-                {r.endpoint: dict(endpoints[r.endpoint].traffic) for r in records if r.state == RunState.LIVE},
-                {
-                    e: self.ledger.get_endpoint_lease(e)
-                    for e in {r.endpoint for r in records if r.endpoint and not r.state.terminal}
-                },
-            )
+            if self.run.rounds >= self.plan.max_rounds:
+                stuck = self.unsettled()
+                journal = self.backend.journal()
+                for entry in stuck:  # the endpoint's traffic updates and deletions, the last first
+                    calls = [j for j in journal if j.get("endpoint") == entry["endpoint"]]
+                    entry["journal"] = calls[::-1][:8]
+                (self.root / "unsettled.json").write_text(json.dumps(stuck, indent=1, default=str))
+                raise AssertionError(f"not converged after {self.run.rounds} rounds of ticks: {stuck}")
             self.run.rounds += 1
             time.sleep(max(0.0, self.round_started + pace_s - time.monotonic()))  # the timer's period, see above
             self.round_started = time.monotonic()

@@ -49,6 +49,7 @@ class Ledger(Protocol):
 class RunLedgerPort(Protocol):
     """The part of the ledger the janitor uses."""
 
+    def get(self, run_id: str) -> RunRecord | None: ...
     def list(self) -> list[RunRecord]: ...
     def transition(
         self, run: RunRecord | str, to: RunState, *, expect: Iterable[RunState] | None = None, **fields: Any

@@ -30,6 +30,7 @@ from shared.domain.resources import EndpointInfo
 from shared.domain.runs import RunState
 from shared.errors import ConflictError, NotFound, TunegridError
 from shared.ports import AuditLog, EndpointPort, LastProxyUse, PriceSource, RunLedgerPort
+from shared.usecases.runs import retire_live
 
 log = logging.getLogger(__name__)
 
@@ -297,16 +298,16 @@ class _Sweep:
         self.finish(decision)
 
     def retire(self, run_id: str, decision: Decision) -> bool:
+        reason = f"endpoint {decision.endpoint} deleted by the janitor ({decision.rule.value}: {decision.reason})"
         try:
-            self.ledger.transition(
-                run_id,
-                RunState.RETIRED,
-                expect=[RunState.LIVE],
-                error=f"endpoint {decision.endpoint} deleted by the janitor ({decision.rule.value}: {decision.reason})",
-            )
+            retired = retire_live(self.ledger, run_id, reason)
         except (ConflictError, NotFound) as exc:
+            retired, why = None, str(exc)
+        else:
+            why = "no longer live"
+        if retired is None:
             log.info(
-                "janitor: run %s not retired: %s", run_id, exc, extra={"run_id": run_id, "endpoint": decision.endpoint}
+                "janitor: run %s not retired: %s", run_id, why, extra={"run_id": run_id, "endpoint": decision.endpoint}
             )
             return False
         log.info("janitor: run %s retired", run_id, extra={"run_id": run_id, "endpoint": decision.endpoint})

@@ -10,7 +10,7 @@ import orjson
 from shared.domain.naming import report_base
 from shared.domain.runs import RunRecord, RunState, is_run_id
 from shared.errors import ConflictError, InvalidInput, NotFound
-from shared.ports import Blobs, FineTuneBackend, Ledger
+from shared.ports import Blobs, FineTuneBackend, Ledger, RunLedgerPort
 from shared.settings import REPORTS_CONTAINER, Settings
 
 log = logging.getLogger(__name__)
@@ -165,3 +165,24 @@ def cancel_run(ledger: Ledger, backend: FineTuneBackend, run_id: str, *, blobs: 
         log.info("run %s canceled (was %s)", run_id, record.state.value, extra={"run_id": run_id})
         return ended.state.value
     raise ConflictError(f"run {run_id} kept changing; try again")
+
+
+RETIRE_ATTEMPTS = 8
+"""How many times `retire_live` re-reads a live record that changed under it before it gives up."""
+
+
+def retire_live(ledger: RunLedgerPort, run_id: str, reason: str) -> RunRecord | None:
+    """Move a live run to `retired`, with `reason` as its error.
+
+    A live record has no lease: other writers change it at any time (the run-event publisher empties its
+    outbox, the traffic guard marks it checked), so a conflict re-reads it and tries again; a run left live
+    by mistake would stay live for good. None when it is no longer live (retired or ended by someone else);
+    `ConflictError` when it kept changing."""
+    for _ in range(RETIRE_ATTEMPTS):
+        try:
+            return ledger.transition(run_id, RunState.RETIRED, expect=[RunState.LIVE], error=reason)
+        except ConflictError:
+            current = ledger.get(run_id)
+            if current is None or current.state != RunState.LIVE:
+                return None
+    raise ConflictError(f"live run {run_id} kept changing while being retired")

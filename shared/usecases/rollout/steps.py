@@ -35,6 +35,7 @@ from shared.usecases.rollout.gate import step_evaluate
 from shared.usecases.rollout.leases import Held, authorise, hold_endpoint, move, release, release_endpoint, write
 from shared.usecases.rollout.model import ENDPOINT_STATES, Rollout
 from shared.usecases.rollout.reports import write_run_report
+from shared.usecases.runs import retire_live
 
 log = logging.getLogger(__name__)
 
@@ -367,13 +368,17 @@ def _replaced_deployments(record: RunRecord, endpoint: EndpointInfo, rollout: Ro
 
 
 def _retire_replaced(live: RunRecord, rollout: Rollout) -> None:
-    """Retire the other live runs of the endpoint (the shift has taken their traffic)."""
+    """Retire the other live runs of the endpoint (the shift has taken their traffic). A record that keeps
+    changing fails the step transiently: the next tick shifts again, finds the traffic already moved, and
+    retires it then; the new run never goes live beside it."""
     for other in rollout.ledger.list():
-        if other.run_id != live.run_id and other.state == RunState.LIVE and other.endpoint == live.endpoint:
-            try:
-                retired = rollout.ledger.transition(other, RunState.RETIRED, error=f"replaced by run {live.run_id}")
-            except ConflictError:
-                continue
+        if other.run_id == live.run_id or other.state != RunState.LIVE or other.endpoint != live.endpoint:
+            continue
+        try:
+            retired = retire_live(rollout.ledger, other.run_id, f"replaced by run {live.run_id}")
+        except ConflictError as exc:
+            raise TransientError(str(exc)) from exc
+        if retired is not None:
             write_run_report(retired, rollout)
 
 
