@@ -343,15 +343,14 @@ class Orchestrator:
         return not self.outstanding and not self.unsettled()
 
     def unsettled(self) -> list[dict[str, Any]]:
-        """The runs that keep the scenario from converging, with their endpoint's traffic and lease: a run not
-        ended, an undo not finished, or a live run without all its endpoint's traffic."""
+        """The runs that keep the scenario from converging, with their endpoint's traffic: a run not ended, an
+        undo not finished, or a live run without all its endpoint's traffic."""
         endpoints = _settled_endpoints(self.backend)
         out = []
         for r in self.ledger.list():
             traffic = dict(endpoints[r.endpoint].traffic) if r.endpoint in endpoints else None
             moving = not (r.state.terminal or r.state == RunState.LIVE) or r.operation == "undo-pending"
             if moving or (r.state == RunState.LIVE and traffic != {r.deployment: 100}):
-                lease = self.ledger.get_endpoint_lease(r.endpoint) if r.endpoint else None
                 out.append(
                     {
                         "run": r.run_id,
@@ -361,7 +360,6 @@ class Orchestrator:
                         "endpoint": r.endpoint,
                         "deployment": r.deployment,
                         "traffic": traffic,
-                        "lease_holder": lease.holder if lease else None,
                         "error": r.error,
                     }
                 )
@@ -396,7 +394,9 @@ class Orchestrator:
             if self.run.rounds >= self.plan.max_rounds:
                 stuck = self.unsettled()
                 journal = self.backend.journal()
-                for entry in stuck:  # the endpoint's traffic updates and deletions, the last first
+                for entry in stuck:  # who holds the endpoint, and its traffic updates and deletions, the last first
+                    lease = self.ledger.get_endpoint_lease(entry["endpoint"]) if entry["endpoint"] else None
+                    entry["lease_holder"] = lease.holder if lease else None
                     calls = [j for j in journal if j.get("endpoint") == entry["endpoint"]]
                     entry["journal"] = calls[::-1][:8]
                 (self.root / "unsettled.json").write_text(json.dumps(stuck, indent=1, default=str))
