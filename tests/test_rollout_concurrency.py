@@ -382,7 +382,8 @@ def test_a_live_run_that_changes_while_being_replaced_is_still_retired(
 ) -> None:
     """The shift retires the endpoint's live run before its own run goes live. A live record has no lease, and
     the run-event publisher may empty its outbox between the shift's read and its write: the retire re-reads
-    and tries again instead of leaving two live runs on the endpoint for good (torture seed 1 ended so in CI).
+    and tries again instead of leaving two live runs on the endpoint for good (found while looking for why
+    torture seed 1 once did not converge in CI).
     A record that keeps changing fails the step transiently; the next tick finishes it."""
     from shared.usecases.runs import RETIRE_ATTEMPTS
 
